@@ -1,0 +1,178 @@
+"""The ``unionmount`` command: argument parsing only.
+
+Three ways in, one configuration out:
+
+* ``unionmount mount --lower L1:L2 [--upper U --work W] [-f] MNT``
+* the fuse-overlayfs command line: ``unionmount [-f] -o lowerdir=...,upperdir=...,workdir=... MNT``
+* the mount helper form that ``mount -t fuse.unionmount SRC MNT -o OPTS`` runs:
+  ``unionmount SRC MNT -o OPTS``
+
+Every error ends as one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from .config import MountConfig, UsageError, parse_o, validate
+
+EPILOG = """\
+examples:
+  unionmount mount --lower /img/top:/img/base --upper /c/upper --work /c/work /mnt/root
+  unionmount mount --lower /img/base /mnt/ro            # read-only union
+  unionmount -o lowerdir=/a:/b,upperdir=/u,workdir=/w /mnt/root   # fuse-overlayfs syntax
+  mount -t fuse.unionmount unionmount /mnt/root -o lowerdir=/a,upperdir=/u,workdir=/w
+  unionmount umount /mnt/root
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="unionmount",
+        description="A userspace union filesystem for containers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    m = sub.add_parser(
+        "mount",
+        help="mount a union of directories",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    layers = m.add_argument_group("layers")
+    layers.add_argument(
+        "--lower", required=False, default="", help="lower directories, leftmost on top (as overlayfs lowerdir=)"
+    )
+    layers.add_argument("--upper", help="writable upper directory (without it the mount is read-only)")
+    layers.add_argument("--work", help="work directory on the same filesystem as --upper")
+    run = m.add_argument_group("daemon")
+    run.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    run.add_argument("-d", "--debug", action="store_true", help="debug logging (implies nothing else)")
+    run.add_argument("--log", metavar="FILE", help="log file for the background daemon")
+    run.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="overlay/FUSE mount options, comma separated",
+    )
+    m.add_argument("mountpoint", metavar="MNT")
+    u = sub.add_parser("umount", help="unmount a union (the daemon exits 0)")
+    u.add_argument("mountpoint", metavar="MNT")
+    u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+    return p
+
+
+def _legacy(argv: list[str]) -> MountConfig:
+    """fuse-overlayfs / mount-helper syntax: [-f] [-d] -o OPTS [SRC] MNT."""
+    opts: list[str] = []
+    pos: list[str] = []
+    fg = debug = False
+    it = iter(argv)
+    for a in it:
+        if a in ("-f", "--foreground"):
+            fg = True
+        elif a in ("-d", "--debug"):
+            debug = fg = True
+        elif a == "-o":
+            try:
+                opts.append(next(it))
+            except StopIteration:
+                raise UsageError("-o needs an argument") from None
+        elif a.startswith("-o"):
+            opts.append(a[2:])
+        elif a in ("-s", "-n", "-v"):  # mount(8) helper flags: single-threaded, no mtab, verbose
+            continue
+        elif a.startswith("-"):
+            raise UsageError(f"unknown option '{a}' (see 'unionmount --help')")
+        else:
+            pos.append(a)
+    if len(pos) not in (1, 2):
+        raise UsageError("expected a mount point (see 'unionmount --help')")
+    cfg = MountConfig(mountpoint=pos[-1], lowers=[], foreground=fg, debug=debug)
+    parse_o(opts, cfg)
+    return cfg
+
+
+def _umount(mnt: str, timeout: float) -> int:
+    path = os.path.realpath(mnt)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", path] if tool else ["umount", path]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        raise UsageError(f"cannot unmount '{mnt}': {msg}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _daemon_alive(path):
+        time.sleep(0.05)
+    return 0
+
+
+def _daemon_alive(mnt: str) -> bool:
+    """True while a unionmount daemon serving ``mnt`` still runs."""
+    needle = os.fsencode(mnt)
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"unionmount" in a for a in args[:3]) and any(os.path.realpath(a) == needle for a in args if a):
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(args)
+    except UsageError as e:
+        print(f"unionmount: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(args: list[str]) -> int:
+    from .mount import mount
+
+    if not args or args[0] in ("-h", "--help"):
+        _parser().print_help()
+        return 0 if args else 2
+    if args[0] in ("mount", "umount"):
+        ns = _parser().parse_args(args)
+        if ns.cmd == "umount":
+            return _umount(ns.mountpoint, ns.timeout)
+        cfg = MountConfig(
+            mountpoint=ns.mountpoint,
+            lowers=[p for p in ns.lower.split(":") if p],
+            upper=ns.upper,
+            work=ns.work,
+            foreground=ns.foreground or ns.debug,
+            debug=ns.debug,
+            log_file=ns.log,
+        )
+        parse_o(ns.options, cfg)
+    else:
+        cfg = _legacy(args)
+    validate(cfg)
+    return mount(cfg)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

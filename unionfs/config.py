@@ -1,0 +1,195 @@
+"""Mount configuration: parsing the overlay-style ``-o`` string and checking it.
+
+:func:`validate` raises :class:`UsageError` with a one-line message for every
+configuration the kernel's overlayfs would refuse (missing directories, upper
+and work on different filesystems, nested or shared layer directories, a
+mount point that is not a directory or is already mounted).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+
+class UsageError(Exception):
+    """Bad input from the user: shown as one line on stderr, exit status 2."""
+
+
+#: Options containers/storage, fstab and mount(8) pass that need nothing from us.
+_IGNORED = {
+    "rw",
+    "dev",
+    "suid",
+    "exec",
+    "atime",
+    "relatime",
+    "noatime",
+    "nodiratime",
+    "strictatime",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "_netdev",
+    "nofail",
+    "defaults",
+    "async",
+    "sync",
+    "dirsync",
+    "allow_root",
+    "default_permissions",
+    "allow_other",
+    "noacl",
+    "acl",
+    "threaded",
+    "static_nlink",
+    "xattr_permissions",
+    "redirect_dir",
+    "index",
+    "metacopy",
+    "xino",
+    "userxattr",
+    "nfs_export",
+    "uuid",
+    "clone_fd",
+    "debug",
+    "max_idle_threads",
+    "timeout",
+    "plugins",
+    "squash_to_root",
+    "squash_to_uid",
+    "squash_to_gid",
+    "noxattrs",
+    "fast_ino",
+    "writeback",
+    "ino32_t",
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+}
+#: Options handed on to FUSE (they change what the kernel does).
+_FUSE = {"ro", "nodev", "nosuid", "noexec", "fsname", "subtype"}
+#: Id mapping arrives with the volume/uidmap work; accepted so podman can use us now.
+_IDMAP = {"uidmapping", "gidmapping"}
+
+
+@dataclass(slots=True)
+class MountConfig:
+    mountpoint: str
+    lowers: list[str]
+    upper: str | None = None
+    work: str | None = None
+    foreground: bool = False
+    debug: bool = False
+    volatile: bool = False
+    read_only: bool = False
+    fuse_options: set[str] = field(default_factory=set)
+    ignored_idmaps: list[str] = field(default_factory=list)
+    log_file: str | None = None
+
+
+def parse_o(opts: list[str], cfg: MountConfig) -> None:
+    """Apply ``-o`` strings (comma-separated key[=value]) to ``cfg``."""
+    for chunk in opts:
+        for item in _split_commas(chunk):
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            if key == "lowerdir":
+                cfg.lowers = [p for p in value.split(":") if p]
+            elif key == "upperdir":
+                cfg.upper = value
+            elif key == "workdir":
+                cfg.work = value
+            elif key in ("volatile",) or (key == "fsync" and value == "0"):
+                cfg.volatile = True
+            elif key == "fsync":
+                cfg.volatile = False
+            elif key in _FUSE:
+                if key == "ro":
+                    cfg.read_only = True
+                cfg.fuse_options.add(item)
+            elif key in _IDMAP:
+                cfg.ignored_idmaps.append(item)
+            elif key in _IGNORED:
+                continue
+            else:
+                raise UsageError(f"unknown mount option '{item}'")
+
+
+def _split_commas(s: str) -> list[str]:
+    r"""Split on commas not escaped with a backslash (``lowerdir=a\,b`` is one path)."""
+    out, cur, esc = [], [], False
+    for ch in s:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def _real_dir(path: str, what: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} '{path}' does not exist") from None
+    except OSError as e:
+        raise UsageError(f"{what} '{path}': {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} '{path}' is not a directory")
+    return os.path.realpath(path)
+
+
+def _inside(a: str, b: str) -> bool:
+    """True if ``a`` is ``b`` or below it."""
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
+def _is_mountpoint(path: str) -> bool:
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            mp = line.split(b" ")[4].decode("unicode_escape", "replace")
+            if mp == path:
+                return True
+    return False
+
+
+def validate(cfg: MountConfig) -> None:
+    """Check a configuration and normalise its paths to absolute ones."""
+    if not cfg.lowers:
+        raise UsageError("no lower directory given (--lower DIR[:DIR...] or -o lowerdir=...)")
+    if (cfg.upper is None) != (cfg.work is None):
+        raise UsageError("an upper directory needs a work directory and vice versa (--upper U --work W)")
+    cfg.lowers = [_real_dir(p, "lower directory") for p in cfg.lowers]
+    mp = _real_dir(cfg.mountpoint, "mount point")
+    if _is_mountpoint(mp):
+        raise UsageError(f"mount point '{cfg.mountpoint}' is already mounted")
+    cfg.mountpoint = mp
+    if cfg.upper is not None and cfg.work is not None:
+        up = _real_dir(cfg.upper, "upper directory")
+        wk = _real_dir(cfg.work, "work directory")
+        if os.stat(up).st_dev != os.stat(wk).st_dev:
+            raise UsageError(f"upper '{cfg.upper}' and work '{cfg.work}' are on different filesystems")
+        if _inside(wk, up) or _inside(up, wk):
+            raise UsageError(
+                f"work directory '{cfg.work}' and upper directory '{cfg.upper}' must not contain each other"
+            )
+        for low in cfg.lowers:
+            if _inside(low, up) or _inside(up, low):
+                raise UsageError(f"lower directory '{low}' overlaps the upper directory '{cfg.upper}'")
+            if _inside(low, wk) or _inside(wk, low):
+                raise UsageError(f"lower directory '{low}' overlaps the work directory '{cfg.work}'")
+        if not os.access(up, os.W_OK) or not os.access(wk, os.W_OK):
+            raise UsageError("upper and work directories must be writable")
+        cfg.upper, cfg.work = up, wk

@@ -1,0 +1,266 @@
+"""Copy-up: bringing a lower entry into the upper layer before it is changed.
+
+Guarantees:
+
+* atomic: the copy is built in the work directory and renamed into place; a
+  crash leaves the lower entry visible and a temporary that the next mount
+  removes;
+* faithful: mode, owner, atime/mtime and every non-private xattr are copied;
+  sparse files stay sparse (``SEEK_DATA``/``SEEK_HOLE``), data moves with
+  ``copy_file_range`` (a reflink where the filesystem can), and copies bigger
+  than :data:`THREAD_THRESHOLD` run in a worker thread, off the trio loop;
+* durable: data is fsync'ed before the copy becomes visible (as overlayfs does),
+  unless the mount is ``volatile``;
+* metadata-only: a regular file can be copied up without its data (``metacopy``);
+  its upper entry is a sparse file of the right size marked with the
+  ``unionmount.metacopy`` xattr naming the lower data, which stays the source of
+  reads until :meth:`CopyUp.data` copies it (on the first open for writing);
+* hard links: a lower file with several links is copied once into the index
+  (``WORKDIR/unionmount-index/<ino>``) and linked from there, so all its names
+  stay one inode (see :mod:`unionfs.inodes`).
+
+Callers hold the filesystem's mutation lock: copy-up awaits (threads), and no
+other change may interleave with one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import trio
+
+from .inodes import Node
+from .layers import DirLayer
+from .markers import is_private_xattr
+from .namei import Resolver
+from .sysutil import RENAME_NOREPLACE, proc_path, renameat2
+from .upper import Upper
+
+THREAD_THRESHOLD = 1 << 20
+_FALLBACK_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+
+
+def copy_data(src: int, dst: int, size: int, sync: bool) -> None:
+    """Copy ``size`` bytes between fds at the same offsets, keeping holes as holes."""
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
+        _copy_range(src, dst, data, hole - data)
+        off = hole
+    os.ftruncate(dst, size)
+    if sync:
+        os.fsync(dst)
+
+
+def _copy_range(src: int, dst: int, off: int, n: int) -> None:
+    while n > 0:
+        try:
+            k = os.copy_file_range(src, dst, min(n, 1 << 30), off, off)
+        except OSError as e:
+            if e.errno not in _FALLBACK_ERRNOS:
+                raise
+            k = _pcopy(src, dst, off, n)
+        if k == 0:
+            return
+        off += k
+        n -= k
+
+
+def _pcopy(src: int, dst: int, off: int, n: int) -> int:
+    buf = os.pread(src, min(n, 1 << 20), off)
+    if buf:
+        os.pwrite(dst, buf, off)
+    return len(buf)
+
+
+def copy_xattrs(src: bytes, dst: bytes) -> None:
+    """Copy every non-private xattr; ones the destination refuses are skipped."""
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if is_private_xattr(name.encode()):
+            continue
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENODATA, errno.EACCES):
+                raise
+
+
+def _set_meta(path: bytes, st: os.stat_result, kind: int) -> None:
+    """Owner, then mode (chown clears set-id bits), then times; never follows ``path``."""
+    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    if kind != stat.S_IFLNK:
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+class CopyUp:
+    """Copies lower entries into the upper layer (see the module guarantees)."""
+
+    def __init__(self, resolver: Resolver, upper: Upper, *, sync: bool = True) -> None:
+        self.resolver = resolver
+        self.upper = upper
+        self.sync = sync
+
+    def _lower(self, node: Node) -> tuple[DirLayer, bytes, os.stat_result]:
+        li, lpath = node.lowers[0]
+        layer = self.resolver.lowers[li]
+        st = layer.lstat(lpath)
+        if st is None:
+            raise OSError(errno.ENOENT, "lower entry vanished", lpath)
+        return layer, lpath, st
+
+    async def dir(self, node: Node) -> None:
+        """Make sure directory ``node`` (and its parents) exist in the upper layer."""
+        if node.upper:
+            return
+        parent, name = node.links[0]
+        await self.dir(parent)
+        layer, lpath, st = self._lower(node)
+        wfd = self.upper.work_fd
+        tmp = self.upper.tmpname()
+        os.mkdir(tmp, 0o700, dir_fd=wfd)
+        tpath = proc_path(wfd, tmp)
+        copy_xattrs(layer.xpath(lpath), tpath)
+        _set_meta(tpath, st, stat.S_IFDIR)
+        renameat2(wfd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
+        node.upper = True
+
+    async def file(self, node: Node, *, data: bool) -> None:
+        """Copy non-directory ``node`` up; with ``data=False`` a regular file is copied metadata-only.
+
+        The alias copied is ``node.links[0]``. For a lower hard-link group the data
+        goes to the index once and every alias copied later is linked to it.
+        """
+        if node.index_name is not None:
+            await self._index_alias(node)
+            return
+        if node.upper:
+            if data and node.metacopy:
+                await self.data(node)
+            return
+        parent, name = node.links[0]
+        await self.dir(parent)
+        layer, lpath, st = self._lower(node)
+        metacopy = not data and stat.S_ISREG(st.st_mode) and st.st_size > 0
+        tmp = await self._build(node, layer, lpath, st, data=not metacopy)
+        if metacopy:
+            os.setxattr(
+                proc_path(self.upper.work_fd, tmp),
+                self.upper.dialect.metacopy,
+                b"%d:%s" % (node.lowers[0][0], lpath),
+                follow_symlinks=False,
+            )
+        renameat2(self.upper.work_fd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
+        node.upper = True
+        node.metacopy = metacopy
+        node.version += 1
+
+    async def _index_alias(self, node: Node) -> None:
+        assert node.index_name is not None
+        parent, name = node.links[0]
+        await self.dir(parent)
+        if not self.index_exists(node):
+            layer, lpath, st = self._lower(node)
+            await self._to_index(node, layer, lpath, st)
+            node.version += 1
+        try:
+            os.link(
+                node.index_name,
+                name,
+                src_dir_fd=self.upper.index_fd,
+                dst_dir_fd=self.upper.layer.dirfd(parent.path),
+                follow_symlinks=False,
+            )
+        except FileExistsError:
+            pass
+        node.upper = True
+
+    def index_exists(self, node: Node) -> bool:
+        assert node.index_name is not None
+        try:
+            os.stat(node.index_name, dir_fd=self.upper.index_fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+
+    async def _to_index(self, node: Node, layer: DirLayer, lpath: bytes, st: os.stat_result) -> None:
+        assert node.index_name is not None
+        tmp = await self._build(node, layer, lpath, st, data=True)
+        os.setxattr(
+            proc_path(self.upper.work_fd, tmp), self.upper.dialect.nlink, b"%d" % st.st_nlink, follow_symlinks=False
+        )
+        renameat2(self.upper.work_fd, tmp, self.upper.index_fd, node.index_name, RENAME_NOREPLACE)
+
+    async def _build(self, node: Node, layer: DirLayer, lpath: bytes, st: os.stat_result, *, data: bool) -> bytes:
+        """Build a copy of the lower entry in the work dir; returns its temporary name."""
+        wfd = self.upper.work_fd
+        tmp = self.upper.tmpname()
+        tpath = proc_path(wfd, tmp)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFREG:
+            src = layer.open(lpath, os.O_RDONLY)
+            try:
+                dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd)
+                try:
+                    if not data:
+                        os.ftruncate(dst, st.st_size)
+                    elif st.st_size > THREAD_THRESHOLD:
+                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync)
+                    else:
+                        copy_data(src, dst, st.st_size, self.sync and st.st_size > 0)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+        elif kind == stat.S_IFLNK:
+            os.symlink(layer.readlink(lpath), tmp, dir_fd=wfd)
+        else:
+            os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=wfd)
+        copy_xattrs(layer.xpath(lpath), tpath)
+        try:
+            os.setxattr(tpath, self.upper.dialect.origin, b"%d" % node.ino, follow_symlinks=False)
+        except OSError:
+            pass  # user.* xattrs are refused on symlinks and devices: the number may change there
+        _set_meta(tpath, st, kind)
+        return tmp
+
+    async def data(self, node: Node) -> None:
+        """Turn a metadata-only copy into a full one; the lower stays the source until done."""
+        li, lpath = node.lowers[0]
+        src = self.resolver.lowers[li].open(lpath, os.O_RDONLY)
+        up = self.upper.layer
+        try:
+            dst = up.open(node.path, os.O_WRONLY)
+            try:
+                size = os.fstat(dst).st_size
+                if size > THREAD_THRESHOLD:
+                    await trio.to_thread.run_sync(copy_data, src, dst, size, self.sync)
+                else:
+                    copy_data(src, dst, size, self.sync)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        self.drop_metacopy(node)
+
+    def drop_metacopy(self, node: Node) -> None:
+        """Declare the upper file's own data authoritative (after a copy or a truncate to 0)."""
+        try:
+            os.removexattr(self.upper.layer.xpath(node.path), self.upper.dialect.metacopy, follow_symlinks=False)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+        node.metacopy = False
+        node.version += 1

@@ -1,0 +1,753 @@
+"""The union filesystem's operations, independent of FUSE's calling conventions.
+
+Every method either returns a result or raises :class:`OSError` with the errno
+the caller should see; :mod:`unionfs.operations` turns that into FUSE replies.
+
+Concurrency protocol (trio): code between two ``await`` points is atomic. Every
+operation that changes a layer runs under :attr:`UnionFS.lock`, because copy-up
+awaits worker threads and nothing may change the tree under it. Read-only
+operations never await and need no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .copy_up import CopyUp
+from .inodes import ROOT_INO, InodeTable, Node, make_ino
+from .layers import DirLayer, FdCache, join
+from .markers import WH_PREFIX, WriteDialect, is_marker_name, is_private_xattr
+from .namei import Found, Resolver
+from .readdir import merged_names
+from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
+from .upper import Upper
+
+TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass(slots=True)
+class FileHandle:
+    node: Node
+    fd: int
+    writable: bool
+    version: int
+
+
+@dataclass(slots=True)
+class DirHandle:
+    node: Node
+    names: list[bytes]
+
+
+@dataclass(slots=True, frozen=True)
+class Options:
+    lowers: tuple[str, ...]
+    upper: str | None = None
+    work: str | None = None
+    volatile: bool = False
+
+
+class UnionFS:
+    """A union of lower directories under an optional upper directory."""
+
+    def __init__(self, opts: Options) -> None:
+        self.cache = FdCache()
+        self.euid = os.geteuid()
+        dialect = WriteDialect.for_euid(self.euid)
+        self.lowers = [DirLayer(i, p, self.cache) for i, p in enumerate(opts.lowers)]
+        up_layer = DirLayer(-1, opts.upper, self.cache, writable=True) if opts.upper else None
+        self.upper = Upper(up_layer, opts.work, dialect) if up_layer is not None and opts.work else None
+        self.resolver = Resolver(up_layer, self.lowers, dialect)
+        self.copy = CopyUp(self.resolver, self.upper, sync=not opts.volatile) if self.upper else None
+        root = Node(
+            ROOT_INO, stat.S_IFDIR, [], upper=up_layer is not None, lowers=[(i, b"") for i in range(len(self.lowers))]
+        )
+        self.table = InodeTable(root)
+        self.lock = trio.Lock()
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+
+    def close(self) -> None:
+        for h in self.files.values():
+            os.close(h.fd)
+        self.files.clear()
+        self.cache.close()
+        for layer in self.lowers:
+            layer.close()
+        if self.upper is not None:
+            self.upper.layer.close()
+            self.upper.close()
+
+    # -- helpers -----------------------------------------------------------------
+    def node(self, ino: int) -> Node:
+        n = self.table.get(ino)
+        if n is None:
+            raise _err(errno.ESTALE)
+        return n
+
+    def _fh(self) -> int:
+        self._next_fh += 1
+        return self._next_fh
+
+    def _writable(self) -> tuple[Upper, CopyUp]:
+        if self.upper is None or self.copy is None:
+            raise _err(errno.EROFS)
+        return self.upper, self.copy
+
+    @staticmethod
+    def _check_new_name(name: bytes) -> None:
+        if len(name) > 255:
+            raise _err(errno.ENAMETOOLONG)
+        if is_marker_name(name):
+            raise _err(errno.EINVAL)
+
+    def _found_node(self, found: Found, parent: Node, name: bytes) -> Node:
+        """The table's node for a resolution, created or refreshed; no lookup is counted."""
+        node = self.table.get(found.ino)
+        if node is None:
+            node = self.table.add(Node(found.ino, found.kind, [(parent, name)]))
+        elif node.is_dir or found.kind == stat.S_IFDIR:
+            node.links = [(parent, name)]
+        else:
+            # The alias being operated on comes first: copy-up and paths use links[0].
+            node.drop_link(parent, name)
+            node.links.insert(0, (parent, name))
+        node.kind = found.kind
+        node.upper = found.upper_st is not None
+        node.lowers = found.lowers
+        node.opaque = found.opaque
+        node.index_name = found.index_name
+        node.metacopy = found.metacopy
+        if node.index_name is not None and not node.upper and self.copy is not None:
+            node.upper = self.copy.index_exists(node)
+        if node.index_name is not None and node.upper and not node.lowers and self.copy is not None:
+            if not self.copy.index_exists(node):
+                node.index_name = None  # hard links made in the upper itself, not a lower group
+        return node
+
+    def _lookup_found(self, parent: Node, name: bytes) -> Found:
+        found = self.resolver.lookup(parent, name)
+        if found is None:
+            raise _err(errno.ENOENT)
+        return found
+
+    # -- attributes ----------------------------------------------------------------
+    def _stat(self, node: Node) -> tuple[os.stat_result, int]:
+        """(real stat, union nlink) of a node."""
+        if node.is_dir:
+            if node.upper and self.upper is not None:
+                st = self.upper.layer.lstat(node.path)
+            else:
+                li, lpath = node.lowers[0]
+                st = self.lowers[li].lstat(lpath)
+            if st is None:
+                raise _err(errno.ENOENT)
+            merged = (node.upper and node.lowers and not node.opaque) or len(node.lowers) > 1
+            return st, 1 if merged else st.st_nlink
+        if not node.links:
+            for h in self.files.values():
+                if h.node is node:
+                    return os.fstat(h.fd), 0
+            raise _err(errno.ENOENT)
+        if node.upper and node.index_name is not None and self.upper is not None:
+            st = os.stat(node.index_name, dir_fd=self.upper.index_fd, follow_symlinks=False)
+            return st, self._index_nlink(node, st)
+        if node.upper and self.upper is not None:
+            st = self.upper.layer.lstat(node.path)
+        else:
+            li, lpath = node.lowers[0]
+            st = self.lowers[li].lstat(lpath)
+        if st is None:
+            raise _err(errno.ENOENT)
+        return st, st.st_nlink
+
+    def _index_nlink(self, node: Node, st: os.stat_result) -> int:
+        assert self.upper is not None and node.index_name is not None
+        try:
+            return int(
+                os.getxattr(
+                    proc_path(self.upper.index_fd, node.index_name), self.upper.dialect.nlink, follow_symlinks=False
+                )
+            )
+        except (OSError, ValueError):
+            return max(st.st_nlink - 1, 1)
+
+    def _set_index_nlink(self, node: Node, delta: int) -> None:
+        assert self.upper is not None and node.index_name is not None
+        st = os.stat(node.index_name, dir_fd=self.upper.index_fd, follow_symlinks=False)
+        n = self._index_nlink(node, st) + delta
+        os.setxattr(
+            proc_path(self.upper.index_fd, node.index_name), self.upper.dialect.nlink, b"%d" % n, follow_symlinks=False
+        )
+
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        st, nlink = self._stat(node)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        e.st_mode = st.st_mode
+        e.st_nlink = nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        if node.metacopy and node.lowers:
+            li, lpath = node.lowers[0]
+            lst = self.lowers[li].lstat(lpath)
+            if lst is not None:
+                e.st_blocks = lst.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    # -- lookup & listing ------------------------------------------------------------
+    def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+        parent = self.node(parent_ino)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = parent.links[0][0] if parent.links else self.table.root
+        else:
+            node = self._found_node(self._lookup_found(parent, name), parent, name)
+        a = self.attrs(node)
+        self.table.remember(node)
+        return a
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, n in items:
+            self.table.forget(ino, n)
+
+    def opendir(self, ino: int) -> int:
+        node = self.node(ino)
+        fh = self._fh()
+        self.dirs[fh] = DirHandle(node, [b".", b".."] + merged_names(self.resolver, node))
+        return fh
+
+    def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self.dirs[fh]
+        names = h.names
+        for i in range(start, len(names)):
+            name = names[i]
+            if i < 2:
+                target = h.node if i == 0 else (h.node.links[0][0] if h.node.links else h.node)
+                if not pyfuse3.readdir_reply(token, name, self.attrs(target), i + 1):
+                    return
+                continue
+            found = self.resolver.lookup(h.node, name)
+            if found is None:
+                continue
+            node = self._found_node(found, h.node, name)
+            try:
+                a = self.attrs(node)
+            except FileNotFoundError:
+                self.table.maybe_drop(node)
+                continue
+            if not pyfuse3.readdir_reply(token, name, a, i + 1):
+                self.table.maybe_drop(node)
+                return
+            self.table.remember(node)
+
+    def releasedir(self, fh: int) -> None:
+        del self.dirs[fh]
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if node.upper and self.upper is not None:
+            if node.index_name is not None:
+                return os.readlink(node.index_name, dir_fd=self.upper.index_fd)
+            return self.upper.layer.readlink(node.path)
+        li, lpath = node.lowers[0]
+        return self.lowers[li].readlink(lpath)
+
+    def _is_empty(self, node: Node) -> bool:
+        return all(self.resolver.lookup(node, n) is None for n in merged_names(self.resolver, node))
+
+    # -- files -------------------------------------------------------------------------
+    def _data_fd(self, node: Node, flags: int) -> int:
+        """Open the file that holds ``node``'s data."""
+        if node.upper and self.upper is not None and not (node.metacopy and (flags & os.O_ACCMODE) == os.O_RDONLY):
+            if node.index_name is not None:
+                return os.open(node.index_name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.upper.index_fd)
+            return self.upper.layer.open(node.path, flags)
+        li, lpath = node.lowers[0]
+        return self.lowers[li].open(lpath, flags)
+
+    async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        node = self.node(ino)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        real = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
+        if writable or flags & os.O_TRUNC:
+            _, copy = self._writable()
+            async with self.lock:
+                truncating = bool(flags & os.O_TRUNC)
+                await copy.file(node, data=not truncating)
+                fd = self._data_fd(node, real)
+                if truncating and node.metacopy:
+                    copy.drop_metacopy(node)
+        else:
+            fd = self._data_fd(node, real)
+        fh = self._fh()
+        self.files[fh] = FileHandle(node, fd, writable, node.version)
+        node.opens += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.files[fh]
+        if h.version != h.node.version and not h.writable and h.node.links:
+            # The file was copied up since this handle was opened: follow it.
+            fd = self._data_fd(h.node, os.O_RDONLY)
+            os.close(h.fd)
+            h.fd, h.version = fd, h.node.version
+        return os.pread(h.fd, size, off)
+
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self.files[fh].fd, buf, off)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.files[fh]
+        (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    def release(self, fh: int) -> None:
+        h = self.files.pop(fh)
+        os.close(h.fd)
+        h.node.opens -= 1
+        self.table.maybe_drop(h.node)
+
+    # -- creating entries ------------------------------------------------------------------
+    def _owner(self, ctx: pyfuse3.RequestContext, parent_st: os.stat_result) -> tuple[int, int]:
+        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
+        return ctx.uid, gid
+
+    async def _prepare_create(self, parent: Node, name: bytes) -> tuple[Upper, int, bool, os.stat_result]:
+        """Common start of every creation: checks, parent copy-up; returns (upper, dirfd, over_whiteout, parent st)."""
+        self._check_new_name(name)
+        upper, copy = self._writable()
+        if self.resolver.lookup(parent, name) is not None:
+            raise _err(errno.EEXIST)
+        await copy.dir(parent)
+        pfd = upper.layer.dirfd(parent.path)
+        over = upper.is_whiteout_at(pfd, name)
+        pst = os.stat(".", dir_fd=pfd)
+        return upper, pfd, over, pst
+
+    def _new_node(self, parent: Node, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
+        node = self._found_node(self._lookup_found(parent, name), parent, name)
+        a = self.attrs(node)
+        self.table.remember(node)
+        return node, a
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self.node(parent_ino)
+        async with self.lock:
+            upper, pfd, over, pst = await self._prepare_create(parent, name)
+            oflags = (
+                (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL
+            )
+            oflags |= os.O_NOFOLLOW | os.O_CLOEXEC
+            uid, gid = self._owner(ctx, pst)
+            if over:
+                tmp = upper.tmpname()
+                fd = os.open(tmp, oflags, stat.S_IMODE(mode), dir_fd=upper.work_fd)
+                self._chown_new(fd, uid, gid, pst)
+                upper.place(tmp, pfd, name, is_dir=False)
+            else:
+                fd = os.open(name, oflags, stat.S_IMODE(mode), dir_fd=pfd)
+                self._chown_new(fd, uid, gid, pst)
+            node, a = self._new_node(parent, name)
+        fh = self._fh()
+        self.files[fh] = FileHandle(node, fd, True, node.version)
+        node.opens += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), a
+
+    def _chown_new(self, target: int | bytes, uid: int, gid: int, pst: os.stat_result) -> None:
+        if self.euid != 0:
+            return
+        if isinstance(target, int):
+            os.fchown(target, uid, gid)
+        else:
+            os.chown(target, uid, gid, follow_symlinks=False)
+
+    async def mkdir(
+        self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.node(parent_ino)
+        async with self.lock:
+            upper, pfd, over, pst = await self._prepare_create(parent, name)
+            uid, gid = self._owner(ctx, pst)
+            perm = stat.S_IMODE(mode)
+            if pst.st_mode & stat.S_ISGID:
+                perm |= stat.S_ISGID
+            if over or self.resolver.lower_visible(parent, name):
+                tmp = upper.tmpname()
+                os.mkdir(tmp, 0o700, dir_fd=upper.work_fd)
+                tpath = proc_path(upper.work_fd, tmp)
+                upper.set_opaque(upper.work_fd, tmp)
+                self._chown_new(tpath, uid, gid, pst)
+                os.chmod(tpath, perm)
+                upper.place(tmp, pfd, name, is_dir=True)
+            else:
+                os.mkdir(name, perm, dir_fd=pfd)
+                self._chown_new(proc_path(pfd, name), uid, gid, pst)
+                if perm & stat.S_ISGID:
+                    os.chmod(proc_path(pfd, name), perm)
+            return self._new_node(parent, name)[1]
+
+    async def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM)  # a 0/0 device would be a whiteout, as overlayfs refuses it
+        parent = self.node(parent_ino)
+        async with self.lock:
+            upper, pfd, over, pst = await self._prepare_create(parent, name)
+            uid, gid = self._owner(ctx, pst)
+            dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
+            os.mknod(dname, mode, rdev, dir_fd=dfd)
+            self._chown_new(proc_path(dfd, dname), uid, gid, pst)
+            if over:
+                upper.place(dname, pfd, name, is_dir=False)
+            return self._new_node(parent, name)[1]
+
+    async def symlink(
+        self, parent_ino: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.node(parent_ino)
+        async with self.lock:
+            upper, pfd, over, pst = await self._prepare_create(parent, name)
+            uid, gid = self._owner(ctx, pst)
+            dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
+            os.symlink(target, dname, dir_fd=dfd)
+            self._chown_new(proc_path(dfd, dname), uid, gid, pst)
+            if over:
+                upper.place(dname, pfd, name, is_dir=False)
+            return self._new_node(parent, name)[1]
+
+    async def link(self, ino: int, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+        node = self.node(ino)
+        parent = self.node(parent_ino)
+        async with self.lock:
+            upper, pfd, over, _ = await self._prepare_create(parent, name)
+            copy = self._writable()[1]
+            await copy.file(node, data=True)
+            pfd = upper.layer.dirfd(parent.path)
+            if node.index_name is not None:
+                sfd, sname = upper.index_fd, node.index_name
+            else:
+                sfd, sname = upper.layer.at(node.path)
+            dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
+            os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            if over:
+                upper.place(dname, pfd, name, is_dir=False)
+            if node.index_name is not None:
+                self._set_index_nlink(node, +1)
+            node.add_link(parent, name)
+            return self._new_node(parent, name)[1]
+
+    # -- removing entries ---------------------------------------------------------------
+    async def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        async with self.lock:
+            upper, copy = self._writable()
+            found = self._lookup_found(parent, name)
+            if found.kind == stat.S_IFDIR:
+                raise _err(errno.EISDIR)
+            node = self._found_node(found, parent, name)
+            if node.index_name is not None:
+                await copy.file(node, data=True)  # the other names keep the data
+                self._set_index_nlink(node, -1)
+                found = self._lookup_found(parent, name)
+            await self._remove(parent, name, found, is_dir=False)
+            node.drop_link(parent, name)
+            self.table.maybe_drop(node)
+
+    async def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        async with self.lock:
+            self._writable()
+            found = self._lookup_found(parent, name)
+            if found.kind != stat.S_IFDIR:
+                raise _err(errno.ENOTDIR)
+            node = self._found_node(found, parent, name)
+            if not self._is_empty(node):
+                raise _err(errno.ENOTEMPTY)
+            await self._remove(parent, name, found, is_dir=True)
+            node.links = []
+            self.table.maybe_drop(node)
+
+    async def _remove(self, parent: Node, name: bytes, found: Found, *, is_dir: bool) -> None:
+        """Take ``name`` out of the union: delete its upper part, whiteout its lower part."""
+        upper, copy = self._writable()
+        need_wh = self.resolver.lower_visible(parent, name)
+        await copy.dir(parent)
+        pfd = upper.layer.dirfd(parent.path)
+        if found.upper_st is None:
+            upper.mknod_whiteout(pfd, name)
+            return
+        if not is_dir:
+            if need_wh:
+                upper.whiteout_over(pfd, name)
+            else:
+                os.unlink(name, dir_fd=pfd)
+            return
+        tmp = upper.tmpname()
+        if need_wh:
+            os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=upper.work_fd)
+            renameat2(upper.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+        else:
+            renameat2(pfd, name, upper.work_fd, tmp)
+        upper.layer.forget_dirs()
+        upper.remove_tree(upper.work_fd, tmp)
+
+    # -- rename -------------------------------------------------------------------------
+    async def rename(self, old_ino: int, old: bytes, new_ino: int, new: bytes, flags: int) -> None:
+        p1, p2 = self.node(old_ino), self.node(new_ino)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        self._check_new_name(new)
+        async with self.lock:
+            upper, copy = self._writable()
+            src = self._lookup_found(p1, old)
+            dst = self.resolver.lookup(p2, new)
+            exchange = bool(flags & RENAME_EXCHANGE)
+            if dst is not None and flags & RENAME_NOREPLACE:
+                raise _err(errno.EEXIST)
+            if exchange and dst is None:
+                raise _err(errno.ENOENT)
+            if dst is not None and dst.ino == src.ino:
+                return
+            src_node = self._found_node(src, p1, old)
+            dst_node = self._found_node(dst, p2, new) if dst is not None else None
+            if dst is not None and not exchange:
+                if src.kind == stat.S_IFDIR and dst.kind != stat.S_IFDIR:
+                    raise _err(errno.ENOTDIR)
+                if src.kind != stat.S_IFDIR and dst.kind == stat.S_IFDIR:
+                    raise _err(errno.EISDIR)
+                if dst_node is not None and dst.kind == stat.S_IFDIR and not self._is_empty(dst_node):
+                    raise _err(errno.ENOTEMPTY)
+            await self._move_prepare(src_node, p2, new)
+            if exchange:
+                assert dst_node is not None
+                await self._move_prepare(dst_node, p1, old)
+            await copy.dir(p2)
+            src_wh = not exchange and self.resolver.lower_visible(p1, old)
+            if dst_node is not None and dst_node.index_name is not None and not exchange:
+                await copy.file(dst_node, data=True)
+                self._set_index_nlink(dst_node, -1)
+            if dst is not None:
+                dst = self.resolver.lookup(p2, new)
+            pfd1 = upper.layer.dirfd(p1.path)
+            pfd2 = upper.layer.dirfd(p2.path)
+            if exchange:
+                renameat2(pfd1, old, pfd2, new, RENAME_EXCHANGE)
+            else:
+                self._rename_into(upper, pfd1, old, pfd2, new, src.kind == stat.S_IFDIR, dst, src_wh)
+            if src.kind == stat.S_IFDIR or (dst is not None and dst.kind == stat.S_IFDIR):
+                upper.layer.forget_dirs()
+            self._relink(src_node, p1, old, p2, new)
+            if dst_node is not None:
+                if exchange:
+                    self._relink(dst_node, p2, new, p1, old)
+                else:
+                    dst_node.drop_link(p2, new)
+                    if dst_node.is_dir:
+                        dst_node.links = []
+                    self.table.maybe_drop(dst_node)
+
+    async def _move_prepare(self, node: Node, to_parent: Node, to_name: bytes) -> None:
+        """Copy ``node`` up and mark it so that it keeps its own lower parts at its new place."""
+        upper, copy = self._writable()
+        if not node.is_dir:
+            await copy.file(node, data=False)
+            return
+        await copy.dir(node)
+        parent, name = node.links[0]
+        pfd = upper.layer.dirfd(parent.path)
+        if node.lowers and not node.opaque:
+            xp = proc_path(pfd, name)
+            try:
+                os.getxattr(xp, upper.dialect.redirect, follow_symlinks=False)
+            except OSError:
+                upper.set_redirect(pfd, name, node.lowers[0][1])
+        elif not node.opaque and self._lower_whiteout_target(to_parent, to_name):
+            upper.set_opaque(pfd, name)
+            node.opaque = True
+
+    def _lower_whiteout_target(self, parent: Node, name: bytes) -> bool:
+        """True if a lower layer has an entry at ``name`` that the upper whites out."""
+        return bool(parent.lowers) and any(
+            self.lowers[li].lstat(join(lp, name)) is not None for li, lp in parent.lowers
+        )
+
+    def _rename_into(
+        self, upper: Upper, pfd1: int, old: bytes, pfd2: int, new: bytes, is_dir: bool, dst: Found | None, src_wh: bool
+    ) -> None:
+        if dst is not None and dst.upper_st is not None and dst.kind == stat.S_IFDIR:
+            upper.empty_dir(pfd2, new)  # only whiteouts are left in it
+        if is_dir and dst is None and upper.is_whiteout_at(pfd2, new):
+            try:
+                os.stat(new, dir_fd=pfd2, follow_symlinks=False)
+                renameat2(pfd1, old, pfd2, new, RENAME_EXCHANGE)  # the whiteout lands at the source
+                if not src_wh:
+                    os.unlink(old, dir_fd=pfd1)
+                return
+            except FileNotFoundError:
+                pass  # a .wh. file, not an entry in the way
+        if src_wh:
+            try:
+                renameat2(pfd1, old, pfd2, new, RENAME_WHITEOUT)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+            renameat2(pfd1, old, pfd2, new)
+            upper.mknod_whiteout(pfd1, old)
+        else:
+            renameat2(pfd1, old, pfd2, new)
+
+    @staticmethod
+    def _relink(node: Node, p1: Node, old: bytes, p2: Node, new: bytes) -> None:
+        if node.is_dir:
+            node.links = [(p2, new)]
+        else:
+            node.drop_link(p1, old)
+            node.links.insert(0, (p2, new))
+
+    # -- attributes and xattrs ---------------------------------------------------------
+    async def _copy_meta(self, node: Node) -> None:
+        _, copy = self._writable()
+        if node.is_dir:
+            await copy.dir(node)
+        else:
+            await copy.file(node, data=False)
+
+    def _upper_at(self, node: Node) -> tuple[int, bytes]:
+        assert self.upper is not None
+        if node.index_name is not None:
+            return self.upper.index_fd, node.index_name
+        return self.upper.layer.at(node.path)
+
+    async def setattr(
+        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None
+    ) -> pyfuse3.EntryAttributes:
+        node = self.node(ino)
+        async with self.lock:
+            _, copy = self._writable()
+            handle = self.files.get(fh) if fh is not None else None
+            if fields.update_size and not node.is_dir:
+                await copy.file(node, data=attr.st_size != 0)
+                if node.metacopy:
+                    copy.drop_metacopy(node)
+            elif node.links:
+                await self._copy_meta(node)
+            if not node.links and handle is not None:
+                self._setattr_fd(handle.fd, attr, fields)
+                return self.attrs(node)
+            dfd, name = self._upper_at(node)
+            path = proc_path(dfd, name)
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                os.chown(path, uid, gid, follow_symlinks=False)
+            if fields.update_mode and node.kind != stat.S_IFLNK:
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if fields.update_size:
+                if handle is not None and handle.writable:
+                    os.ftruncate(handle.fd, attr.st_size)
+                else:
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    try:
+                        os.ftruncate(fd, attr.st_size)
+                    finally:
+                        os.close(fd)
+            if fields.update_atime or fields.update_mtime:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                at = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mt = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(path, ns=(at, mt), follow_symlinks=False)
+            return self.attrs(node)
+
+    @staticmethod
+    def _setattr_fd(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+        if fields.update_uid or fields.update_gid:
+            os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+        if fields.update_mode:
+            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+        if fields.update_size:
+            os.ftruncate(fd, attr.st_size)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(fd)
+            os.utime(
+                fd,
+                ns=(
+                    attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                    attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
+                ),
+            )
+
+    def _xpath(self, node: Node) -> bytes:
+        if node.upper and self.upper is not None:
+            return proc_path(*self._upper_at(node))
+        li, lpath = node.lowers[0]
+        return self.lowers[li].xpath(lpath)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if is_private_xattr(name):
+            raise _err(errno.ENODATA)
+        return os.getxattr(self._xpath(self.node(ino)), name, follow_symlinks=False)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        names = os.listxattr(self._xpath(self.node(ino)), follow_symlinks=False)
+        return [b for b in (n.encode() for n in names) if not is_private_xattr(b)]
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if is_private_xattr(name):
+            raise _err(errno.EPERM)
+        node = self.node(ino)
+        async with self.lock:
+            await self._copy_meta(node)
+            os.setxattr(self._xpath(node), name, value, follow_symlinks=False)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        if is_private_xattr(name):
+            raise _err(errno.EPERM)
+        node = self.node(ino)
+        os.getxattr(self._xpath(node), name, follow_symlinks=False)  # ENODATA before any copy-up
+        async with self.lock:
+            await self._copy_meta(node)
+            os.removexattr(self._xpath(node), name, follow_symlinks=False)
+
+    def statfs(self) -> pyfuse3.StatvfsData:
+        root = self.upper.layer.root if self.upper is not None else self.lowers[0].root
+        sv = os.statvfs(root)
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = sv.f_bsize
+        d.f_frsize = sv.f_frsize
+        d.f_blocks = sv.f_blocks
+        d.f_bfree = sv.f_bfree
+        d.f_bavail = sv.f_bavail
+        d.f_files = sv.f_files
+        d.f_ffree = sv.f_ffree
+        d.f_favail = sv.f_favail
+        d.f_namemax = sv.f_namemax
+        return d
+
+
+__all__ = ["UnionFS", "Options", "make_ino", "WH_PREFIX"]

@@ -1,0 +1,116 @@
+"""The inode table: one :class:`Node` per union inode the kernel knows about.
+
+Inode numbers are stable: they are derived from the real inode an entry comes
+from, never allocated. ``ino = layer_id << 48 | st_ino`` where ``layer_id`` is 1
+for the upper layer and ``2 + i`` for lower layer ``i`` (the leftmost lower is
+0). A copied-up entry keeps the number of its lower origin (recorded in the
+upper as the ``unionmount.origin`` xattr), a directory takes the number of its
+topmost lower directory, so copy-up and remount never change a number.
+
+Lookup counts follow pyfuse3's rules: every successful lookup, create, mkdir,
+mknod, symlink, link and readdirplus entry adds one; ``forget`` subtracts; a
+node leaves the table only when its count is zero and no handle is open.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+ROOT_INO = pyfuse3.ROOT_INODE
+LAYER_SHIFT = 48
+UPPER_ID = 1
+
+
+def make_ino(layer_id: int, st_ino: int) -> int:
+    """The union inode number of real inode ``st_ino`` of layer ``layer_id``."""
+    if st_ino >> LAYER_SHIFT:
+        # Beyond 48 bits (rare: some btrfs/xfs setups). Fold into the range; still stable.
+        st_ino = (st_ino ^ (st_ino >> LAYER_SHIFT)) & ((1 << LAYER_SHIFT) - 1)
+    return (layer_id << LAYER_SHIFT) | st_ino
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """A union inode.
+
+    ``links`` are the (parent directory node, name) pairs the node is known under
+    (a directory has exactly one; an unlinked, still-open file none). ``upper`` is
+    true when the entry exists in the upper layer; ``lowers`` holds the lower
+    (layer index, relpath) pairs it draws from: every merged directory for a
+    directory, the data source for a file.
+    """
+
+    ino: int
+    kind: int  # stat.S_IFMT bits
+    links: list[tuple[Node, bytes]]
+    upper: bool = False
+    lowers: list[tuple[int, bytes]] = field(default_factory=list)
+    opaque: bool = False
+    index_name: bytes | None = None  # lower hard-link group: name of its index entry
+    metacopy: bool = False  # upper holds metadata only; data still comes from lowers[0]
+    lookups: int = 0
+    opens: int = 0
+    version: int = 0  # bumped when the node's real file changes (copy-up)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    @property
+    def path(self) -> bytes:
+        """Layer-relative path in the upper layer (and in the union) of the first link."""
+        if self.ino == ROOT_INO:
+            return b""
+        parent, name = self.links[0]
+        pp = parent.path
+        return pp + b"/" + name if pp else name
+
+    def add_link(self, parent: Node, name: bytes) -> None:
+        if (parent, name) not in self.links:
+            self.links.append((parent, name))
+
+    def drop_link(self, parent: Node, name: bytes) -> None:
+        try:
+            self.links.remove((parent, name))
+        except ValueError:
+            pass
+
+
+class InodeTable:
+    """Maps inode numbers to nodes and enforces the lookup-count protocol."""
+
+    def __init__(self, root: Node) -> None:
+        self._nodes: dict[int, Node] = {ROOT_INO: root}
+        self.root = root
+
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def __getitem__(self, ino: int) -> Node:
+        return self._nodes[ino]
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def add(self, node: Node) -> Node:
+        """Insert a node (or return the one already holding its number)."""
+        return self._nodes.setdefault(node.ino, node)
+
+    def remember(self, node: Node) -> None:
+        """Count one lookup reply sent to the kernel."""
+        node.lookups += 1
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= n
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        if node.lookups <= 0 and node.opens <= 0 and node.ino != ROOT_INO:
+            if self._nodes.get(node.ino) is node:
+                del self._nodes[node.ino]

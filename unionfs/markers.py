@@ -1,0 +1,128 @@
+"""The on-disk format of layers: whiteouts, opaque directories, redirects, origins.
+
+Read side — every dialect found in the wild is understood in every layer:
+
+* a character device 0/0 (overlayfs, OCI runtimes);
+* a ``.wh.NAME`` file (OCI/AUFS layer tars, rootless fuse-overlayfs);
+* ``.wh..wh..opq`` inside a directory (OCI opaque marker);
+* the ``opaque`` xattr ``y`` under ``trusted.overlay.``, ``user.overlay.`` and
+  ``user.fuseoverlayfs.``;
+* an empty regular file carrying the ``overlay.whiteout`` xattr (overlayfs
+  "xwhiteouts", Linux 6.7+).
+
+Write side — what we put in an upper layer is what kernel overlayfs reads:
+character-device whiteouts (a ``.wh.NAME`` file only where ``mknod`` is refused)
+and ``overlay.opaque``/``overlay.redirect`` under ``trusted.`` when running as
+root, ``user.`` otherwise (overlayfs' ``userxattr`` dialect). Our own bookkeeping
+(``unionmount.origin``, ``unionmount.metacopy``, ``unionmount.nlink``) uses the same
+namespace choice. None of these names is ever visible through the mount.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+WH_PREFIX = b".wh."
+WH_OPAQUE = b".wh..wh..opq"
+
+#: xattr name prefixes that belong to union filesystems, never shown to users.
+PRIVATE_XATTR_PREFIXES: tuple[bytes, ...] = (
+    b"trusted.overlay.",
+    b"user.overlay.",
+    b"user.fuseoverlayfs.",
+    b"trusted.unionmount.",
+    b"user.unionmount.",
+)
+_OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuseoverlayfs.opaque")
+_XWHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
+_REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+
+
+def is_private_xattr(name: bytes) -> bool:
+    """True for the xattrs that carry union metadata."""
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def is_marker_name(name: bytes) -> bool:
+    """True for names that a layer uses as markers; users may not create them."""
+    return name.startswith(WH_PREFIX)
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    """A character device 0/0 is a whiteout."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _xattrs(path: bytes) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+
+
+def is_xwhiteout(path: bytes, st: os.stat_result) -> bool:
+    """An empty regular file with an ``overlay.whiteout`` xattr is a whiteout."""
+    if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+        return False
+    names = _xattrs(path)
+    return any(x.encode() in _XWHITEOUT_XATTRS for x in names)
+
+
+@dataclass(slots=True, frozen=True)
+class DirMarks:
+    """What a directory's own markers say about merging the layers below it."""
+
+    opaque: bool
+    redirect: bytes | None  # layer-relative path of the lower directory it continues, if any
+
+
+def dir_marks(path: bytes, dirfd_listing_has_opq: bool) -> DirMarks:
+    """Read a directory's opaque and redirect markers (``path`` must not be followed)."""
+    opaque = dirfd_listing_has_opq
+    redirect = None
+    for name in _xattrs(path):
+        b = name.encode()
+        if b in _OPAQUE_XATTRS and not opaque:
+            try:
+                opaque = os.getxattr(path, name, follow_symlinks=False) == b"y"
+            except OSError:
+                pass
+        elif b in _REDIRECT_XATTRS:
+            try:
+                redirect = os.getxattr(path, name, follow_symlinks=False)
+            except OSError:
+                pass
+    return DirMarks(opaque, redirect)
+
+
+@dataclass(slots=True, frozen=True)
+class WriteDialect:
+    """Names of the xattrs we write in the upper layer (``trusted.`` as root, else ``user.``)."""
+
+    ns: bytes
+
+    @classmethod
+    def for_euid(cls, euid: int) -> WriteDialect:
+        return cls(b"trusted." if euid == 0 else b"user.")
+
+    @property
+    def opaque(self) -> bytes:
+        return self.ns + b"overlay.opaque"
+
+    @property
+    def redirect(self) -> bytes:
+        return self.ns + b"overlay.redirect"
+
+    @property
+    def origin(self) -> bytes:
+        return self.ns + b"unionmount.origin"
+
+    @property
+    def metacopy(self) -> bytes:
+        return self.ns + b"unionmount.metacopy"
+
+    @property
+    def nlink(self) -> bytes:
+        return self.ns + b"unionmount.nlink"

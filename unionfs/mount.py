@@ -1,0 +1,153 @@
+"""Wiring: build the union, mount it, serve it, tear it down.
+
+:func:`mount` returns only once the mount is live (or has failed): in the
+background mode the parent waits on a pipe for the daemon's word, so a caller
+can use the mount point the moment the command exits. SIGTERM, SIGINT and an
+external ``umount`` all end the daemon with a clean unmount and exit status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from contextlib import ExitStack
+
+import pyfuse3
+import trio
+
+from .config import MountConfig, UsageError
+from .fs import Options, UnionFS
+from .operations import Operations
+
+log = logging.getLogger("unionmount")
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(cfg.fuse_options)
+    if not any(o.startswith("fsname=") for o in opts):
+        opts.add("fsname=unionmount")
+    if not any(o.startswith("subtype=") for o in opts):
+        opts.add("subtype=unionmount")
+    opts.add("default_permissions")
+    if os.geteuid() == 0:
+        opts.add("allow_other")
+    if cfg.upper is None:
+        opts.add("ro")
+    if cfg.debug:
+        opts.add("debug")
+    return opts
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signals, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return
+
+
+def _setup_logging(cfg: MountConfig) -> None:
+    handler: logging.Handler
+    if cfg.log_file:
+        handler = logging.FileHandler(cfg.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s unionmount[%(process)d] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+
+
+def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
+    """Open the layers and mount; on return the mount is live."""
+    stack = ExitStack()
+    try:
+        fs = UnionFS(
+            Options(
+                tuple(cfg.lowers),
+                cfg.upper if not cfg.read_only else None,
+                cfg.work if not cfg.read_only else None,
+                cfg.volatile,
+            )
+        )
+    except OSError as e:
+        stack.close()
+        raise UsageError(f"cannot open layers: {e.strerror}: {os.fsdecode(e.filename or b'')}") from None
+    stack.callback(fs.close)
+    try:
+        pyfuse3.init(Operations(fs), cfg.mountpoint, fuse_options(cfg))
+    except RuntimeError as e:
+        stack.close()
+        raise UsageError(f"cannot mount on '{cfg.mountpoint}': {e}") from None
+    return fs, stack
+
+
+def _run(stack: ExitStack) -> int:
+    unmounted = False
+    try:
+        trio.run(_serve)
+        unmounted = True
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:  # already unmounted from outside
+            if not unmounted:
+                raise
+        stack.close()
+    return 0
+
+
+def mount(cfg: MountConfig) -> int:
+    """Mount as configured; returns the exit status of the command."""
+    for item in cfg.ignored_idmaps:
+        print(f"unionmount: warning: '{item}' is not applied yet (uid/gid mapping comes with volumes)", file=sys.stderr)
+    if cfg.foreground:
+        _setup_logging(cfg)
+        _, stack = _start(cfg)
+        log.info("mounted %s", cfg.mountpoint)
+        return _run(stack)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read()
+        if msg == b"ok":
+            return 0
+        _, status = os.waitpid(pid, 0)
+        raise UsageError(msg.decode(errors="replace") or "the daemon died while mounting")
+    # child: the daemon
+    os.close(rfd)
+    os.setsid()
+    _setup_logging(cfg)
+    try:
+        _, stack = _start(cfg)
+    except UsageError as e:
+        os.write(wfd, str(e).encode())
+        os._exit(2)
+    except BaseException as e:  # noqa: BLE001 - report any failure to the waiting parent
+        os.write(wfd, f"{type(e).__name__}: {e}".encode())
+        os._exit(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if not cfg.log_file:
+        os.dup2(null, 2)
+    os.close(null)
+    os.write(wfd, b"ok")
+    os.close(wfd)
+    try:
+        code = _run(stack)
+    except BaseException:  # noqa: BLE001
+        log.exception("daemon failed")
+        os._exit(1)
+    os._exit(code)

@@ -1,0 +1,209 @@
+"""Name resolution across layers: what ``NAME`` inside a union directory is.
+
+The rules are overlayfs' (``Documentation/filesystems/overlayfs.rst``):
+
+* the upper layer is searched first, then the parent's lower directories from
+  top to bottom;
+* a whiteout (in any dialect, see :mod:`unionfs.markers`) ends the search and
+  hides every lower entry of that name; a ``.wh.NAME`` hides only layers below
+  the one that holds it;
+* a non-directory ends the search; a directory merges with the directories of
+  the same name below it, until an opaque directory or a non-directory;
+* a directory carrying a redirect continues the lower directories found at
+  the redirect's path instead of at its own name (renamed lower directories).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from .inodes import UPPER_ID, Node, make_ino
+from .layers import DirLayer, join
+from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout
+
+S_IFDIR = stat.S_IFDIR
+
+
+@dataclass(slots=True)
+class Found:
+    """The resolution of one name: where its parts are and which number it has."""
+
+    ino: int
+    kind: int
+    upper_st: os.stat_result | None
+    lower_st: os.stat_result | None  # topmost lower entry (or the metacopy data source)
+    lowers: list[tuple[int, bytes]] = field(default_factory=list)
+    opaque: bool = False
+    index_name: bytes | None = None
+    metacopy: bool = False
+
+
+class Resolver:
+    """Resolves names and reads attributes; it never writes."""
+
+    def __init__(self, upper: DirLayer | None, lowers: list[DirLayer], dialect: WriteDialect) -> None:
+        self.upper = upper
+        self.lowers = lowers
+        self.dialect = dialect
+
+    # -- markers ---------------------------------------------------------------
+    def _is_whiteout(self, layer: DirLayer, path: bytes, st: os.stat_result) -> bool:
+        if is_whiteout_stat(st):
+            return True
+        if st.st_size == 0 and stat.S_ISREG(st.st_mode):
+            return is_xwhiteout(layer.xpath(path), st)
+        return False
+
+    def _marks(self, layer: DirLayer, path: bytes):  # noqa: ANN202 - DirMarks
+        has_opq = layer.lstat(join(path, WH_OPAQUE)) is not None
+        return dir_marks(layer.xpath(path) if path else b"/proc/self/fd/%d" % layer.root_fd, has_opq)
+
+    def _wh_file(self, layer: DirLayer, parent: bytes, name: bytes) -> bool:
+        if len(name) + len(WH_PREFIX) > 255:
+            return False
+        return layer.lstat(join(parent, WH_PREFIX + name)) is not None
+
+    # -- lower search ----------------------------------------------------------
+    def _search_lowers(
+        self, parent_lowers: list[tuple[int, bytes]], name: bytes, want_dir_only: bool
+    ) -> tuple[list[tuple[int, bytes]], os.stat_result | None, int | None]:
+        """Walk the parent's lower directories; returns (parts, topmost stat, kind)."""
+        parts: list[tuple[int, bytes]] = []
+        top: os.stat_result | None = None
+        kind: int | None = S_IFDIR if want_dir_only else None
+        for li, lpath in parent_lowers:
+            layer = self.lowers[li]
+            path = join(lpath, name)
+            st = layer.lstat(path)
+            if st is not None:
+                if self._is_whiteout(layer, path, st):
+                    break
+                k = stat.S_IFMT(st.st_mode)
+                if kind is None:
+                    kind = k
+                elif not (kind == S_IFDIR and k == S_IFDIR):
+                    break
+                parts.append((li, path))
+                if top is None:
+                    top = st
+                if k != S_IFDIR:
+                    break
+                marks = self._marks(layer, path)
+                if marks.opaque:
+                    break
+            if self._wh_file(layer, lpath, name):
+                break
+        return parts, top, kind
+
+    def _redirected(
+        self, redirect: bytes, parent: Node, name: bytes
+    ) -> tuple[list[tuple[int, bytes]], os.stat_result | None]:
+        if redirect.startswith(b"/"):
+            rel = redirect.strip(b"/")
+            start = [(i, b"") for i in range(len(self.lowers))]
+            parent_rel, _, leaf = rel.rpartition(b"/")
+            bases = [(i, join(p, parent_rel) if parent_rel else p) for i, p in start]
+            parts, top, _ = self._search_lowers(bases, leaf, want_dir_only=True)
+        else:
+            parts, top, _ = self._search_lowers(parent.lowers, redirect, want_dir_only=True)
+        return parts, top
+
+    def lower_visible(self, parent: Node, name: bytes) -> bool:
+        """True if a lower layer shows ``name`` in ``parent`` (so removing it needs a whiteout)."""
+        parts, _, _ = self._search_lowers(parent.lowers, name, want_dir_only=False)
+        return bool(parts)
+
+    # -- lookup ----------------------------------------------------------------
+    def lookup(self, parent: Node, name: bytes) -> Found | None:
+        """Resolve ``name`` in directory ``parent``; None if it does not exist."""
+        if name.startswith(WH_PREFIX):
+            return None
+        if len(name) > 255:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        ppath = parent.path
+        path = join(ppath, name)
+        up = self.upper if parent.upper else None
+        upper_st = None
+        search_lowers = bool(parent.lowers)
+        if up is not None:
+            upper_st = up.lstat(path)
+            if upper_st is not None:
+                if self._is_whiteout(up, path, upper_st):
+                    return None
+                if not stat.S_ISDIR(upper_st.st_mode):
+                    return self._upper_file(path, upper_st)
+                marks = self._marks(up, path)
+                if marks.opaque:
+                    return Found(make_ino(UPPER_ID, upper_st.st_ino), S_IFDIR, upper_st, None, [], True)
+                if marks.redirect is not None:
+                    parts, top = self._redirected(marks.redirect, parent, name)
+                    return self._dir(upper_st, parts, top)
+            if search_lowers and self._wh_file(up, ppath, name):
+                if upper_st is None:
+                    return None
+                search_lowers = False
+        if not search_lowers:
+            if upper_st is None:
+                return None
+            return self._dir(upper_st, [], None)
+        parts, top, kind = self._search_lowers(parent.lowers, name, want_dir_only=upper_st is not None)
+        if upper_st is not None:
+            return self._dir(upper_st, parts, top)
+        if top is None or kind is None:
+            return None
+        if kind == S_IFDIR:
+            return self._dir(None, parts, top)
+        li = parts[0][0]
+        ino = make_ino(li + 2, top.st_ino)
+        index = b"%x" % ino if top.st_nlink > 1 else None
+        return Found(ino, kind, None, top, parts, False, index)
+
+    def _dir(
+        self, upper_st: os.stat_result | None, parts: list[tuple[int, bytes]], top: os.stat_result | None
+    ) -> Found:
+        if parts and top is not None:
+            ino = make_ino(parts[0][0] + 2, top.st_ino)
+        else:
+            assert upper_st is not None
+            ino = make_ino(UPPER_ID, upper_st.st_ino)
+        return Found(ino, S_IFDIR, upper_st, top, parts)
+
+    def _upper_file(self, path: bytes, st: os.stat_result) -> Found:
+        assert self.upper is not None
+        kind = stat.S_IFMT(st.st_mode)
+        ino = make_ino(UPPER_ID, st.st_ino)
+        xp = self.upper.xpath(path)
+        origin = _getx(xp, self.dialect.origin)
+        index = None
+        if origin is not None:
+            try:
+                ino = int(origin)
+                if st.st_nlink > 1:
+                    index = b"%x" % ino
+            except ValueError:
+                pass
+        found = Found(ino, kind, st, None, [], False, index)
+        if kind == stat.S_IFREG:
+            mc = _getx(xp, self.dialect.metacopy)
+            if mc is not None:
+                li_s, _, lpath = mc.partition(b":")
+                try:
+                    li = int(li_s)
+                    lst = self.lowers[li].lstat(lpath)
+                except (ValueError, IndexError):
+                    lst = None
+                if lst is not None and stat.S_ISREG(lst.st_mode):
+                    found.metacopy = True
+                    found.lowers = [(li, lpath)]
+                    found.lower_st = lst
+        return found
+
+
+def _getx(path: bytes, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None

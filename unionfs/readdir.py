@@ -1,0 +1,44 @@
+"""Merged directory listings.
+
+A listing is the union of the names of the directory's upper part and its
+lower parts, top to bottom, minus marker names (``.wh.*``) and minus names a
+higher layer whites out (``.wh.NAME`` files hide lower layers only). Names
+whose entry is a whiteout of another dialect (a 0/0 device, an xwhiteout) stay
+in the raw list and are dropped when the entry is resolved, so this module
+makes no per-name syscall.
+
+The listing of one open directory is taken once, at ``opendir``; cookies are
+positions in it, so ``telldir``/``seekdir`` stay valid for that handle whatever
+happens to the directory meanwhile (as for overlayfs' merged-dir cache).
+"""
+
+from __future__ import annotations
+
+from .inodes import Node
+from .markers import WH_OPAQUE, WH_PREFIX
+from .namei import Resolver
+
+
+def merged_names(resolver: Resolver, node: Node) -> list[bytes]:
+    """Candidate names of a union directory, each once, upper first."""
+    parts = []
+    if node.upper and resolver.upper is not None:
+        parts.append((resolver.upper, node.path))
+    if not node.opaque:
+        parts.extend((resolver.lowers[li], lpath) for li, lpath in node.lowers)
+    seen: set[bytes] = set()
+    hidden: set[bytes] = set()
+    out: list[bytes] = []
+    for layer, path in parts:
+        whiteouts = set()
+        for name, _ in layer.scandir(path):
+            if name.startswith(WH_PREFIX):
+                if name != WH_OPAQUE:
+                    whiteouts.add(name[len(WH_PREFIX) :])
+                continue
+            if name in seen or name in hidden:
+                continue
+            seen.add(name)
+            out.append(name)
+        hidden |= whiteouts
+    return out
