@@ -140,8 +140,7 @@ def mount(cfg: MountConfig) -> int:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    if not cfg.log_file:
-        os.dup2(null, 2)
+    os.dup2(null, 2)  # never hold the caller's pipes open; logs go to --log
     os.close(null)
     os.write(wfd, b"ok")
     os.close(wfd)

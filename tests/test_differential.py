@@ -1,0 +1,220 @@
+"""The same operations through our mount and through kernel overlayfs.
+
+Every scenario runs on the same lower directories twice: once under
+``mount -t overlay -o ...,redirect_dir=on,index=on`` and once under our
+daemon. The recorded results (values and errnos) and the resulting trees must
+be equal; then our mount is remounted and must still show the same tree.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from unionfs.sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+from .mounts import fresh_dirs, overlay, union
+from .tree import Recorder, make_lowers, snapshot
+
+AT_FDCWD = -100
+Scenario = Callable[[Recorder, Path], None]
+
+
+def rename2(a: Path, b: Path, flags: int) -> None:
+    renameat2(AT_FDCWD, bytes(a), AT_FDCWD, bytes(b), flags)
+
+
+def write(p: Path, data: str, mode: str = "w") -> int:
+    with open(p, mode) as f:
+        return f.write(data)
+
+
+def read_fd(p: Path) -> bytes:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        return os.read(fd, 10)
+    finally:
+        os.close(fd)
+
+
+def sc_read_only(r: Recorder, m: Path) -> None:
+    r("listdir", lambda: os.listdir(m))
+    r("read a", lambda: (m / "a").read_text())
+    r("read gone", lambda: (m / "gone").read_text())
+    r("readlink", lambda: os.readlink(m / "link"))
+    r("read via link", lambda: (m / "link").read_text())
+    r("stat dangling", lambda: os.stat(m / "dangling"))
+    r("opq", lambda: os.listdir(m / "opq"))
+    r("merged d", lambda: os.listdir(m / "d"))
+    r("xattr", lambda: os.getxattr(m / "a", "user.origin"))
+    r("no xattr", lambda: os.getxattr(m / "b", "user.nothing"))
+    r("read dir", lambda: read_fd(m / "d"))
+    r("ENOENT", lambda: os.stat(m / "nope"))
+    r("ENOTDIR", lambda: os.stat(m / "a" / "x"))
+    r("name too long", lambda: os.stat(m / ("n" * 256)))
+    r("opaque hides", lambda: os.stat(m / "opq" / "hidden"))
+
+
+def sc_write_files(r: Recorder, m: Path) -> None:
+    r("append lower", lambda: write(m / "a", "more\n", "a"))
+    r("overwrite lower", lambda: write(m / "d" / "x", "new x\n"))
+    r("new file", lambda: write(m / "d" / "new", "fresh\n"))
+    r("truncate", lambda: os.truncate(m / "b", 2))
+    r("truncate grow", lambda: os.truncate(m / "d" / "sub" / "deep", 10000))
+    r("sparse append", lambda: write(m / "sparse", "x", "a"))
+    r("excl existing", lambda: os.open(m / "a", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    r("read back", lambda: (m / "a").read_text())
+
+
+def sc_metadata(r: Recorder, m: Path) -> None:
+    r("chmod lower file", lambda: os.chmod(m / "a", 0o604))
+    r("chown lower file", lambda: os.chown(m / "b", 123, 456))
+    r("chmod lower dir", lambda: os.chmod(m / "lowdir", 0o700))
+    r("chown lower dir", lambda: os.chown(m / "d" / "sub", 7, 8))
+    r("lchown symlink", lambda: os.chown(m / "link", 5, 5, follow_symlinks=False))
+    r("setxattr", lambda: os.setxattr(m / "a", "user.added", b"1"))
+    r("removexattr", lambda: os.removexattr(m / "a", "user.origin"))
+    r("removexattr missing", lambda: os.removexattr(m / "b", "user.nothing"))
+    r("listxattr", lambda: os.listxattr(m / "a"))
+    r("setxattr dir", lambda: os.setxattr(m / "d", "user.dir", b"d"))
+    r("setuid kept by chmod", lambda: os.chmod(m / "b", 0o4755))
+    r("stat b", lambda: os.stat(m / "b"))
+
+
+def sc_delete(r: Recorder, m: Path) -> None:
+    r("unlink lower", lambda: os.unlink(m / "a"))
+    r("unlink again", lambda: os.unlink(m / "a"))
+    r("unlink dir", lambda: os.unlink(m / "d"))
+    r("rmdir nonempty", lambda: os.rmdir(m / "d"))
+    r("rmdir file", lambda: os.rmdir(m / "b"))
+    r("rmdir empty lower", lambda: os.rmdir(m / "empty"))
+    for p in ("f1", "inner/f2"):
+        r(f"unlink {p}", lambda p=p: os.unlink(m / "lowdir" / p))
+    r("rmdir inner", lambda: os.rmdir(m / "lowdir" / "inner"))
+    r("rmdir lowdir", lambda: os.rmdir(m / "lowdir"))
+    r("stat lowdir", lambda: os.stat(m / "lowdir"))
+    r("recreate as file", lambda: write(m / "lowdir", "now a file\n"))
+    r("recreate dir over whiteout", lambda: os.mkdir(m / "a"))
+    r("new dir empty", lambda: os.listdir(m / "a"))
+    r("fifo unlink", lambda: os.unlink(m / "fifo"))
+    r("mkfifo back", lambda: os.mkfifo(m / "fifo"))
+
+
+def sc_rmtree_recreate(r: Recorder, m: Path) -> None:
+    def rmtree(p: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(p, topdown=False):
+            for f in filenames:
+                os.unlink(os.path.join(dirpath, f))
+            for d in dirnames:
+                os.rmdir(os.path.join(dirpath, d))
+        os.rmdir(p)
+
+    r("rmtree d", lambda: rmtree(m / "d"))
+    r("mkdir d", lambda: os.mkdir(m / "d"))
+    r("d is empty", lambda: os.listdir(m / "d"))
+    r("file in d", lambda: write(m / "d" / "z", "z\n"))
+    r("mkdir sub", lambda: os.mkdir(m / "d" / "sub"))
+    r("sub empty", lambda: os.listdir(m / "d" / "sub"))
+
+
+def sc_rename_files(r: Recorder, m: Path) -> None:
+    r("rename lower file", lambda: os.rename(m / "a", m / "a2"))
+    r("rename over lower", lambda: os.rename(m / "b", m / "d" / "x"))
+    r("rename new file", lambda: (write(m / "n", "n\n"), os.rename(m / "n", m / "lowdir" / "n"))[1])
+    r("rename onto whiteout", lambda: os.rename(m / "a2", m / "gone"))
+    r("rename to self", lambda: os.rename(m / "link", m / "link"))
+    r("rename file over dir", lambda: os.rename(m / "gone", m / "empty"))
+    r("rename dir over file", lambda: os.rename(m / "empty", m / "gone"))
+    r("rename missing", lambda: os.rename(m / "missing", m / "x"))
+    r("noreplace", lambda: rename2(m / "gone", m / "link", RENAME_NOREPLACE))
+    r("noreplace free", lambda: rename2(m / "gone", m / "fresh", RENAME_NOREPLACE))
+    r("exchange files", lambda: rename2(m / "fresh", m / "link", RENAME_EXCHANGE))
+    r("exchange missing", lambda: rename2(m / "fresh", m / "nothing", RENAME_EXCHANGE))
+    r("rename hardlink to its twin", lambda: os.rename(m / "hl1", m / "hl2"))
+
+
+def sc_rename_dirs(r: Recorder, m: Path) -> None:
+    r("rename lower dir", lambda: os.rename(m / "lowdir", m / "moved"))
+    r("list moved", lambda: os.listdir(m / "moved"))
+    r("list inner", lambda: os.listdir(m / "moved" / "inner"))
+    r("old gone", lambda: os.stat(m / "lowdir"))
+    r("write in moved", lambda: write(m / "moved" / "inner" / "f3", "f3\n"))
+    r("rename merged dir", lambda: os.rename(m / "d", m / "lowdir"))
+    r("list renamed merged", lambda: os.listdir(m / "lowdir"))
+    r("nested move", lambda: os.rename(m / "moved" / "inner", m / "lowdir" / "sub" / "inner"))
+    r("list nested", lambda: os.listdir(m / "lowdir" / "sub" / "inner"))
+    r("mkdir at old", lambda: os.mkdir(m / "d"))
+    r("old place empty", lambda: os.listdir(m / "d"))
+    r("dir over nonempty", lambda: os.rename(m / "opq", m / "lowdir"))
+    r("dir over empty dir", lambda: os.rename(m / "opq", m / "empty"))
+    r("list replaced", lambda: os.listdir(m / "empty"))
+    r("new dir over lower dir", lambda: (os.mkdir(m / "nd"), os.rename(m / "nd", m / "moved"))[1])
+    r("exchange dirs", lambda: rename2(m / "d", m / "lowdir", RENAME_EXCHANGE))
+    r("list after exchange", lambda: (os.listdir(m / "d"), os.listdir(m / "lowdir")))
+    r("move dir into itself", lambda: os.rename(m / "d", m / "d" / "sub" / "x"))
+
+
+def sc_links(r: Recorder, m: Path) -> None:
+    r("link lower", lambda: os.link(m / "a", m / "d" / "a-link"))
+    r("stat link", lambda: os.stat(m / "d" / "a-link"))
+    r("stat orig", lambda: os.stat(m / "a"))
+    r("write via link", lambda: write(m / "d" / "a-link", "via link\n", "a"))
+    r("read orig", lambda: (m / "a").read_text())
+    r("lower group write", lambda: write(m / "hl1", "changed\n"))
+    r("lower group read twin", lambda: (m / "hl2").read_text())
+    r("lower group stat", lambda: os.stat(m / "hl2"))
+    r("unlink one of group", lambda: os.unlink(m / "t1"))
+    r("twin nlink", lambda: os.stat(m / "t2"))
+    r("link into group", lambda: os.link(m / "hl2", m / "hl3"))
+    r("group stat", lambda: os.stat(m / "hl1"))
+    r("symlink", lambda: os.symlink("../a", m / "d" / "sl"))
+    r("readlink", lambda: os.readlink(m / "d" / "sl"))
+    r("symlink exists", lambda: os.symlink("x", m / "a"))
+    r("link over existing", lambda: os.link(m / "a", m / "b"))
+    r("link dir", lambda: os.link(m / "d", m / "d2"))
+
+
+def sc_special(r: Recorder, m: Path) -> None:
+    r("mkfifo", lambda: os.mkfifo(m / "f2"))
+    r("whiteout mknod", lambda: os.mknod(m / "w", stat.S_IFCHR | 0o600, 0))
+    r("char dev", lambda: os.mknod(m / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3)))
+    r("stat dev", lambda: os.stat(m / "null"))
+    r("unix socket node", lambda: os.mknod(m / "sock", stat.S_IFSOCK | 0o600))
+    r("mkdir mode", lambda: os.mkdir(m / "mdir", 0o701))
+    r("create mode", lambda: os.close(os.open(m / "cfile", os.O_CREAT | os.O_WRONLY, 0o604)))
+    r("utime", lambda: os.utime(m / "a", ns=(1_000_000_000, 2_000_000_000)))
+    r("times", lambda: os.stat(m / "a").st_mtime_ns)
+    r("utime dir", lambda: os.utime(m / "d", ns=(3_000_000_000, 4_000_000_000)))
+    r("dir times", lambda: os.stat(m / "d").st_mtime_ns)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    name[3:]: fn for name, fn in dict(globals()).items() if name.startswith("sc_") and callable(fn)
+}
+
+
+@pytest.fixture(scope="module")
+def lowers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_lowers(tmp_path_factory.mktemp("lowers"))
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_same_as_kernel_overlay(name: str, lowers: list[Path], tmp_path: Path) -> None:
+    scenario = SCENARIOS[name]
+    ku, kw, km, ou, ow, om = fresh_dirs(tmp_path, "ku", "kw", "km", "ou", "ow", "om")
+    with overlay(km, lowers, ku, kw):
+        expected = Recorder()
+        scenario(expected, km)
+        expected_tree = snapshot(km)
+    with union(om, lowers, ou, ow):
+        got = Recorder()
+        scenario(got, om)
+        got_tree = snapshot(om)
+    assert got.log == expected.log
+    assert got_tree == expected_tree
+    with union(om, lowers, ou, ow):
+        assert snapshot(om) == expected_tree, "the tree changed across a remount"
