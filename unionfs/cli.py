@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: list[str]) -> int:
     from .mount import mount
 
+    if args and args[0] == "--version":
+        from . import __version__
+
+        print(f"unionmount {__version__}")
+        return 0
     if not args or args[0] in ("-h", "--help"):
         _parser().print_help()
         return 0 if args else 2
