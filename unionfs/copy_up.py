@@ -156,12 +156,10 @@ class CopyUp:
         metacopy = not data and stat.S_ISREG(st.st_mode) and st.st_size > 0
         tmp = await self._build(node, layer, lpath, st, data=not metacopy)
         if metacopy:
-            os.setxattr(
-                proc_path(self.upper.work_fd, tmp),
-                self.upper.dialect.metacopy,
-                b"%d:%s" % (node.lowers[0][0], lpath),
-                follow_symlinks=False,
-            )
+            tpath = proc_path(self.upper.work_fd, tmp)
+            dialect = self.upper.dialect
+            os.setxattr(tpath, dialect.metacopy, b"%d:%s" % (node.lowers[0][0], lpath), follow_symlinks=False)
+            os.setxattr(tpath, dialect.ovl_metacopy, b"", follow_symlinks=False)
         renameat2(self.upper.work_fd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
         node.upper = True
         node.metacopy = metacopy
@@ -257,10 +255,12 @@ class CopyUp:
 
     def drop_metacopy(self, node: Node) -> None:
         """Declare the upper file's own data authoritative (after a copy or a truncate to 0)."""
-        try:
-            os.removexattr(self.upper.layer.xpath(node.path), self.upper.dialect.metacopy, follow_symlinks=False)
-        except OSError as e:
-            if e.errno != errno.ENODATA:
-                raise
+        xp = self.upper.layer.xpath(node.path)
+        for name in (self.upper.dialect.ovl_metacopy, self.upper.dialect.metacopy):
+            try:
+                os.removexattr(xp, name, follow_symlinks=False)
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
         node.metacopy = False
         node.version += 1

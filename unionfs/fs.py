@@ -297,9 +297,9 @@ class UnionFS:
             async with self.lock:
                 truncating = bool(flags & os.O_TRUNC)
                 await copy.file(node, data=not truncating)
-                fd = self._data_fd(node, real)
                 if truncating and node.metacopy:
-                    copy.drop_metacopy(node)
+                    copy.drop_metacopy(node)  # the open below empties the file
+                fd = self._data_fd(node, real)
         else:
             fd = self._data_fd(node, real)
         fh = self._fh()

@@ -124,5 +124,10 @@ class WriteDialect:
         return self.ns + b"unionmount.metacopy"
 
     @property
+    def ovl_metacopy(self) -> bytes:
+        """overlayfs' own mark of a metadata-only copy (read by kernels mounted ``metacopy=on``)."""
+        return self.ns + b"overlay.metacopy"
+
+    @property
     def nlink(self) -> bytes:
         return self.ns + b"unionmount.nlink"
