@@ -103,6 +103,8 @@ def _legacy(argv: list[str]) -> MountConfig:
         raise UsageError("expected a mount point (see 'unionmount --help')")
     cfg = MountConfig(mountpoint=pos[-1], lowers=[], foreground=fg, debug=debug)
     parse_o(opts, cfg)
+    if len(pos) == 2 and not any(o.startswith("fsname=") for o in cfg.fuse_options):
+        cfg.fuse_options.add(f"fsname={pos[0]}")  # mount(8)'s source column
     return cfg
 
 
