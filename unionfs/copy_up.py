@@ -12,9 +12,10 @@ Guarantees:
 * durable: data is fsync'ed before the copy becomes visible (as overlayfs does),
   unless the mount is ``volatile``;
 * metadata-only: a regular file can be copied up without its data (``metacopy``);
-  its upper entry is a sparse file of the right size marked with the
-  ``unionmount.metacopy`` xattr naming the lower data, which stays the source of
-  reads until :meth:`CopyUp.data` copies it (on the first open for writing);
+  its upper entry is a sparse file of the right size marked as overlayfs does
+  (``overlay.metacopy`` and an absolute ``overlay.redirect`` to the data), which
+  stays the source of reads until :meth:`CopyUp.data` copies it (on the first
+  open for writing);
 * hard links: a lower file with several links is copied once into the index
   (``WORKDIR/unionmount-index/<ino>``) and linked from there, so all its names
   stay one inode (see :mod:`unionfs.inodes`).
@@ -155,14 +156,15 @@ class CopyUp:
         layer, lpath, st = self._lower(node)
         metacopy = not data and stat.S_ISREG(st.st_mode) and st.st_size > 0
         tmp = await self._build(node, layer, lpath, st, data=not metacopy)
+        data_at = node.data or node.lowers[0]
         if metacopy:
             tpath = proc_path(self.upper.work_fd, tmp)
             dialect = self.upper.dialect
-            os.setxattr(tpath, dialect.metacopy, b"%d:%s" % (node.lowers[0][0], lpath), follow_symlinks=False)
-            os.setxattr(tpath, dialect.ovl_metacopy, b"", follow_symlinks=False)
+            os.setxattr(tpath, dialect.metacopy, b"", follow_symlinks=False)
+            os.setxattr(tpath, dialect.redirect, b"/" + data_at[1], follow_symlinks=False)
         renameat2(self.upper.work_fd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
         node.upper = True
-        node.metacopy = metacopy
+        node.data = data_at if metacopy else None
         node.version += 1
 
     async def _index_alias(self, node: Node) -> None:
@@ -208,7 +210,10 @@ class CopyUp:
         tpath = proc_path(wfd, tmp)
         kind = stat.S_IFMT(st.st_mode)
         if kind == stat.S_IFREG:
-            src = layer.open(lpath, os.O_RDONLY)
+            if node.data is not None:  # a lower metadata-only copy: the data is deeper
+                src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
+            else:
+                src = layer.open(lpath, os.O_RDONLY)
             try:
                 dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd)
                 try:
@@ -236,7 +241,8 @@ class CopyUp:
 
     async def data(self, node: Node) -> None:
         """Turn a metadata-only copy into a full one; the lower stays the source until done."""
-        li, lpath = node.lowers[0]
+        assert node.data is not None
+        li, lpath = node.data
         src = self.resolver.lowers[li].open(lpath, os.O_RDONLY)
         up = self.upper.layer
         try:
@@ -256,11 +262,11 @@ class CopyUp:
     def drop_metacopy(self, node: Node) -> None:
         """Declare the upper file's own data authoritative (after a copy or a truncate to 0)."""
         xp = self.upper.layer.xpath(node.path)
-        for name in (self.upper.dialect.ovl_metacopy, self.upper.dialect.metacopy):
+        for name in (self.upper.dialect.metacopy, self.upper.dialect.redirect):
             try:
                 os.removexattr(xp, name, follow_symlinks=False)
             except OSError as e:
                 if e.errno != errno.ENODATA:
                     raise
-        node.metacopy = False
+        node.data = None
         node.version += 1

@@ -128,7 +128,7 @@ class UnionFS:
         node.lowers = found.lowers
         node.opaque = found.opaque
         node.index_name = found.index_name
-        node.metacopy = found.metacopy
+        node.data = found.data
         if node.index_name is not None and not node.upper and self.copy is not None:
             node.upper = self.copy.index_exists(node)
         if node.index_name is not None and node.upper and not node.lowers and self.copy is not None:
@@ -206,8 +206,8 @@ class UnionFS:
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
         e.st_blocks = st.st_blocks
-        if node.metacopy and node.lowers:
-            li, lpath = node.lowers[0]
+        if node.data is not None:
+            li, lpath = node.data
             lst = self.lowers[li].lstat(lpath)
             if lst is not None:
                 e.st_blocks = lst.st_blocks
@@ -281,7 +281,10 @@ class UnionFS:
     # -- files -------------------------------------------------------------------------
     def _data_fd(self, node: Node, flags: int) -> int:
         """Open the file that holds ``node``'s data."""
-        if node.upper and self.upper is not None and not (node.metacopy and (flags & os.O_ACCMODE) == os.O_RDONLY):
+        if node.data is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
+            li, lpath = node.data
+            return self.lowers[li].open(lpath, flags)
+        if node.upper and self.upper is not None:
             if node.index_name is not None:
                 return os.open(node.index_name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.upper.index_fd)
             return self.upper.layer.open(node.path, flags)

@@ -50,10 +50,14 @@ class Node:
     lowers: list[tuple[int, bytes]] = field(default_factory=list)
     opaque: bool = False
     index_name: bytes | None = None  # lower hard-link group: name of its index entry
-    metacopy: bool = False  # upper holds metadata only; data still comes from lowers[0]
+    data: tuple[int, bytes] | None = None  # metadata-only entry: (lower index, path) of its data
     lookups: int = 0
     opens: int = 0
     version: int = 0  # bumped when the node's real file changes (copy-up)
+
+    @property
+    def metacopy(self) -> bool:
+        return self.data is not None
 
     @property
     def is_dir(self) -> bool:

@@ -14,8 +14,11 @@ Write side — what we put in an upper layer is what kernel overlayfs reads:
 character-device whiteouts (a ``.wh.NAME`` file only where ``mknod`` is refused)
 and ``overlay.opaque``/``overlay.redirect`` under ``trusted.`` when running as
 root, ``user.`` otherwise (overlayfs' ``userxattr`` dialect). Our own bookkeeping
-(``unionmount.origin``, ``unionmount.metacopy``, ``unionmount.nlink``) uses the same
-namespace choice. None of these names is ever visible through the mount.
+(``unionmount.origin``, ``unionmount.nlink``) uses the same namespace choice.
+Metadata-only copies are overlayfs' own: ``overlay.metacopy`` plus an absolute
+``overlay.redirect`` to the data, which a kernel mounted ``metacopy=on`` reads,
+and which we follow in every layer, so an upper can become a lower. None of these
+names is ever visible through the mount.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ PRIVATE_XATTR_PREFIXES: tuple[bytes, ...] = (
 _OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuseoverlayfs.opaque")
 _XWHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 _REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+_METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
 
 
 def is_private_xattr(name: bytes) -> bool:
@@ -68,6 +72,24 @@ def is_xwhiteout(path: bytes, st: os.stat_result) -> bool:
         return False
     names = _xattrs(path)
     return any(x.encode() in _XWHITEOUT_XATTRS for x in names)
+
+
+def metacopy_source(path: bytes) -> bytes | None:
+    """For a metadata-only copy (``overlay.metacopy``), the layer-relative path of its data.
+
+    None if the file holds its own data; ``b""`` if the data is at the same path
+    in a lower layer (no ``overlay.redirect``).
+    """
+    names = [x.encode() for x in _xattrs(path)]
+    if not any(n in _METACOPY_XATTRS for n in names):
+        return None
+    for n in names:
+        if n in _REDIRECT_XATTRS:
+            try:
+                return os.getxattr(path, n, follow_symlinks=False).strip(b"/")
+            except OSError:
+                pass
+    return b""
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,11 +143,7 @@ class WriteDialect:
 
     @property
     def metacopy(self) -> bytes:
-        return self.ns + b"unionmount.metacopy"
-
-    @property
-    def ovl_metacopy(self) -> bytes:
-        """overlayfs' own mark of a metadata-only copy (read by kernels mounted ``metacopy=on``)."""
+        """overlayfs' mark of a metadata-only copy; its data is at ``overlay.redirect``."""
         return self.ns + b"overlay.metacopy"
 
     @property

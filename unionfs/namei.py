@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .inodes import UPPER_ID, Node, make_ino
 from .layers import DirLayer, join
-from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout
+from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout, metacopy_source
 
 S_IFDIR = stat.S_IFDIR
 
@@ -34,11 +34,11 @@ class Found:
     ino: int
     kind: int
     upper_st: os.stat_result | None
-    lower_st: os.stat_result | None  # topmost lower entry (or the metacopy data source)
+    lower_st: os.stat_result | None  # topmost lower entry
     lowers: list[tuple[int, bytes]] = field(default_factory=list)
     opaque: bool = False
     index_name: bytes | None = None
-    metacopy: bool = False
+    data: tuple[int, bytes] | None = None  # where the data of a metadata-only entry is
 
 
 class Resolver:
@@ -65,6 +65,27 @@ class Resolver:
         if len(name) + len(WH_PREFIX) > 255:
             return False
         return layer.lstat(join(parent, WH_PREFIX + name)) is not None
+
+    def find_data(self, start: int, path: bytes) -> tuple[int, bytes] | None:
+        """The lower layer (from ``start`` down) that holds the data of a metadata-only copy."""
+        for li in range(start, len(self.lowers)):
+            layer = self.lowers[li]
+            st = layer.lstat(path)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue  # a whiteout or other entry of a middle layer: the data is deeper
+            src = metacopy_source(layer.xpath(path))
+            if src is None:
+                return li, path
+            path = src or path
+        return None
+
+    def _data_of(self, layer: DirLayer, path: bytes, st: os.stat_result, below: int) -> tuple[int, bytes] | None:
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None
+        src = metacopy_source(layer.xpath(path))
+        if src is None:
+            return None
+        return self.find_data(below, src or path)
 
     # -- lower search ----------------------------------------------------------
     def _search_lowers(
@@ -94,21 +115,29 @@ class Resolver:
                 marks = self._marks(layer, path)
                 if marks.opaque:
                     break
+                if marks.redirect is not None:
+                    more, _ = self._follow_redirect(marks.redirect, parent_lowers, li + 1)
+                    parts.extend(more)
+                    break
             if self._wh_file(layer, lpath, name):
                 break
         return parts, top, kind
 
-    def _redirected(
-        self, redirect: bytes, parent: Node, name: bytes
+    def _follow_redirect(
+        self, redirect: bytes, parent_lowers: list[tuple[int, bytes]], start: int
     ) -> tuple[list[tuple[int, bytes]], os.stat_result | None]:
+        """Lower directories continued by a redirect, searched in layers ``start`` and below.
+
+        An absolute redirect (``/a/b``) is a layer-relative path; a relative one is a
+        name in the same parent directory (overlayfs writes both).
+        """
         if redirect.startswith(b"/"):
-            rel = redirect.strip(b"/")
-            start = [(i, b"") for i in range(len(self.lowers))]
-            parent_rel, _, leaf = rel.rpartition(b"/")
-            bases = [(i, join(p, parent_rel) if parent_rel else p) for i, p in start]
-            parts, top, _ = self._search_lowers(bases, leaf, want_dir_only=True)
+            parent_rel, _, leaf = redirect.strip(b"/").rpartition(b"/")
+            bases = [(i, parent_rel) for i in range(start, len(self.lowers))]
         else:
-            parts, top, _ = self._search_lowers(parent.lowers, redirect, want_dir_only=True)
+            leaf = redirect
+            bases = [(i, p) for i, p in parent_lowers if i >= start]
+        parts, top, _ = self._search_lowers(bases, leaf, want_dir_only=True)
         return parts, top
 
     def lower_visible(self, parent: Node, name: bytes) -> bool:
@@ -139,7 +168,7 @@ class Resolver:
                 if marks.opaque:
                     return Found(make_ino(UPPER_ID, upper_st.st_ino), S_IFDIR, upper_st, None, [], True)
                 if marks.redirect is not None:
-                    parts, top = self._redirected(marks.redirect, parent, name)
+                    parts, top = self._follow_redirect(marks.redirect, parent.lowers, 0)
                     return self._dir(upper_st, parts, top)
             if search_lowers and self._wh_file(up, ppath, name):
                 if upper_st is None:
@@ -156,10 +185,11 @@ class Resolver:
             return None
         if kind == S_IFDIR:
             return self._dir(None, parts, top)
-        li = parts[0][0]
+        li, lpath = parts[0]
         ino = make_ino(li + 2, top.st_ino)
         index = b"%x" % ino if top.st_nlink > 1 else None
-        return Found(ino, kind, None, top, parts, False, index)
+        data = self._data_of(self.lowers[li], lpath, top, li + 1)
+        return Found(ino, kind, None, top, parts, False, index, data)
 
     def _dir(
         self, upper_st: os.stat_result | None, parts: list[tuple[int, bytes]], top: os.stat_result | None
@@ -186,19 +216,7 @@ class Resolver:
             except ValueError:
                 pass
         found = Found(ino, kind, st, None, [], False, index)
-        if kind == stat.S_IFREG:
-            mc = _getx(xp, self.dialect.metacopy)
-            if mc is not None:
-                li_s, _, lpath = mc.partition(b":")
-                try:
-                    li = int(li_s)
-                    lst = self.lowers[li].lstat(lpath)
-                except (ValueError, IndexError):
-                    lst = None
-                if lst is not None and stat.S_ISREG(lst.st_mode):
-                    found.metacopy = True
-                    found.lowers = [(li, lpath)]
-                    found.lower_st = lst
+        found.data = self._data_of(self.upper, path, st, 0)
         return found
 
 
