@@ -192,6 +192,18 @@ def sc_special(r: Recorder, m: Path) -> None:
     r("dir times", lambda: os.stat(m / "d").st_mtime_ns)
 
 
+def sc_umask_zero(r: Recorder, m: Path) -> None:
+    old = os.umask(0)
+    try:
+        r("create 04777", lambda: os.close(os.open(m / "suid", os.O_CREAT | os.O_WRONLY, 0o4777)))
+        r("mkdir 0777", lambda: os.mkdir(m / "open", 0o777))
+        r("mkfifo 0666", lambda: os.mkfifo(m / "open" / "fifo", 0o666))
+        r("copy-up keeps 0777 dir", lambda: os.mkdir(m / "d" / "new", 0o1777))
+    finally:
+        os.umask(old)
+    r("stat", lambda: [oct(os.stat(m / p).st_mode) for p in ("suid", "open", "open/fifo", "d/new")])
+
+
 SCENARIOS: dict[str, Scenario] = {
     name[3:]: fn for name, fn in dict(globals()).items() if name.startswith("sc_") and callable(fn)
 }

@@ -381,12 +381,21 @@ class UnionFS:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), a
 
     def _chown_new(self, target: int | bytes, uid: int, gid: int, pst: os.stat_result) -> None:
+        """Give a new entry its creator's ids, keeping set-id bits that chown would clear."""
         if self.euid != 0:
+            return
+        st = os.fstat(target) if isinstance(target, int) else os.stat(target, follow_symlinks=False)
+        if (st.st_uid, st.st_gid) == (uid, gid):
             return
         if isinstance(target, int):
             os.fchown(target, uid, gid)
         else:
             os.chown(target, uid, gid, follow_symlinks=False)
+        if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+            if isinstance(target, int):
+                os.fchmod(target, stat.S_IMODE(st.st_mode))
+            else:
+                os.chmod(target, stat.S_IMODE(st.st_mode))
 
     async def mkdir(
         self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext

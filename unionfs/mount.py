@@ -69,6 +69,7 @@ def _setup_logging(cfg: MountConfig) -> None:
 
 def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     """Open the layers and mount; on return the mount is live."""
+    os.umask(0)  # the kernel has applied the caller's umask to every mode it sends us
     stack = ExitStack()
     try:
         fs = UnionFS(
