@@ -335,3 +335,27 @@ def test_same_tree_as_kernel_with_tools(layers: dict[str, Path], tmp_path: Path)
         expected.pop(k)
         got.pop(k)
     assert pyc and got == expected
+
+
+def test_paths_deeper_than_path_max(layers: dict[str, Path]) -> None:
+    """Relative to the layer root a path may exceed PATH_MAX; the daemon must still reach it."""
+    comp = "p" * 200
+    with mount(layers) as m:
+        fds = [os.open(m, os.O_RDONLY | os.O_DIRECTORY)]
+        try:
+            for _ in range(30):  # 30 * 201 bytes > 6000
+                os.mkdir(comp, dir_fd=fds[-1])
+                fds.append(os.open(comp, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+            fd = os.open("f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fds[-1])
+            os.write(fd, b"deep")
+            os.close(fd)
+            os.rename("f", "g", src_dir_fd=fds[-1], dst_dir_fd=fds[-1])
+            assert os.listdir(fds[-1]) == ["g"]
+            os.unlink("g", dir_fd=fds[-1])
+            while len(fds) > 1:
+                os.close(fds.pop())
+                os.rmdir(comp, dir_fd=fds[-1])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert not (m / comp).exists()

@@ -46,7 +46,7 @@ class FileHandle:
 @dataclass(slots=True)
 class DirHandle:
     node: Node
-    names: list[bytes]
+    names: list[bytes] | None = None  # taken at the first read from offset 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -236,11 +236,13 @@ class UnionFS:
     def opendir(self, ino: int) -> int:
         node = self.node(ino)
         fh = self._fh()
-        self.dirs[fh] = DirHandle(node, [b".", b".."] + merged_names(self.resolver, node))
+        self.dirs[fh] = DirHandle(node)
         return fh
 
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.dirs[fh]
+        if start == 0 or h.names is None:
+            h.names = [b".", b".."] + merged_names(self.resolver, h.node)  # rewinddir sees changes
         names = h.names
         for i in range(start, len(names)):
             name = names[i]

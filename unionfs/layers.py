@@ -25,6 +25,7 @@ from .sysutil import openat2_beneath, proc_path
 
 FD_CACHE_SIZE = 256
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY
+_CHUNK = 3072  # resolve paths in pieces below PATH_MAX (4096): paths in a layer may be longer
 
 
 class FdCache:
@@ -87,7 +88,12 @@ class DirLayer:
         key = (self.index, relpath)
         fd = self._cache.get(key)
         if fd is None:
-            fd = openat2_beneath(self.root_fd, relpath, _DIR_FLAGS)
+            if len(relpath) < _CHUNK:
+                fd = openat2_beneath(self.root_fd, relpath, _DIR_FLAGS)
+            else:
+                # Longer than one syscall may take: continue from a (cached) ancestor.
+                cut = relpath.index(b"/", len(relpath) - _CHUNK)
+                fd = openat2_beneath(self.dirfd(relpath[:cut]), relpath[cut + 1 :], _DIR_FLAGS)
             self._cache.put(key, fd)
         return fd
 
@@ -121,7 +127,8 @@ class DirLayer:
 
     def scandir(self, path: bytes) -> list[tuple[bytes, int]]:
         """Names in a directory with their d_type-derived stat type bits (0 if unknown)."""
-        fd = openat2_beneath(self.root_fd, path or b".", os.O_RDONLY | os.O_DIRECTORY)
+        pfd, name = self.at(path)
+        fd = openat2_beneath(pfd, name, os.O_RDONLY | os.O_DIRECTORY)
         try:
             out = []
             with os.scandir(fd) as it:

@@ -7,9 +7,10 @@ whose entry is a whiteout of another dialect (a 0/0 device, an xwhiteout) stay
 in the raw list and are dropped when the entry is resolved, so this module
 makes no per-name syscall.
 
-The listing of one open directory is taken once, at ``opendir``; cookies are
-positions in it, so ``telldir``/``seekdir`` stay valid for that handle whatever
-happens to the directory meanwhile (as for overlayfs' merged-dir cache).
+The listing of one open directory is taken at every read from offset 0 (the
+first read, and again after ``rewinddir``); cookies are positions in it, so
+``telldir``/``seekdir`` stay valid for that handle whatever happens to the
+directory meanwhile (as for overlayfs' merged-dir cache).
 """
 
 from __future__ import annotations
