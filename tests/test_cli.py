@@ -103,7 +103,7 @@ def test_already_mounted_is_refused(dirs: dict[str, Path]) -> None:
 
 def test_fuse_overlayfs_syntax(dirs: dict[str, Path]) -> None:
     lo, lo2, up, wk, mnt = (dirs[k] for k in ("lower", "lower2", "upper", "work", "mnt"))
-    opts = f"lowerdir={lo}:{lo2},upperdir={up},workdir={wk},fsync=0,noxattrs=0,context=\"x\",allow_other"
+    opts = f'lowerdir={lo}:{lo2},upperdir={up},workdir={wk},fsync=0,noxattrs=0,context="x",allow_other'
     r = unionmount("-o", opts, mnt)
     try:
         assert r.returncode == 0, r.stderr
@@ -120,7 +120,8 @@ def test_mount_helper_syntax(dirs: dict[str, Path]) -> None:
     assert shutil.which("mount.fuse3") or Path("/sbin/mount.fuse3").exists()
     r = subprocess.run(
         ["mount", "-t", "fuse.unionmount", "myunion", str(mnt), "-o", f"lowerdir={lo},upperdir={up},workdir={wk}"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     try:
         assert r.returncode == 0, r.stderr
@@ -149,8 +150,7 @@ def test_umount_ends_the_daemon(dirs: dict[str, Path]) -> None:
 
 def test_foreground_and_sigint(dirs: dict[str, Path]) -> None:
     lo, mnt = dirs["lower"], dirs["mnt"]
-    proc = subprocess.Popen([*COMMAND, "mount", "-f", "--lower", str(lo), str(mnt)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*COMMAND, "mount", "-f", "--lower", str(lo), str(mnt)], stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(200):
             if is_mounted(mnt) or proc.poll() is not None:

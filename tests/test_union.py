@@ -359,3 +359,56 @@ def test_paths_deeper_than_path_max(layers: dict[str, Path]) -> None:
             for fd in fds:
                 os.close(fd)
         assert not (m / comp).exists()
+
+
+def _in_chroot(root: Path, actions: list[tuple[str, str]]) -> int:
+    """Run (op, path) actions as a process whose root is the union; returns how many failed."""
+    pid = os.fork()
+    if pid == 0:
+        failed = 0
+        try:
+            os.chroot(root)
+            os.chdir("/")
+            for op, path in actions:
+                try:
+                    if op == "write":
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                        os.write(fd, b"escape")
+                        os.close(fd)
+                    elif op == "mkdir":
+                        os.mkdir(path)
+                    elif op == "chmod":
+                        os.chmod(path, 0o777)
+                except OSError:
+                    failed += 1
+        finally:
+            os._exit(failed)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_symlinks_planted_in_layers_are_never_followed(layers: dict[str, Path], tmp_path: Path) -> None:
+    """Host-side tampering with the upper (a symlink where a directory was) never leaks writes outside.
+
+    The client acts as a container process would: chrooted into the union, so a
+    planted absolute symlink resolves inside the union, and only the daemon could
+    carry a write to the host path.
+    """
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with mount(layers) as m:
+        assert (m / "d" / "x").read_text() == "x from base\n"  # the kernel now caches d and d/x
+        os.symlink(outside, layers["u"] / "d")  # planted behind the daemon's back
+        (m / "lowdir" / "f1").write_text("copied up")  # lowdir now exists in the upper
+        os.rename(layers["u"] / "lowdir", tmp_path / "moved-away")
+        os.symlink(outside, layers["u"] / "lowdir")
+        actions = [
+            ("write", "/d/x"),
+            ("write", "/d/new"),
+            ("write", "/lowdir/new"),
+            ("write", "/lowdir/f1"),
+            ("mkdir", "/lowdir/sub"),
+            ("chmod", "/lowdir/inner"),
+            ("mkdir", "/d/sub"),
+        ]
+        _in_chroot(m, actions)
+    assert list(outside.iterdir()) == []

@@ -29,6 +29,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -132,10 +134,11 @@ class CopyUp:
         wfd = self.upper.work_fd
         tmp = self.upper.tmpname()
         os.mkdir(tmp, 0o700, dir_fd=wfd)
-        tpath = proc_path(wfd, tmp)
-        copy_xattrs(layer.xpath(lpath), tpath)
-        _set_meta(tpath, st, stat.S_IFDIR)
-        renameat2(wfd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
+        with self._discard_on_error(tmp):
+            tpath = proc_path(wfd, tmp)
+            copy_xattrs(layer.xpath(lpath), tpath)
+            _set_meta(tpath, st, stat.S_IFDIR)
+            renameat2(wfd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
         node.upper = True
 
     async def file(self, node: Node, *, data: bool) -> None:
@@ -157,12 +160,13 @@ class CopyUp:
         metacopy = not data and stat.S_ISREG(st.st_mode) and st.st_size > 0
         tmp = await self._build(node, layer, lpath, st, data=not metacopy)
         data_at = node.data or node.lowers[0]
-        if metacopy:
-            tpath = proc_path(self.upper.work_fd, tmp)
-            dialect = self.upper.dialect
-            os.setxattr(tpath, dialect.metacopy, b"", follow_symlinks=False)
-            os.setxattr(tpath, dialect.redirect, b"/" + data_at[1], follow_symlinks=False)
-        renameat2(self.upper.work_fd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
+        with self._discard_on_error(tmp):
+            if metacopy:
+                tpath = proc_path(self.upper.work_fd, tmp)
+                dialect = self.upper.dialect
+                os.setxattr(tpath, dialect.metacopy, b"", follow_symlinks=False)
+                os.setxattr(tpath, dialect.redirect, b"/" + data_at[1], follow_symlinks=False)
+            renameat2(self.upper.work_fd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
         node.upper = True
         node.data = data_at if metacopy else None
         node.version += 1
@@ -187,6 +191,15 @@ class CopyUp:
             pass
         node.upper = True
 
+    @contextmanager
+    def _discard_on_error(self, tmp: bytes) -> Iterator[None]:
+        """Remove a temporary from the work dir if the step that would publish it fails."""
+        try:
+            yield
+        except BaseException:
+            self.upper.remove_tree(self.upper.work_fd, tmp)
+            raise
+
     def index_exists(self, node: Node) -> bool:
         assert node.index_name is not None
         try:
@@ -198,45 +211,46 @@ class CopyUp:
     async def _to_index(self, node: Node, layer: DirLayer, lpath: bytes, st: os.stat_result) -> None:
         assert node.index_name is not None
         tmp = await self._build(node, layer, lpath, st, data=True)
-        os.setxattr(
-            proc_path(self.upper.work_fd, tmp), self.upper.dialect.nlink, b"%d" % st.st_nlink, follow_symlinks=False
-        )
-        renameat2(self.upper.work_fd, tmp, self.upper.index_fd, node.index_name, RENAME_NOREPLACE)
+        with self._discard_on_error(tmp):
+            nlink = b"%d" % st.st_nlink
+            os.setxattr(proc_path(self.upper.work_fd, tmp), self.upper.dialect.nlink, nlink, follow_symlinks=False)
+            renameat2(self.upper.work_fd, tmp, self.upper.index_fd, node.index_name, RENAME_NOREPLACE)
 
     async def _build(self, node: Node, layer: DirLayer, lpath: bytes, st: os.stat_result, *, data: bool) -> bytes:
         """Build a copy of the lower entry in the work dir; returns its temporary name."""
         wfd = self.upper.work_fd
         tmp = self.upper.tmpname()
         tpath = proc_path(wfd, tmp)
-        kind = stat.S_IFMT(st.st_mode)
-        if kind == stat.S_IFREG:
-            if node.data is not None:  # a lower metadata-only copy: the data is deeper
-                src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
-            else:
-                src = layer.open(lpath, os.O_RDONLY)
-            try:
-                dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd)
+        with self._discard_on_error(tmp):
+            kind = stat.S_IFMT(st.st_mode)
+            if kind == stat.S_IFREG:
+                if node.data is not None:  # a lower metadata-only copy: the data is deeper
+                    src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
+                else:
+                    src = layer.open(lpath, os.O_RDONLY)
                 try:
-                    if not data:
-                        os.ftruncate(dst, st.st_size)
-                    elif st.st_size > THREAD_THRESHOLD:
-                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync)
-                    else:
-                        copy_data(src, dst, st.st_size, self.sync and st.st_size > 0)
+                    dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd)
+                    try:
+                        if not data:
+                            os.ftruncate(dst, st.st_size)
+                        elif st.st_size > THREAD_THRESHOLD:
+                            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync)
+                        else:
+                            copy_data(src, dst, st.st_size, self.sync and st.st_size > 0)
+                    finally:
+                        os.close(dst)
                 finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-        elif kind == stat.S_IFLNK:
-            os.symlink(layer.readlink(lpath), tmp, dir_fd=wfd)
-        else:
-            os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=wfd)
-        copy_xattrs(layer.xpath(lpath), tpath)
-        try:
-            os.setxattr(tpath, self.upper.dialect.origin, b"%d" % node.ino, follow_symlinks=False)
-        except OSError:
-            pass  # user.* xattrs are refused on symlinks and devices: the number may change there
-        _set_meta(tpath, st, kind)
+                    os.close(src)
+            elif kind == stat.S_IFLNK:
+                os.symlink(layer.readlink(lpath), tmp, dir_fd=wfd)
+            else:
+                os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=wfd)
+            copy_xattrs(layer.xpath(lpath), tpath)
+            try:
+                os.setxattr(tpath, self.upper.dialect.origin, b"%d" % node.ino, follow_symlinks=False)
+            except OSError:
+                pass  # user.* xattrs are refused on symlinks and devices: the number may change there
+            _set_meta(tpath, st, kind)
         return tmp
 
     async def data(self, node: Node) -> None:
