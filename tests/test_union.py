@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .mounts import daemon_pid, fresh_dirs, is_mounted, overlay, union
+from .mounts import COMMAND, daemon_pid, fresh_dirs, is_mounted, overlay, union
 from .tree import make_lowers, snapshot
 
 
@@ -412,3 +412,31 @@ def test_symlinks_planted_in_layers_are_never_followed(layers: dict[str, Path], 
         ]
         _in_chroot(m, actions)
     assert list(outside.iterdir()) == []
+
+
+def test_rootless_in_a_user_namespace(tmp_path: Path) -> None:
+    """As rootless podman runs it: uid 0 in a user namespace, where trusted.* xattrs are refused.
+
+    Renaming a lower directory still works (a user.overlay.redirect), and the
+    upper is in overlayfs' userxattr dialect.
+    """
+    lower = tmp_path / "l"
+    (lower / "dir" / "sub").mkdir(parents=True)
+    (lower / "dir" / "sub" / "f").write_text("a")
+    (lower / "file").write_text("b")
+    u, w, m = fresh_dirs(tmp_path, "u", "w", "m")
+    cmd = " ".join(COMMAND)
+    script = (
+        f"set -e; {cmd} mount --lower {lower} --upper {u} --work {w} --log {tmp_path}/log {m};"
+        f" trap '{cmd} umount {m}' EXIT; cd {m}; mv dir dir2; ls dir2/sub; rm file; mkdir file; cd /"
+    )
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["f"]
+    assert os.getxattr(u / "dir2", "user.overlay.redirect") == b"/dir"
+    assert os.getxattr(u / "file", "user.overlay.opaque") == b"y"
+    assert not [x for x in os.listxattr(u / "dir2") if x.startswith("trusted.")]
+    with union(m, [lower], u, w):
+        assert sorted(os.listdir(m)) == ["dir2", "file"]
+        assert (m / "dir2" / "sub" / "f").read_text() == "a"
+        assert os.listdir(m / "file") == []

@@ -63,7 +63,7 @@ class UnionFS:
     def __init__(self, opts: Options) -> None:
         self.cache = FdCache()
         self.euid = os.geteuid()
-        dialect = WriteDialect.for_euid(self.euid)
+        dialect = WriteDialect.probe(opts.work) if opts.work else WriteDialect(b"trusted.")
         self.lowers = [DirLayer(i, p, self.cache) for i, p in enumerate(opts.lowers)]
         up_layer = DirLayer(-1, opts.upper, self.cache, writable=True) if opts.upper else None
         self.upper = Upper(up_layer, opts.work, dialect) if up_layer is not None and opts.work else None

@@ -12,8 +12,9 @@ Read side — every dialect found in the wild is understood in every layer:
 
 Write side — what we put in an upper layer is what kernel overlayfs reads:
 character-device whiteouts (a ``.wh.NAME`` file only where ``mknod`` is refused)
-and ``overlay.opaque``/``overlay.redirect`` under ``trusted.`` when running as
-root, ``user.`` otherwise (overlayfs' ``userxattr`` dialect). Our own bookkeeping
+and ``overlay.opaque``/``overlay.redirect`` under ``trusted.`` where the kernel
+lets us write it, ``user.`` otherwise (overlayfs' ``userxattr`` dialect, e.g.
+inside a user namespace). Our own bookkeeping
 (``unionmount.origin``, ``unionmount.nlink``) uses the same namespace choice.
 Metadata-only copies are overlayfs' own: ``overlay.metacopy`` plus an absolute
 ``overlay.redirect`` to the data, which a kernel mounted ``metacopy=on`` reads,
@@ -126,8 +127,21 @@ class WriteDialect:
     ns: bytes
 
     @classmethod
-    def for_euid(cls, euid: int) -> WriteDialect:
-        return cls(b"trusted." if euid == 0 else b"user.")
+    def probe(cls, workdir: str) -> WriteDialect:
+        """``trusted.`` if the work dir's filesystem lets us write it, else ``user.``.
+
+        Being uid 0 is not enough: inside a user namespace (rootless podman) the
+        kernel refuses ``trusted.*``, and overlayfs' ``userxattr`` dialect applies.
+        """
+        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.setxattr(fd, b"trusted.overlay.unionmount-probe", b"1")
+            os.removexattr(fd, b"trusted.overlay.unionmount-probe")
+            return cls(b"trusted.")
+        except OSError:
+            return cls(b"user.")
+        finally:
+            os.close(fd)
 
     @property
     def opaque(self) -> bytes:
