@@ -38,6 +38,7 @@ def test_every_whiteout_dialect_is_read(tmp_path: Path) -> None:
     (top / ".wh.whfile.file").touch()
     (top / "xwh.file").touch()
     os.setxattr(top / "xwh.file", "trusted.overlay.whiteout", b"y")
+    os.setxattr(top, "trusted.overlay.opaque", b"x")  # "holds xattr whiteouts" (not opaque)
     for d, xattr in (
         ("opq_trusted", "trusted.overlay.opaque"),
         ("opq_user", "user.overlay.opaque"),

@@ -143,8 +143,15 @@ class UnionFS:
         return found
 
     # -- attributes ----------------------------------------------------------------
-    def _stat(self, node: Node) -> tuple[os.stat_result, int]:
-        """(real stat, union nlink) of a node."""
+    def _stat(self, node: Node, found: Found | None = None) -> tuple[os.stat_result, int]:
+        """(real stat, union nlink) of a node; ``found`` (a fresh resolution) saves a syscall."""
+        if found is not None and (node.is_dir or node.index_name is None or not node.upper):
+            st = found.upper_st or found.lower_st
+            if st is not None:
+                if not node.is_dir:
+                    return st, st.st_nlink
+                merged = (node.upper and node.lowers and not node.opaque) or len(node.lowers) > 1
+                return st, 1 if merged else st.st_nlink
         if node.is_dir:
             if node.upper and self.upper is not None:
                 st = self.upper.layer.lstat(node.path)
@@ -191,8 +198,8 @@ class UnionFS:
             proc_path(self.upper.index_fd, node.index_name), self.upper.dialect.nlink, b"%d" % n, follow_symlinks=False
         )
 
-    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        st, nlink = self._stat(node)
+    def attrs(self, node: Node, found: Found | None = None) -> pyfuse3.EntryAttributes:
+        st, nlink = self._stat(node, found)
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
@@ -224,7 +231,11 @@ class UnionFS:
         elif name == b"..":
             node = parent.links[0][0] if parent.links else self.table.root
         else:
-            node = self._found_node(self._lookup_found(parent, name), parent, name)
+            found = self._lookup_found(parent, name)
+            node = self._found_node(found, parent, name)
+            a = self.attrs(node, found)
+            self.table.remember(node)
+            return a
         a = self.attrs(node)
         self.table.remember(node)
         return a
@@ -256,7 +267,7 @@ class UnionFS:
                 continue
             node = self._found_node(found, h.node, name)
             try:
-                a = self.attrs(node)
+                a = self.attrs(node, found)
             except FileNotFoundError:
                 self.table.maybe_drop(node)
                 continue

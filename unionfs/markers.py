@@ -8,7 +8,8 @@ Read side — every dialect found in the wild is understood in every layer:
 * the ``opaque`` xattr ``y`` under ``trusted.overlay.``, ``user.overlay.`` and
   ``user.fuseoverlayfs.``;
 * an empty regular file carrying the ``overlay.whiteout`` xattr (overlayfs
-  "xwhiteouts", Linux 6.7+).
+  "xwhiteouts", Linux 6.7+), in a lower directory marked ``overlay.opaque=x``
+  or ``overlay.whiteouts`` as the kernel requires (so other files cost nothing).
 
 Write side — what we put in an upper layer is what kernel overlayfs reads:
 character-device whiteouts (a ``.wh.NAME`` file only where ``mknod`` is refused)
@@ -43,6 +44,7 @@ _OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuse
 _XWHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 _REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 _METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
+_XWHITEOUTS_DIR_XATTRS = (b"trusted.overlay.whiteouts", b"user.overlay.whiteouts")
 
 
 def is_private_xattr(name: bytes) -> bool:
@@ -99,25 +101,31 @@ class DirMarks:
 
     opaque: bool
     redirect: bytes | None  # layer-relative path of the lower directory it continues, if any
+    xwhiteouts: bool = False  # it may hold xattr whiteouts (``overlay.opaque=x`` or ``overlay.whiteouts``)
 
 
 def dir_marks(path: bytes, dirfd_listing_has_opq: bool) -> DirMarks:
     """Read a directory's opaque and redirect markers (``path`` must not be followed)."""
     opaque = dirfd_listing_has_opq
     redirect = None
+    xwh = False
     for name in _xattrs(path):
         b = name.encode()
-        if b in _OPAQUE_XATTRS and not opaque:
+        if b in _OPAQUE_XATTRS:
             try:
-                opaque = os.getxattr(path, name, follow_symlinks=False) == b"y"
+                value = os.getxattr(path, name, follow_symlinks=False)
             except OSError:
-                pass
+                continue
+            opaque = opaque or value == b"y"
+            xwh = xwh or value == b"x"
+        elif b in _XWHITEOUTS_DIR_XATTRS:
+            xwh = True
         elif b in _REDIRECT_XATTRS:
             try:
                 redirect = os.getxattr(path, name, follow_symlinks=False)
             except OSError:
                 pass
-    return DirMarks(opaque, redirect)
+    return DirMarks(opaque, redirect, xwh)
 
 
 @dataclass(slots=True, frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .inodes import UPPER_ID, Node, make_ino
@@ -25,6 +26,16 @@ from .layers import DirLayer, join
 from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout, metacopy_source
 
 S_IFDIR = stat.S_IFDIR
+LOWER_DIR_CACHE = 16384  # lower directories whose whiteout names are remembered
+_NO_NAMES: frozenset[bytes] = frozenset()
+
+
+@dataclass(slots=True, frozen=True)
+class LowerDir:
+    """What a lower directory's own listing and xattrs say about its children."""
+
+    whiteouts: frozenset[bytes]  # names hidden by a ``.wh.NAME`` file here
+    xwhiteouts: bool  # empty files here may be xattr whiteouts
 
 
 @dataclass(slots=True)
@@ -48,18 +59,41 @@ class Resolver:
         self.upper = upper
         self.lowers = lowers
         self.dialect = dialect
+        self._dirs: OrderedDict[tuple[int, bytes], LowerDir] = OrderedDict()
 
     # -- markers ---------------------------------------------------------------
-    def _is_whiteout(self, layer: DirLayer, path: bytes, st: os.stat_result) -> bool:
-        if is_whiteout_stat(st):
-            return True
-        if st.st_size == 0 and stat.S_ISREG(st.st_mode):
-            return is_xwhiteout(layer.xpath(path), st)
-        return False
+    def lower_listing(self, li: int, path: bytes) -> list[tuple[bytes, int]]:
+        """List a lower directory and remember what its markers say (lower layers never change)."""
+        layer = self.lowers[li]
+        try:
+            listing = layer.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            listing = []  # a redirect may name a path some layers do not have
+        wh = frozenset(n[len(WH_PREFIX) :] for n, _ in listing if n.startswith(WH_PREFIX) and n != WH_OPAQUE)
+        xwh = False
+        if listing:
+            xwh = dir_marks(layer.xpath(path), False).xwhiteouts
+        self._remember(li, path, LowerDir(wh or _NO_NAMES, xwh))
+        return listing
+
+    def lower_dir(self, li: int, path: bytes) -> LowerDir:
+        """The whiteout names and xwhiteout mark of one lower directory (cached, bounded)."""
+        info = self._dirs.get((li, path))
+        if info is None:
+            self.lower_listing(li, path)
+            info = self._dirs[(li, path)]
+        else:
+            self._dirs.move_to_end((li, path))
+        return info
+
+    def _remember(self, li: int, path: bytes, info: LowerDir) -> None:
+        self._dirs[(li, path)] = info
+        if len(self._dirs) > LOWER_DIR_CACHE:
+            self._dirs.popitem(last=False)
 
     def _marks(self, layer: DirLayer, path: bytes):  # noqa: ANN202 - DirMarks
         has_opq = layer.lstat(join(path, WH_OPAQUE)) is not None
-        return dir_marks(layer.xpath(path) if path else b"/proc/self/fd/%d" % layer.root_fd, has_opq)
+        return dir_marks(layer.xpath(path), has_opq)
 
     def _wh_file(self, layer: DirLayer, parent: bytes, name: bytes) -> bool:
         if len(name) + len(WH_PREFIX) > 255:
@@ -97,10 +131,11 @@ class Resolver:
         kind: int | None = S_IFDIR if want_dir_only else None
         for li, lpath in parent_lowers:
             layer = self.lowers[li]
+            pinfo = self.lower_dir(li, lpath)
             path = join(lpath, name)
             st = layer.lstat(path)
             if st is not None:
-                if self._is_whiteout(layer, path, st):
+                if is_whiteout_stat(st) or (pinfo.xwhiteouts and is_xwhiteout(layer.xpath(path), st)):
                     break
                 k = stat.S_IFMT(st.st_mode)
                 if kind is None:
@@ -119,7 +154,7 @@ class Resolver:
                     more, _ = self._follow_redirect(marks.redirect, parent_lowers, li + 1)
                     parts.extend(more)
                     break
-            if self._wh_file(layer, lpath, name):
+            if name in pinfo.whiteouts:
                 break
         return parts, top, kind
 
@@ -160,7 +195,7 @@ class Resolver:
         if up is not None:
             upper_st = up.lstat(path)
             if upper_st is not None:
-                if self._is_whiteout(up, path, upper_st):
+                if is_whiteout_stat(upper_st):  # xattr whiteouts belong to lower layers only
                     return None
                 if not stat.S_ISDIR(upper_st.st_mode):
                     return self._upper_file(path, upper_st)

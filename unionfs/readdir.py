@@ -22,17 +22,17 @@ from .namei import Resolver
 
 def merged_names(resolver: Resolver, node: Node) -> list[bytes]:
     """Candidate names of a union directory, each once, upper first."""
-    parts = []
+    listings = []
     if node.upper and resolver.upper is not None:
-        parts.append((resolver.upper, node.path))
+        listings.append(resolver.upper.scandir(node.path))
     if not node.opaque:
-        parts.extend((resolver.lowers[li], lpath) for li, lpath in node.lowers)
+        listings.extend(resolver.lower_listing(li, lpath) for li, lpath in node.lowers)
     seen: set[bytes] = set()
     hidden: set[bytes] = set()
     out: list[bytes] = []
-    for layer, path in parts:
+    for listing in listings:
         whiteouts = set()
-        for name, _ in layer.scandir(path):
+        for name, _ in listing:
             if name.startswith(WH_PREFIX):
                 if name != WH_OPAQUE:
                     whiteouts.add(name[len(WH_PREFIX) :])
