@@ -145,38 +145,27 @@ class UnionFS:
     # -- attributes ----------------------------------------------------------------
     def _stat(self, node: Node, found: Found | None = None) -> tuple[os.stat_result, int]:
         """(real stat, union nlink) of a node; ``found`` (a fresh resolution) saves a syscall."""
+        st: os.stat_result | None = None
         if found is not None and (node.is_dir or node.index_name is None or not node.upper):
             st = found.upper_st or found.lower_st
-            if st is not None:
-                if not node.is_dir:
-                    return st, st.st_nlink
-                merged = (node.upper and node.lowers and not node.opaque) or len(node.lowers) > 1
-                return st, 1 if merged else st.st_nlink
-        if node.is_dir:
+        if st is None:
+            if not node.links and node.ino != ROOT_INO:
+                for h in self.files.values():
+                    if h.node is node:
+                        return os.fstat(h.fd), 0  # open but unlinked
+                raise _err(errno.ENOENT)
             if node.upper and self.upper is not None:
+                if node.index_name is not None and not node.is_dir:
+                    st = os.stat(node.index_name, dir_fd=self.upper.index_fd, follow_symlinks=False)
+                    return st, self._index_nlink(node, st)
                 st = self.upper.layer.lstat(node.path)
             else:
                 li, lpath = node.lowers[0]
                 st = self.lowers[li].lstat(lpath)
             if st is None:
                 raise _err(errno.ENOENT)
-            merged = (node.upper and node.lowers and not node.opaque) or len(node.lowers) > 1
-            return st, 1 if merged else st.st_nlink
-        if not node.links:
-            for h in self.files.values():
-                if h.node is node:
-                    return os.fstat(h.fd), 0
-            raise _err(errno.ENOENT)
-        if node.upper and node.index_name is not None and self.upper is not None:
-            st = os.stat(node.index_name, dir_fd=self.upper.index_fd, follow_symlinks=False)
-            return st, self._index_nlink(node, st)
-        if node.upper and self.upper is not None:
-            st = self.upper.layer.lstat(node.path)
-        else:
-            li, lpath = node.lowers[0]
-            st = self.lowers[li].lstat(lpath)
-        if st is None:
-            raise _err(errno.ENOENT)
+        if node.is_dir and ((node.upper and node.lowers and not node.opaque) or len(node.lowers) > 1):
+            return st, 1  # a merged directory, as overlayfs reports it
         return st, st.st_nlink
 
     def _index_nlink(self, node: Node, st: os.stat_result) -> int:

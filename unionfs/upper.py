@@ -77,12 +77,7 @@ class Upper:
         except PermissionError as e:  # EPERM from unlink(2) on a directory
             if e.errno != errno.EPERM:
                 raise
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-        try:
-            for child in os.listdir(fd):
-                self.remove_tree(fd, os.fsencode(child))
-        finally:
-            os.close(fd)
+        self.empty_dir(dirfd, name)
         os.rmdir(name, dir_fd=dirfd)
 
     # -- whiteouts and marks ---------------------------------------------------
@@ -142,7 +137,7 @@ class Upper:
             renameat2(self.work_fd, tmp, dirfd, name)
 
     def empty_dir(self, dirfd: int, name: bytes) -> None:
-        """Remove the (whiteout-only) contents of an upper directory that the union shows empty."""
+        """Remove everything inside directory ``name`` (never following symlinks)."""
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         try:
             for child in os.listdir(fd):
