@@ -84,17 +84,21 @@ def _pcopy(src: int, dst: int, off: int, n: int) -> int:
     return len(buf)
 
 
-def copy_xattrs(src: bytes, dst: bytes) -> None:
-    """Copy every non-private xattr; ones the destination refuses are skipped."""
+def copy_xattrs(layer: DirLayer, src: bytes, dst: bytes) -> None:
+    """Copy every non-private xattr of ``src`` (in ``layer``) to the host path ``dst``.
+
+    Ones the destination refuses (``security.*`` without privilege, ``user.*`` on
+    a symlink) are skipped.
+    """
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = layer.listxattr(src)
     except OSError:
         return
     for name in names:
-        if is_private_xattr(name.encode()):
+        if is_private_xattr(name):
             continue
         try:
-            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+            os.setxattr(dst, name, layer.getxattr(src, name), follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENODATA, errno.EACCES):
                 raise
@@ -136,7 +140,7 @@ class CopyUp:
         os.mkdir(tmp, 0o700, dir_fd=wfd)
         with self._discard_on_error(tmp):
             tpath = proc_path(wfd, tmp)
-            copy_xattrs(layer.xpath(lpath), tpath)
+            copy_xattrs(layer, lpath, tpath)
             _set_meta(tpath, st, stat.S_IFDIR)
             renameat2(wfd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
         node.upper = True
@@ -245,7 +249,7 @@ class CopyUp:
                 os.symlink(layer.readlink(lpath), tmp, dir_fd=wfd)
             else:
                 os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=wfd)
-            copy_xattrs(layer.xpath(lpath), tpath)
+            copy_xattrs(layer, lpath, tpath)
             try:
                 os.setxattr(tpath, self.upper.dialect.origin, b"%d" % node.ino, follow_symlinks=False)
             except OSError:

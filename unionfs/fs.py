@@ -716,20 +716,28 @@ class UnionFS:
                 ),
             )
 
-    def _xpath(self, node: Node) -> bytes:
+    def _xattr_at(self, node: Node) -> tuple[DirLayer, bytes] | bytes:
+        """Where a node's xattrs are: a host path (upper, index) or (lower layer, path)."""
         if node.upper and self.upper is not None:
             return proc_path(*self._upper_at(node))
         li, lpath = node.lowers[0]
-        return self.lowers[li].xpath(lpath)
+        return self.lowers[li], lpath
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if is_private_xattr(name):
             raise _err(errno.ENODATA)
-        return os.getxattr(self._xpath(self.node(ino)), name, follow_symlinks=False)
+        at = self._xattr_at(self.node(ino))
+        if isinstance(at, bytes):
+            return os.getxattr(at, name, follow_symlinks=False)
+        return at[0].getxattr(at[1], name)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        names = os.listxattr(self._xpath(self.node(ino)), follow_symlinks=False)
-        return [b for b in (n.encode() for n in names) if not is_private_xattr(b)]
+        at = self._xattr_at(self.node(ino))
+        if isinstance(at, bytes):
+            names = [os.fsencode(n) for n in os.listxattr(at, follow_symlinks=False)]
+        else:
+            names = at[0].listxattr(at[1])
+        return [n for n in names if not is_private_xattr(n)]
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if is_private_xattr(name):
@@ -737,16 +745,16 @@ class UnionFS:
         node = self.node(ino)
         async with self.lock:
             await self._copy_meta(node)
-            os.setxattr(self._xpath(node), name, value, follow_symlinks=False)
+            os.setxattr(proc_path(*self._upper_at(node)), name, value, follow_symlinks=False)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         if is_private_xattr(name):
             raise _err(errno.EPERM)
+        self.getxattr(ino, name)  # ENODATA before any copy-up
         node = self.node(ino)
-        os.getxattr(self._xpath(node), name, follow_symlinks=False)  # ENODATA before any copy-up
         async with self.lock:
             await self._copy_meta(node)
-            os.removexattr(self._xpath(node), name, follow_symlinks=False)
+            os.removexattr(proc_path(*self._upper_at(node)), name, follow_symlinks=False)
 
     def statfs(self) -> pyfuse3.StatvfsData:
         root = self.upper.layer.root if self.upper is not None else self.lowers[0].root

@@ -125,6 +125,12 @@ class DirLayer:
         fd, name = self.at(path)
         return proc_path(fd, name)
 
+    def listxattr(self, path: bytes) -> list[bytes]:
+        return [os.fsencode(n) for n in os.listxattr(self.xpath(path), follow_symlinks=False)]
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes:
+        return os.getxattr(self.xpath(path), name, follow_symlinks=False)
+
     def scandir(self, path: bytes) -> list[tuple[bytes, int]]:
         """Names in a directory with their d_type-derived stat type bits (0 if unknown)."""
         pfd, name = self.at(path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from typing import Protocol
 
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
@@ -62,36 +63,49 @@ def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _xattrs(path: bytes) -> list[str]:
+class XattrSource(Protocol):
+    """What marker detection needs from a layer: its xattrs, by layer-relative path."""
+
+    def listxattr(self, path: bytes) -> list[bytes]: ...
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes: ...
+
+
+def _names(layer: XattrSource, path: bytes) -> list[bytes]:
     try:
-        return os.listxattr(path, follow_symlinks=False)
+        return layer.listxattr(path)
     except OSError:
         return []
 
 
-def is_xwhiteout(path: bytes, st: os.stat_result) -> bool:
+def _get(layer: XattrSource, path: bytes, name: bytes) -> bytes | None:
+    try:
+        return layer.getxattr(path, name)
+    except OSError:
+        return None
+
+
+def is_xwhiteout(layer: XattrSource, path: bytes, st: os.stat_result) -> bool:
     """An empty regular file with an ``overlay.whiteout`` xattr is a whiteout."""
     if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
         return False
-    names = _xattrs(path)
-    return any(x.encode() in _XWHITEOUT_XATTRS for x in names)
+    return any(x in _XWHITEOUT_XATTRS for x in _names(layer, path))
 
 
-def metacopy_source(path: bytes) -> bytes | None:
+def metacopy_source(layer: XattrSource, path: bytes) -> bytes | None:
     """For a metadata-only copy (``overlay.metacopy``), the layer-relative path of its data.
 
     None if the file holds its own data; ``b""`` if the data is at the same path
     in a lower layer (no ``overlay.redirect``).
     """
-    names = [x.encode() for x in _xattrs(path)]
+    names = _names(layer, path)
     if not any(n in _METACOPY_XATTRS for n in names):
         return None
     for n in names:
         if n in _REDIRECT_XATTRS:
-            try:
-                return os.getxattr(path, n, follow_symlinks=False).strip(b"/")
-            except OSError:
-                pass
+            value = _get(layer, path, n)
+            if value is not None:
+                return value.strip(b"/")
     return b""
 
 
@@ -104,27 +118,20 @@ class DirMarks:
     xwhiteouts: bool = False  # it may hold xattr whiteouts (``overlay.opaque=x`` or ``overlay.whiteouts``)
 
 
-def dir_marks(path: bytes, dirfd_listing_has_opq: bool) -> DirMarks:
-    """Read a directory's opaque and redirect markers (``path`` must not be followed)."""
-    opaque = dirfd_listing_has_opq
+def dir_marks(layer: XattrSource, path: bytes, listing_has_opq: bool) -> DirMarks:
+    """Read a directory's opaque, redirect and xwhiteouts markers."""
+    opaque = listing_has_opq
     redirect = None
     xwh = False
-    for name in _xattrs(path):
-        b = name.encode()
-        if b in _OPAQUE_XATTRS:
-            try:
-                value = os.getxattr(path, name, follow_symlinks=False)
-            except OSError:
-                continue
+    for name in _names(layer, path):
+        if name in _OPAQUE_XATTRS:
+            value = _get(layer, path, name)
             opaque = opaque or value == b"y"
             xwh = xwh or value == b"x"
-        elif b in _XWHITEOUTS_DIR_XATTRS:
+        elif name in _REDIRECT_XATTRS:
+            redirect = _get(layer, path, name)
+        elif name in _XWHITEOUTS_DIR_XATTRS:
             xwh = True
-        elif b in _REDIRECT_XATTRS:
-            try:
-                redirect = os.getxattr(path, name, follow_symlinks=False)
-            except OSError:
-                pass
     return DirMarks(opaque, redirect, xwh)
 
 

@@ -72,7 +72,7 @@ class Resolver:
         wh = frozenset(n[len(WH_PREFIX) :] for n, _ in listing if n.startswith(WH_PREFIX) and n != WH_OPAQUE)
         xwh = False
         if listing:
-            xwh = dir_marks(layer.xpath(path), False).xwhiteouts
+            xwh = dir_marks(layer, path, False).xwhiteouts
         self._remember(li, path, LowerDir(wh or _NO_NAMES, xwh))
         return listing
 
@@ -93,7 +93,7 @@ class Resolver:
 
     def _marks(self, layer: DirLayer, path: bytes):  # noqa: ANN202 - DirMarks
         has_opq = layer.lstat(join(path, WH_OPAQUE)) is not None
-        return dir_marks(layer.xpath(path), has_opq)
+        return dir_marks(layer, path, has_opq)
 
     def _wh_file(self, layer: DirLayer, parent: bytes, name: bytes) -> bool:
         if len(name) + len(WH_PREFIX) > 255:
@@ -107,7 +107,7 @@ class Resolver:
             st = layer.lstat(path)
             if st is None or not stat.S_ISREG(st.st_mode):
                 continue  # a whiteout or other entry of a middle layer: the data is deeper
-            src = metacopy_source(layer.xpath(path))
+            src = metacopy_source(layer, path)
             if src is None:
                 return li, path
             path = src or path
@@ -116,7 +116,7 @@ class Resolver:
     def _data_of(self, layer: DirLayer, path: bytes, st: os.stat_result, below: int) -> tuple[int, bytes] | None:
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return None
-        src = metacopy_source(layer.xpath(path))
+        src = metacopy_source(layer, path)
         if src is None:
             return None
         return self.find_data(below, src or path)
@@ -135,7 +135,7 @@ class Resolver:
             path = join(lpath, name)
             st = layer.lstat(path)
             if st is not None:
-                if is_whiteout_stat(st) or (pinfo.xwhiteouts and is_xwhiteout(layer.xpath(path), st)):
+                if is_whiteout_stat(st) or (pinfo.xwhiteouts and is_xwhiteout(layer, path, st)):
                     break
                 k = stat.S_IFMT(st.st_mode)
                 if kind is None:
