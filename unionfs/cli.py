@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from . import commands
 from .config import MountConfig, UsageError, parse_o, validate
 
 EPILOG = """\
@@ -28,6 +29,8 @@ examples:
   unionmount -o lowerdir=/a:/b,upperdir=/u,workdir=/w /mnt/root   # fuse-overlayfs syntax
   mount -t fuse.unionmount unionmount /mnt/root -o lowerdir=/a,upperdir=/u,workdir=/w
   unionmount umount /mnt/root
+  unionmount image import oci:/images/debian:12 --tag debian:12
+  unionmount mount --image debian:12 --name web1 /mnt/web1   # container layer kept in the store
 """
 
 
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     layers.add_argument("--upper", help="writable upper directory (without it the mount is read-only)")
     layers.add_argument("--work", help="work directory on the same filesystem as --upper")
+    layers.add_argument("--image", metavar="NAME[:TAG]", help="mount an imported image (with a container layer)")
+    layers.add_argument("--name", metavar="CONTAINER", help="the container layer to use (new name: a new layer)")
+    layers.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
     run = m.add_argument_group("daemon")
     run.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     run.add_argument("-d", "--debug", action="store_true", help="debug logging (implies nothing else)")
@@ -69,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
         help="overlay/FUSE mount options, comma separated",
     )
     m.add_argument("mountpoint", metavar="MNT")
+    im = sub.add_parser("image", help="import, list, inspect and remove images")
+    im.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
+    isub = im.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
+    imp = isub.add_parser("import", help="import oci:DIR[:REF] or docker-archive:FILE[:REF]")
+    imp.add_argument("source", metavar="SOURCE")
+    imp.add_argument("--tag", metavar="NAME:TAG")
+    ls = isub.add_parser("ls", help="list images")
+    ls.add_argument("--format", choices=("table", "json"), default="table")
+    isub.add_parser("inspect", help="an image's config as JSON").add_argument("name", metavar="NAME")
+    isub.add_parser("rm", help="remove an image name").add_argument("name", metavar="NAME")
     u = sub.add_parser("umount", help="unmount a union (the daemon exits 0)")
     u.add_argument("mountpoint", metavar="MNT")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
@@ -139,6 +155,16 @@ def _daemon_alive(mnt: str) -> bool:
     return False
 
 
+def _image(ns: argparse.Namespace) -> int:
+    if ns.image_cmd == "import":
+        return commands.image_import(ns.root, ns.source, ns.tag)
+    if ns.image_cmd == "ls":
+        return commands.image_ls(ns.root, ns.format)
+    if ns.image_cmd == "inspect":
+        return commands.image_inspect(ns.root, ns.name)
+    return commands.image_rm(ns.root, ns.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -161,10 +187,12 @@ def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         _parser().print_help()
         return 0 if args else 2
-    if args[0] in ("mount", "umount"):
+    if args[0] in ("mount", "umount", "image"):
         ns = _parser().parse_args(args)
         if ns.cmd == "umount":
             return _umount(ns.mountpoint, ns.timeout)
+        if ns.cmd == "image":
+            return _image(ns)
         cfg = MountConfig(
             mountpoint=ns.mountpoint,
             lowers=[p for p in ns.lower.split(":") if p],
@@ -175,6 +203,8 @@ def _main(args: list[str]) -> int:
             log_file=ns.log,
         )
         parse_o(ns.options, cfg)
+        if ns.image:
+            commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name)
     else:
         cfg = _legacy(args)
     validate(cfg)

@@ -90,6 +90,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     ignored_idmaps: list[str] = field(default_factory=list)
     log_file: str | None = None
+    image: tuple[str, bytes] | None = None  # (store root, image id)
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -167,8 +168,8 @@ def _is_mountpoint(path: str) -> bool:
 
 def validate(cfg: MountConfig) -> None:
     """Check a configuration and normalise its paths to absolute ones."""
-    if not cfg.lowers:
-        raise UsageError("no lower directory given (--lower DIR[:DIR...] or -o lowerdir=...)")
+    if not cfg.lowers and cfg.image is None:
+        raise UsageError("no lower directory given (--lower DIR[:DIR...], -o lowerdir=... or --image NAME)")
     if (cfg.upper is None) != (cfg.work is None):
         raise UsageError("an upper directory needs a work directory and vice versa (--upper U --work W)")
     cfg.lowers = [_real_dir(p, "lower directory") for p in cfg.lowers]

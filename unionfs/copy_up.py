@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import trio
 
 from .inodes import Node
-from .layers import DirLayer
+from .layers import Layer
 from .markers import is_private_xattr
 from .namei import Resolver
 from .sysutil import RENAME_NOREPLACE, proc_path, renameat2
@@ -84,7 +84,7 @@ def _pcopy(src: int, dst: int, off: int, n: int) -> int:
     return len(buf)
 
 
-def copy_xattrs(layer: DirLayer, src: bytes, dst: bytes) -> None:
+def copy_xattrs(layer: Layer, src: bytes, dst: bytes) -> None:
     """Copy every non-private xattr of ``src`` (in ``layer``) to the host path ``dst``.
 
     Ones the destination refuses (``security.*`` without privilege, ``user.*`` on
@@ -120,7 +120,7 @@ class CopyUp:
         self.upper = upper
         self.sync = sync
 
-    def _lower(self, node: Node) -> tuple[DirLayer, bytes, os.stat_result]:
+    def _lower(self, node: Node) -> tuple[Layer, bytes, os.stat_result]:
         li, lpath = node.lowers[0]
         layer = self.resolver.lowers[li]
         st = layer.lstat(lpath)
@@ -212,7 +212,7 @@ class CopyUp:
         except FileNotFoundError:
             return False
 
-    async def _to_index(self, node: Node, layer: DirLayer, lpath: bytes, st: os.stat_result) -> None:
+    async def _to_index(self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result) -> None:
         assert node.index_name is not None
         tmp = await self._build(node, layer, lpath, st, data=True)
         with self._discard_on_error(tmp):
@@ -220,7 +220,7 @@ class CopyUp:
             os.setxattr(proc_path(self.upper.work_fd, tmp), self.upper.dialect.nlink, nlink, follow_symlinks=False)
             renameat2(self.upper.work_fd, tmp, self.upper.index_fd, node.index_name, RENAME_NOREPLACE)
 
-    async def _build(self, node: Node, layer: DirLayer, lpath: bytes, st: os.stat_result, *, data: bool) -> bytes:
+    async def _build(self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result, *, data: bool) -> bytes:
         """Build a copy of the lower entry in the work dir; returns its temporary name."""
         wfd = self.upper.work_fd
         tmp = self.upper.tmpname()

@@ -21,10 +21,11 @@ import trio
 
 from .copy_up import CopyUp
 from .inodes import ROOT_INO, InodeTable, Node, make_ino
-from .layers import DirLayer, FdCache, join
+from .layers import DirLayer, FdCache, Layer, join
 from .markers import WH_PREFIX, WriteDialect, is_marker_name, is_private_xattr
 from .namei import Found, Resolver
 from .readdir import merged_names
+from .storelayer import StoreLayer
 from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
 from .upper import Upper
 
@@ -55,6 +56,7 @@ class Options:
     upper: str | None = None
     work: str | None = None
     volatile: bool = False
+    image: tuple[str, bytes] | None = None  # (store root, image id): the image is the bottom layer
 
 
 class UnionFS:
@@ -64,7 +66,9 @@ class UnionFS:
         self.cache = FdCache()
         self.euid = os.geteuid()
         dialect = WriteDialect.probe(opts.work) if opts.work else WriteDialect(b"trusted.")
-        self.lowers = [DirLayer(i, p, self.cache) for i, p in enumerate(opts.lowers)]
+        self.lowers: list[Layer] = [DirLayer(i, p, self.cache) for i, p in enumerate(opts.lowers)]
+        if opts.image is not None:
+            self.lowers.append(StoreLayer(len(self.lowers), *opts.image))
         up_layer = DirLayer(-1, opts.upper, self.cache, writable=True) if opts.upper else None
         self.upper = Upper(up_layer, opts.work, dialect) if up_layer is not None and opts.work else None
         self.resolver = Resolver(up_layer, self.lowers, dialect)
@@ -716,7 +720,7 @@ class UnionFS:
                 ),
             )
 
-    def _xattr_at(self, node: Node) -> tuple[DirLayer, bytes] | bytes:
+    def _xattr_at(self, node: Node) -> tuple[Layer, bytes] | bytes:
         """Where a node's xattrs are: a host path (upper, index) or (lower layer, path)."""
         if node.upper and self.upper is not None:
             return proc_path(*self._upper_at(node))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import Protocol
 
 from .sysutil import openat2_beneath, proc_path
 
@@ -56,6 +57,25 @@ class FdCache:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class Layer(Protocol):
+    """What the union needs from a lower layer; paths are layer-relative, the root is ``b""``.
+
+    Implementations: :class:`DirLayer` (a host directory) and
+    :class:`unionfs.storelayer.StoreLayer` (an image in the layer store).
+    """
+
+    index: int
+    root: str
+
+    def lstat(self, path: bytes) -> os.stat_result | None: ...
+    def scandir(self, path: bytes) -> list[tuple[bytes, int]]: ...
+    def open(self, path: bytes, flags: int, mode: int = ...) -> int: ...
+    def readlink(self, path: bytes) -> bytes: ...
+    def listxattr(self, path: bytes) -> list[bytes]: ...
+    def getxattr(self, path: bytes, name: bytes) -> bytes: ...
+    def close(self) -> None: ...
 
 
 def split(path: bytes) -> tuple[bytes, bytes]:

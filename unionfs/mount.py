@@ -78,6 +78,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 cfg.upper if not cfg.read_only else None,
                 cfg.work if not cfg.read_only else None,
                 cfg.volatile,
+                cfg.image,
             )
         )
     except OSError as e:

@@ -19,10 +19,11 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .inodes import UPPER_ID, Node, make_ino
-from .layers import DirLayer, join
+from .layers import DirLayer, Layer, join
 from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout, metacopy_source
 
 S_IFDIR = stat.S_IFDIR
@@ -55,7 +56,7 @@ class Found:
 class Resolver:
     """Resolves names and reads attributes; it never writes."""
 
-    def __init__(self, upper: DirLayer | None, lowers: list[DirLayer], dialect: WriteDialect) -> None:
+    def __init__(self, upper: DirLayer | None, lowers: Sequence[Layer], dialect: WriteDialect) -> None:
         self.upper = upper
         self.lowers = lowers
         self.dialect = dialect
@@ -91,11 +92,11 @@ class Resolver:
         if len(self._dirs) > LOWER_DIR_CACHE:
             self._dirs.popitem(last=False)
 
-    def _marks(self, layer: DirLayer, path: bytes):  # noqa: ANN202 - DirMarks
+    def _marks(self, layer: Layer, path: bytes):  # noqa: ANN202 - DirMarks
         has_opq = layer.lstat(join(path, WH_OPAQUE)) is not None
         return dir_marks(layer, path, has_opq)
 
-    def _wh_file(self, layer: DirLayer, parent: bytes, name: bytes) -> bool:
+    def _wh_file(self, layer: Layer, parent: bytes, name: bytes) -> bool:
         if len(name) + len(WH_PREFIX) > 255:
             return False
         return layer.lstat(join(parent, WH_PREFIX + name)) is not None
@@ -113,7 +114,7 @@ class Resolver:
             path = src or path
         return None
 
-    def _data_of(self, layer: DirLayer, path: bytes, st: os.stat_result, below: int) -> tuple[int, bytes] | None:
+    def _data_of(self, layer: Layer, path: bytes, st: os.stat_result, below: int) -> tuple[int, bytes] | None:
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return None
         src = metacopy_source(layer, path)

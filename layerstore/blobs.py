@@ -1,0 +1,125 @@
+"""File contents by XXH3-128: atomic ingest, dedup that compares bytes, sparse blobs.
+
+Guarantees:
+
+* a blob file appears under ``blobs/XX/HEX`` only complete: it is written in
+  ``tmp/`` and renamed into place (after an fsync), and is never modified again;
+* a digest hit is a candidate, not a proof: the bytes are compared before the
+  new content is dropped in favour of the stored one; a true collision raises;
+* runs of zeros are written as holes, so sparse layer files stay sparse;
+* nothing here touches lmdb: the caller records digests and reference counts
+  in the same transaction as the entries that use them.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from typing import BinaryIO
+
+import xxhash
+
+_CHUNK = 1 << 20
+_ZERO = bytes(_CHUNK)
+_counter = itertools.count()
+
+
+class CollisionError(Exception):
+    """Two different contents with the same XXH3-128 digest."""
+
+
+def hexname(digest: bytes) -> str:
+    h = digest.hex()
+    return f"{h[:2]}/{h}"
+
+
+class BlobStore:
+    """The ``blobs/`` and ``tmp/`` directories of a store."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.blobs = os.path.join(root, "blobs")
+        self.tmp = os.path.join(root, "tmp")
+        os.makedirs(self.blobs, exist_ok=True)
+        os.makedirs(self.tmp, exist_ok=True)
+        self.fd = os.open(self.blobs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def clean_tmp(self) -> None:
+        for name in os.listdir(self.tmp):
+            os.unlink(os.path.join(self.tmp, name))
+
+    def path(self, digest: bytes) -> str:
+        return os.path.join(self.blobs, hexname(digest))
+
+    def open(self, digest: bytes) -> int:
+        """An O_RDONLY fd of a blob (never follows a symlink)."""
+        return os.open(hexname(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+
+    def exists(self, digest: bytes) -> bool:
+        try:
+            os.stat(hexname(digest), dir_fd=self.fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def ingest(self, src: BinaryIO, size: int) -> tuple[bytes, bool]:
+        """Store ``size`` bytes read from ``src``; returns (digest, newly stored)."""
+        tmp = os.path.join(self.tmp, f"{os.getpid()}.{next(_counter)}")
+        h = xxhash.xxh3_128()
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        try:
+            left = size
+            while left > 0:
+                buf = src.read(min(_CHUNK, left))
+                if not buf:
+                    raise EOFError("layer tar ends inside a file (truncated archive)")
+                h.update(buf)
+                if buf == _ZERO[: len(buf)]:
+                    os.lseek(fd, len(buf), os.SEEK_CUR)
+                else:
+                    os.write(fd, buf)
+                left -= len(buf)
+            os.ftruncate(fd, size)
+            digest = h.digest()
+            if self.exists(digest):
+                same = _same_content(tmp, self.path(digest))
+                os.unlink(tmp)
+                if not same:
+                    raise CollisionError(f"XXH3-128 collision on {digest.hex()}")
+                return digest, False
+            os.fsync(fd)
+            os.fchmod(fd, 0o444)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(tmp)
+            raise
+        os.close(fd)
+        final = self.path(digest)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(tmp, final)
+        return digest, True
+
+    def remove(self, digest: bytes) -> None:
+        _unlink_quiet(self.path(digest))
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(_CHUNK), fb.read(_CHUNK)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise

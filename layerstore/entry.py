@@ -1,0 +1,75 @@
+"""One file-system entry as the store records it (see :mod:`layerstore.schema`)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, replace
+
+import msgpack
+
+from .schema import KIND_ENTRY
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    rdev: int = 0
+    target: bytes | None = None
+    xattrs: dict[bytes, bytes] | None = None
+    blob: bytes | None = None
+    link: bytes | None = None
+    kind: int = KIND_ENTRY
+    ino: int = 0
+    nlink: int = 1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def pack(self) -> bytes:
+        return msgpack.packb(
+            [
+                self.mode,
+                self.uid,
+                self.gid,
+                self.mtime_ns,
+                self.size,
+                self.rdev,
+                self.target,
+                self.xattrs,
+                self.blob,
+                self.link,
+                self.kind,
+                self.ino,
+                self.nlink,
+            ],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Entry:
+        return cls(*msgpack.unpackb(raw, raw=True, strict_map_key=False))
+
+    def with_(self, **kw: object) -> Entry:
+        return replace(self, **kw)  # type: ignore[arg-type]
+
+    def stat_result(self) -> os.stat_result:
+        """The entry as ``lstat`` would report it (times all equal to mtime)."""
+        t = self.mtime_ns
+        blocks = (self.size + 511) // 512 if stat.S_ISREG(self.mode) else 0
+        return os.stat_result(
+            (self.mode, self.ino, 0, self.nlink, self.uid, self.gid, self.size, t // 10**9, t // 10**9, t // 10**9),
+            {
+                "st_atime_ns": t,
+                "st_mtime_ns": t,
+                "st_ctime_ns": t,
+                "st_blocks": blocks,
+                "st_blksize": 4096,
+                "st_rdev": self.rdev,
+            },
+        )

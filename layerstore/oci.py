@@ -1,0 +1,231 @@
+"""Image sources in skopeo's transport syntax: ``oci:DIR[:REF]`` and ``docker-archive:FILE[:REF]``.
+
+An :class:`ImageSource` names the image's config and its layers bottom first;
+:func:`open_layer` streams one layer's tar while checking both of its digests:
+the blob's (sha256 of what is on disk, where the source names it) and its
+``diff_id`` (sha256 of the uncompressed tar, from the config). A mismatch
+raises :class:`SourceError` once the stream has been read to its end.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import tarfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+
+class SourceError(Exception):
+    """An image source that cannot be read (message is one line)."""
+
+
+@dataclass(slots=True, frozen=True)
+class LayerRef:
+    diff_id: str  # sha256:... of the uncompressed tar (from the config)
+    digest: str | None  # sha256:... of the blob as stored, when the source names it
+    open: Callable[[], BinaryIO]
+
+
+@dataclass(slots=True, frozen=True)
+class ImageSource:
+    config: bytes
+    config_digest: str
+    manifest_digest: str
+    layers: list[LayerRef]
+    tags: list[str]
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.h.update(data)
+        self.n += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def digest(self) -> str:
+        return "sha256:" + self.h.hexdigest()
+
+
+@contextmanager
+def open_layer(ref: LayerRef) -> Iterator[BinaryIO]:
+    """The layer's uncompressed tar stream; digests are verified when the block ends."""
+    raw = ref.open()
+    try:
+        outer = _Hashing(raw)
+        buffered = io.BufferedReader(outer, 1 << 20)
+        magic = buffered.peek(4)[:4]
+        if magic[:2] == b"\x1f\x8b":
+            plain: BinaryIO = gzip.GzipFile(fileobj=buffered)  # type: ignore[assignment]
+        elif magic == b"\x28\xb5\x2f\xfd":
+            plain = zstandard.ZstdDecompressor().stream_reader(buffered)  # type: ignore[assignment]
+        else:
+            plain = buffered  # type: ignore[assignment]
+        inner = _Hashing(plain)
+        stream = io.BufferedReader(inner, 1 << 20)
+        yield stream  # type: ignore[misc]
+        inner.drain()
+        outer.drain()
+        if inner.digest() != ref.diff_id:
+            raise SourceError(f"layer {ref.diff_id[:19]} does not match its diff_id (got {inner.digest()[:19]})")
+        if ref.digest is not None and outer.digest() != ref.digest:
+            raise SourceError(f"layer blob {ref.digest[:19]} is corrupt (sha256 {outer.digest()[:19]})")
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+        raise SourceError(f"cannot read layer {ref.diff_id[:19]}: {e}") from None
+    finally:
+        raw.close()
+
+
+def parse(spec: str) -> ImageSource:
+    """Open ``oci:DIR[:REF]`` or ``docker-archive:FILE[:REF]``."""
+    transport, _, rest = spec.partition(":")
+    if not rest:
+        raise SourceError(f"'{spec}' is not TRANSPORT:PATH (oci:DIR[:REF] or docker-archive:FILE[:REF])")
+    path, ref = _split_ref(rest)
+    if transport == "oci":
+        return _oci(path, ref)
+    if transport == "docker-archive":
+        return _docker_archive(path, ref)
+    raise SourceError(f"unknown transport '{transport}' (use oci: or docker-archive:)")
+
+
+def _split_ref(rest: str) -> tuple[str, str | None]:
+    if os.path.exists(rest):
+        return rest, None
+    path, _, ref = rest.rpartition(":")
+    if path and os.path.exists(path):
+        return path, ref or None
+    raise SourceError(f"'{rest}' does not exist")
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _diff_ids(config: bytes) -> list[str]:
+    try:
+        ids = json.loads(config)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        raise SourceError("image config has no rootfs.diff_ids") from None
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i.startswith("sha256:") for i in ids):
+        raise SourceError("image config has malformed rootfs.diff_ids")
+    return ids
+
+
+# -- OCI image layout -----------------------------------------------------------
+
+
+def _oci(root: str, ref: str | None) -> ImageSource:
+    def blob(digest: str) -> str:
+        algo, _, hexd = digest.partition(":")
+        if algo != "sha256" or not hexd.isalnum():
+            raise SourceError(f"unsupported digest '{digest}'")
+        return os.path.join(root, "blobs", algo, hexd)
+
+    def read_verified(digest: str) -> bytes:
+        try:
+            with open(blob(digest), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise SourceError(f"blob {digest[:19]} is missing from {root}") from None
+        if _sha(data) != digest:
+            raise SourceError(f"blob {digest[:19]} is corrupt")
+        return data
+
+    try:
+        with open(os.path.join(root, "index.json"), "rb") as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        raise SourceError(f"'{root}' is not an OCI image layout (no readable index.json)") from None
+    manifests = index.get("manifests", [])
+    if ref is not None:
+        manifests = [m for m in manifests if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref]
+        if not manifests:
+            raise SourceError(f"no image '{ref}' in {root}")
+    elif len(manifests) != 1:
+        raise SourceError(f"{root} holds {len(manifests)} images: name one as oci:{root}:REF")
+    desc = manifests[0]
+    manifest = json.loads(read_verified(desc["digest"]))
+    if "manifests" in manifest:  # an image index: pick this machine's platform
+        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+        for m in manifest["manifests"]:
+            p = m.get("platform", {})
+            if p.get("os", "linux") == "linux" and p.get("architecture") == arch:
+                desc = m
+                manifest = json.loads(read_verified(m["digest"]))
+                break
+        else:
+            raise SourceError(f"no linux/{arch} image in the index")
+    config_digest = manifest["config"]["digest"]
+    config = read_verified(config_digest)
+    diff_ids = _diff_ids(config)
+    blobs = manifest.get("layers", [])
+    if len(blobs) != len(diff_ids):
+        raise SourceError("manifest and config disagree on the number of layers")
+    layers = [
+        LayerRef(d, b["digest"], (lambda p=blob(b["digest"]): open(p, "rb")))  # type: ignore[misc]
+        for d, b in zip(diff_ids, blobs, strict=True)
+    ]
+    name = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
+    return ImageSource(config, config_digest, desc["digest"], layers, [name] if name else [])
+
+
+# -- docker save / podman save ----------------------------------------------------
+
+
+def _docker_archive(path: str, ref: str | None) -> ImageSource:
+    try:
+        tar = tarfile.open(path, "r:*")
+        members = {m.name.lstrip("./"): m for m in tar.getmembers()}
+        manifest = json.load(tar.extractfile(members["manifest.json"]))  # type: ignore[arg-type]
+    except (OSError, tarfile.TarError, KeyError, ValueError):
+        raise SourceError(f"'{path}' is not a docker-archive (no manifest.json)") from None
+    entries = manifest
+    if ref is not None:
+        entries = [e for e in manifest if ref in (e.get("RepoTags") or [])] or (
+            [manifest[int(ref[1:])]] if ref.startswith("@") and ref[1:].isdigit() else []
+        )
+        if not entries:
+            raise SourceError(f"no image '{ref}' in {path}")
+    elif len(entries) != 1:
+        raise SourceError(f"{path} holds {len(entries)} images: name one as docker-archive:{path}:REPO:TAG")
+    entry = entries[0]
+
+    def member(name: str) -> BinaryIO:
+        m = members.get(name.lstrip("./"))
+        f = tar.extractfile(m) if m is not None else None
+        if f is None:
+            raise SourceError(f"'{name}' is missing from {path}")
+        return f  # type: ignore[return-value]
+
+    config = member(entry["Config"]).read()
+    config_digest = _sha(config)
+    diff_ids = _diff_ids(config)
+    if len(entry["Layers"]) != len(diff_ids):
+        raise SourceError("manifest and config disagree on the number of layers")
+    layers = [LayerRef(d, None, (lambda n=n: member(n))) for d, n in zip(diff_ids, entry["Layers"], strict=True)]
+    return ImageSource(config, config_digest, config_digest, layers, list(entry.get("RepoTags") or []))

@@ -1,0 +1,56 @@
+"""THE description of the store's on-disk layout: every lmdb sub-database, key and value.
+
+Directory layout under the store root (``--root``, ``$UNIONMOUNT_ROOT``,
+``/var/lib/unionmount`` for root, ``$XDG_DATA_HOME/unionmount`` otherwise)::
+
+    meta/                     the lmdb environment (sub-databases below)
+    blobs/XX/HEX              file contents, named by XXH3-128 (32 hex digits,
+                              XX = first two), immutable, mode 0444
+    tmp/                      ingest temporaries; emptied when the store opens
+    containers/NAME/upper     a container's writable layer (unionfs upper format)
+    containers/NAME/work      its work directory
+
+Values are msgpack. Paths are bytes, layer-relative, without a leading slash;
+the root directory is ``b""``.
+
+Sub-databases
+-------------
+``blobs``    key: 16-byte XXH3-128 digest → ``[size, refs]``
+             ``refs`` counts the layer entries (one per layer, per path) that
+             use the blob. Invariant: every blob file on disk has a row, and a
+             row with ``refs == 0`` is garbage for ``store gc``.
+``layers``   key: diff_id (``b"sha256:<hex>"`` of the uncompressed tar)
+             → ``{"size": tar bytes, "entries": n, "new_bytes": bytes first stored
+             by this layer, "created": unix seconds}``. A row exists only once all
+             of the layer's entries and blobs are in the store (one transaction).
+``entries``  key: diff_id + ``b"\\0"`` + path → an :data:`ENTRY` record, the
+             layer's own content as its tar said it (whiteouts and opaque marks
+             included), for flattening new images and for diffs.
+``images``   key: ``b"name:tag"`` → image id (``b"sha256:<hex>"`` of the config)
+``configs``  key: image id → ``{"config": raw config JSON, "manifest": manifest
+             digest, "layers": [diff_id, ...] bottom first, "created": unix seconds}``
+``merged``   key: 32-byte raw image id + parent path + ``b"\\0"`` + name → an
+             :data:`ENTRY` record of the image's flattened tree (no whiteouts),
+             with ``ino`` and ``nlink`` filled. The children of one directory are
+             contiguous (prefix scan). The root is the key with empty parent and
+             empty name. Written once, when an image is imported.
+``containers`` key: container name → ``{"image": image id, "created": unix seconds}``
+
+ENTRY record: a msgpack array, in this order (see :class:`layerstore.entry.Entry`):
+``[mode, uid, gid, mtime_ns, size, rdev, target, xattrs, blob, link, kind, ino, nlink]``
+where ``target`` is a symlink target (bytes) or None, ``xattrs`` a map
+bytes→bytes or None, ``blob`` a 16-byte digest or None (empty files point to the
+empty blob), ``link`` the path of a hard-link target within the layer stack or
+None, ``kind`` 0 = entry, 1 = whiteout, 2 = opaque directory marker, and
+``ino``/``nlink`` are 0 outside ``merged``.
+"""
+
+from __future__ import annotations
+
+DB_NAMES = (b"blobs", b"layers", b"entries", b"images", b"configs", b"merged", b"containers")
+MAP_SIZE = 1 << 36  # 64 GiB of address space; the file grows only as needed
+SEP = b"\0"
+
+KIND_ENTRY = 0
+KIND_WHITEOUT = 1
+KIND_OPAQUE = 2

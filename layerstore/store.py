@@ -1,0 +1,263 @@
+"""The store's facade: images, layers, containers (see :mod:`layerstore.schema`).
+
+Guarantees:
+
+* an import is one lmdb write transaction: either the image, its layers, their
+  entries, the blob reference counts and the merged tree are all recorded, or
+  none is, and the blobs this import stored first are removed again;
+* re-importing an image whose layers are all present reads no layer at all;
+* the store never follows a symlink from image content: contents live in blobs
+  named by digest, and nothing from a layer is ever created on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import lmdb
+import msgpack
+
+from .blobs import BlobStore
+from .entry import Entry
+from .flatten import Tree
+from .oci import ImageSource, open_layer, parse
+from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
+from .tarlayer import read_layer
+
+
+class StoreError(Exception):
+    """A request the store refuses (message is one line)."""
+
+
+def default_root() -> str:
+    env = os.environ.get("UNIONMOUNT_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/unionmount"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(data, "unionmount")
+
+
+def image_key(image_id: bytes) -> bytes:
+    """The 32-byte prefix of an image's rows in ``merged``."""
+    return bytes.fromhex(image_id.split(b":", 1)[1].decode())
+
+
+def merged_key(prefix: bytes, path: bytes) -> bytes:
+    parent, _, name = path.rpartition(b"/")
+    return prefix + parent + SEP + name
+
+
+def _pack(v: object) -> bytes:
+    return msgpack.packb(v, use_bin_type=True)
+
+
+def _unpack(v: bytes) -> dict:  # type: ignore[type-arg]
+    return msgpack.unpackb(v, raw=False)
+
+
+@dataclass(slots=True, frozen=True)
+class ImageInfo:
+    name: str
+    image_id: str
+    layers: list[str]
+    created: float
+    size: int
+
+
+def normalize_name(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+class Store:
+    """An open store. ``readonly`` stores are what a mount daemon uses."""
+
+    def __init__(self, root: str, *, readonly: bool = False) -> None:
+        self.root = root
+        if not readonly:
+            os.makedirs(os.path.join(root, "meta"), exist_ok=True)
+            os.makedirs(os.path.join(root, "containers"), exist_ok=True)
+        elif not os.path.isdir(os.path.join(root, "meta")):
+            raise StoreError(f"no store at '{root}' (import an image first)")
+        self.env = lmdb.open(
+            os.path.join(root, "meta"), max_dbs=len(DB_NAMES), map_size=MAP_SIZE, readonly=readonly, lock=True
+        )
+        self.db = {n.decode(): self.env.open_db(n, create=not readonly) for n in DB_NAMES}
+        self.blobs = BlobStore(root) if not readonly else None
+        self.blob_fd = os.open(os.path.join(root, "blobs"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.blob_fd)
+        if self.blobs is not None:
+            self.blobs.close()
+        self.env.close()
+
+    # -- import ---------------------------------------------------------------------
+    def import_image(
+        self, spec: str, tag: str | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[str, str]:
+        """Import ``spec``; returns (name:tag, image id)."""
+        src = parse(spec)
+        name = normalize_name(tag or (src.tags[0] if src.tags else src.config_digest[7:19]))
+        assert self.blobs is not None
+        new_blobs: list[bytes] = []
+        try:
+            with self.env.begin(write=True) as txn:
+                for i, layer in enumerate(src.layers):
+                    if progress:
+                        progress(i, len(src.layers))
+                    if txn.get(layer.diff_id.encode(), db=self.db["layers"]) is None:
+                        self._import_layer(txn, layer, src.layers[:i], new_blobs)
+                self._record_image(txn, src, name)
+        except BaseException:
+            for d in new_blobs:
+                self.blobs.remove(d)
+            raise
+        return name, src.config_digest
+
+    def _import_layer(self, txn: lmdb.Transaction, layer, below, new_blobs: list[bytes]) -> None:  # noqa: ANN001
+        diff = layer.diff_id.encode()
+        lower_ids = [b.diff_id.encode() for b in below]
+
+        def exists_below(path: bytes) -> bool:
+            return any(txn.get(d + SEP + path, db=self.db["entries"]) is not None for d in lower_ids)
+
+        layer_entries: dict[bytes, Entry] = {}
+        whiteouts: set[bytes] = set()
+        opaque: set[bytes] = set()
+        assert self.blobs is not None
+        with open_layer(layer) as stream:
+            for path, e in read_layer(stream, self.blobs, exists_below, new_blobs.append):
+                if e.kind == KIND_WHITEOUT:
+                    whiteouts.add(path)
+                elif e.kind == KIND_OPAQUE:
+                    opaque.add(path)
+                else:
+                    layer_entries[path] = e
+        for path in whiteouts:
+            e = layer_entries.get(path)
+            if e is None:
+                layer_entries[path] = Entry(0, kind=KIND_WHITEOUT)
+            elif e.is_dir:
+                opaque.add(path)  # deleted and re-created in one layer: nothing below shows through
+        for path in opaque:
+            e = layer_entries.get(path)
+            layer_entries[path] = (e or Entry(0)).with_(kind=KIND_OPAQUE)
+        size = 0
+        for path, e in layer_entries.items():
+            txn.put(diff + SEP + path, e.pack(), db=self.db["entries"])
+            if e.blob is not None:
+                self._ref_blob(txn, e.blob, e.size, +1)
+            size += e.size
+        info = {"size": size, "entries": len(layer_entries), "created": time.time()}
+        txn.put(diff, _pack(info), db=self.db["layers"])
+
+    def _ref_blob(self, txn: lmdb.Transaction, digest: bytes, size: int, delta: int) -> None:
+        raw = txn.get(digest, db=self.db["blobs"])
+        refs = msgpack.unpackb(raw)[1] if raw else 0
+        txn.put(digest, _pack([size, refs + delta]), db=self.db["blobs"])
+
+    def layer_entries(self, txn: lmdb.Transaction, diff_id: bytes) -> Iterator[tuple[bytes, Entry]]:
+        prefix = diff_id + SEP
+        cur = txn.cursor(db=self.db["entries"])
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                yield k[len(prefix) :], Entry.unpack(v)
+
+    def _record_image(self, txn: lmdb.Transaction, src: ImageSource, name: str) -> None:
+        image_id = src.config_digest.encode()
+        if txn.get(image_id, db=self.db["configs"]) is None:
+            tree = Tree()
+            diff_ids = [layer.diff_id.encode() for layer in src.layers]
+            for d in diff_ids:
+                tree.apply_layer(self.layer_entries(txn, d))
+            prefix = image_key(image_id)
+            for path, e in tree.finish():
+                txn.put(merged_key(prefix, path), e.pack(), db=self.db["merged"])
+            cfg = {
+                "config": src.config,
+                "manifest": src.manifest_digest,
+                "layers": [d.decode() for d in diff_ids],
+                "created": time.time(),
+            }
+            txn.put(image_id, _pack(cfg), db=self.db["configs"])
+        txn.put(name.encode(), image_id, db=self.db["images"])
+
+    # -- queries --------------------------------------------------------------------
+    def resolve(self, name: str) -> bytes:
+        """The image id of ``name`` (``name:tag``, or an id or its prefix)."""
+        with self.env.begin() as txn:
+            got = txn.get(normalize_name(name).encode(), db=self.db["images"])
+            if got is not None:
+                return bytes(got)
+            want = name if name.startswith("sha256:") else "sha256:" + name
+            cur = txn.cursor(db=self.db["configs"])
+            if len(want) > 12 and cur.set_range(want.encode()) and cur.key().startswith(want.encode()):
+                return bytes(cur.key())
+        raise StoreError(f"no image '{name}' in the store (see 'unionmount image ls')")
+
+    def images(self) -> list[ImageInfo]:
+        out = []
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["images"]):
+                cfg = _unpack(txn.get(v, db=self.db["configs"]))
+                size = sum(_unpack(txn.get(d.encode(), db=self.db["layers"]))["size"] for d in cfg["layers"])
+                out.append(ImageInfo(k.decode(), v.decode(), cfg["layers"], cfg["created"], size))
+        return out
+
+    def config(self, image_id: bytes) -> dict:  # type: ignore[type-arg]
+        with self.env.begin() as txn:
+            cfg = _unpack(txn.get(image_id, db=self.db["configs"]))
+        return {**cfg, "config": json.loads(cfg["config"])}
+
+    def remove_image(self, name: str) -> None:
+        key = normalize_name(name).encode()
+        with self.env.begin(write=True) as txn:
+            image_id = txn.get(key, db=self.db["images"])
+            if image_id is None:
+                raise StoreError(f"no image '{name}' in the store")
+            users = [
+                k.decode() for k, v in txn.cursor(db=self.db["containers"]) if _unpack(v)["image"] == image_id.decode()
+            ]
+            others = [k for k, v in txn.cursor(db=self.db["images"]) if v == image_id and k != key]
+            if users and not others:
+                raise StoreError(f"image '{name}' is used by container(s) {', '.join(users)}")
+            txn.delete(key, db=self.db["images"])
+            if not others:
+                self._drop_merged(txn, bytes(image_id))
+
+    def _drop_merged(self, txn: lmdb.Transaction, image_id: bytes) -> None:
+        prefix = image_key(image_id)
+        cur = txn.cursor(db=self.db["merged"])
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
+        txn.delete(image_id, db=self.db["configs"])
+
+    # -- containers -------------------------------------------------------------------
+    def container(self, name: str | None, image_id: bytes) -> tuple[str, str, str]:
+        """(name, upper dir, work dir) of a container of ``image_id``, created when new."""
+        name = name or "c-" + secrets.token_hex(4)
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
+            raise StoreError(f"invalid container name '{name}'")
+        base = os.path.join(self.root, "containers", name)
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(name.encode(), db=self.db["containers"])
+            if raw is None:
+                txn.put(
+                    name.encode(), _pack({"image": image_id.decode(), "created": time.time()}), db=self.db["containers"]
+                )
+            elif _unpack(raw)["image"] != image_id.decode():
+                raise StoreError(f"container '{name}' belongs to image {_unpack(raw)['image'][7:19]}")
+        for sub in ("upper", "work"):
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+        return name, os.path.join(base, "upper"), os.path.join(base, "work")

@@ -1,0 +1,127 @@
+"""A layer tar, read as untrusted input: entries and blobs, never files on the host.
+
+Nothing in a layer is ever created on the host filesystem: file contents go to
+the blob store under their digest, everything else becomes an
+:class:`~layerstore.entry.Entry`. So a hostile tar cannot write outside the
+store whatever its paths say; what remains is to reject what makes no sense,
+each with a one-line :class:`LayerError`:
+
+* ``..`` components (rejected) and absolute paths (made relative, as Docker does);
+* hard links to a path that exists in neither this layer nor the ones below;
+* an entry below a non-directory of the same layer (a path through a symlink);
+* a truncated archive. Archives without the end-of-archive blocks are fine.
+
+Tars as real tools write them are accepted: members of one directory need not
+be contiguous, parents may be missing, ``.wh..wh..opq`` may follow its
+directory, PAX headers carry xattrs (``SCHILY.xattr.*``), names may be long.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from .blobs import BlobStore
+from .entry import Entry
+from .schema import KIND_OPAQUE, KIND_WHITEOUT
+
+WH = b".wh."
+OPQ = b".wh..wh..opq"
+_XATTR = "SCHILY.xattr."
+
+
+class LayerError(Exception):
+    """A layer tar that cannot be imported (message is one line)."""
+
+
+def clean_path(name: str) -> bytes:
+    """Normalise a member name to a layer-relative path; rejects ``..``."""
+    raw = name.encode("utf-8", "surrogateescape")
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise LayerError(f"layer entry '{name}' climbs out of the layer with '..'")
+    return b"/".join(parts)
+
+
+def _mode(m: tarfile.TarInfo) -> int:
+    perm = m.mode & 0o7777
+    if m.isdir():
+        return stat.S_IFDIR | perm
+    if m.issym():
+        return stat.S_IFLNK | 0o777
+    if m.ischr():
+        return stat.S_IFCHR | perm
+    if m.isblk():
+        return stat.S_IFBLK | perm
+    if m.isfifo():
+        return stat.S_IFIFO | perm
+    return stat.S_IFREG | perm
+
+
+def _xattrs(m: tarfile.TarInfo) -> dict[bytes, bytes] | None:
+    out = {}
+    for k, v in m.pax_headers.items():
+        if k.startswith(_XATTR):
+            out[k[len(_XATTR) :].encode("utf-8", "surrogateescape")] = v.encode("utf-8", "surrogateescape")
+    return out or None
+
+
+def read_layer(
+    stream: BinaryIO, blobs: BlobStore, exists_below: Callable[[bytes], bool], on_new_blob: Callable[[bytes], None]
+) -> Iterator[tuple[bytes, Entry]]:
+    """Yield (path, entry) for every member of a layer tar, storing file data as blobs.
+
+    ``exists_below(path)`` tells whether a lower layer has ``path`` (for hard
+    links into lower layers); ``on_new_blob`` is told each blob this call stored
+    first, so a failed import can take them back.
+    """
+    seen: dict[bytes, Entry] = {}
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+        for m in tar:
+            path = clean_path(m.name)
+            if not path:
+                if m.isdir():  # the root itself: keep its metadata
+                    e = Entry(_mode(m), m.uid, m.gid, int(m.mtime * 1e9), xattrs=_xattrs(m))
+                    seen[b""] = e
+                    yield b"", e
+                continue
+            parent, _, base = path.rpartition(b"/")
+            pe = seen.get(parent)
+            if pe is not None and not pe.is_dir and pe.kind == 0:
+                raise LayerError(f"layer entry '{m.name}' lies below a non-directory of the same layer")
+            if base == OPQ:
+                e = Entry(stat.S_IFDIR, kind=KIND_OPAQUE)
+                yield parent, e
+                continue
+            if base.startswith(WH):
+                target = (parent + b"/" if parent else b"") + base[len(WH) :]
+                e = Entry(0, kind=KIND_WHITEOUT)
+                yield target, e
+                continue
+            mtime = int(m.mtime * 1e9)
+            if m.islnk():
+                target = clean_path(m.linkname)
+                if target not in seen and not exists_below(target):
+                    raise LayerError(f"hard link '{m.name}' points to '{m.linkname}', which the image does not have")
+                e = Entry(stat.S_IFREG, link=target)
+            elif m.isreg():
+                f = tar.extractfile(m)
+                assert f is not None
+                digest, new = blobs.ingest(f, m.size)  # type: ignore[arg-type]
+                if new:
+                    on_new_blob(digest)
+                e = Entry(_mode(m), m.uid, m.gid, mtime, m.size, blob=digest, xattrs=_xattrs(m))
+            else:
+                rdev = os.makedev(m.devmajor, m.devminor) if (m.ischr() or m.isblk()) else 0
+                target_b = m.linkname.encode("utf-8", "surrogateescape") if m.issym() else None
+                e = Entry(_mode(m), m.uid, m.gid, mtime, 0, rdev, target_b, _xattrs(m))
+            seen[path] = e
+            yield path, e
+    except tarfile.ReadError as err:
+        raise LayerError(f"layer tar is damaged or truncated: {err}") from None
+    except EOFError as err:
+        raise LayerError(str(err)) from None

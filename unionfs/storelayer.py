@@ -1,0 +1,88 @@
+"""An image from the layer store as one lower layer of the union.
+
+The image's layers were flattened at import (see :mod:`layerstore.flatten`),
+so whatever the depth of the stack a lookup is one lmdb read and a listing one
+prefix scan; file data is read from the blob named by the entry's digest. The
+layer has the same surface as :class:`unionfs.layers.DirLayer` (stat, list,
+open, readlink, xattrs) and holds no fd per entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from layerstore.entry import Entry
+from layerstore.schema import SEP
+from layerstore.store import Store, image_key, merged_key
+
+
+class StoreLayer:
+    """Read-only view of one imported image."""
+
+    def __init__(self, index: int, root: str, image_id: bytes) -> None:
+        self.index = index
+        self.root = root
+        self.writable = False
+        self.store = Store(root, readonly=True)
+        self._prefix = image_key(image_id)
+        self._db = self.store.db["merged"]
+        if self._get(b"") is None:
+            raise OSError(errno.ENOENT, "image has no merged tree", image_id)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _get(self, path: bytes) -> Entry | None:
+        with self.store.env.begin() as txn:
+            raw = txn.get(merged_key(self._prefix, path), db=self._db)
+        return Entry.unpack(raw) if raw is not None else None
+
+    def _entry(self, path: bytes) -> Entry:
+        e = self._get(path)
+        if e is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return e
+
+    def lstat(self, path: bytes) -> os.stat_result | None:
+        e = self._get(path)
+        return e.stat_result() if e is not None else None
+
+    def scandir(self, path: bytes) -> list[tuple[bytes, int]]:
+        prefix = self._prefix + path + SEP
+        out = []
+        with self.store.env.begin() as txn:
+            cur = txn.cursor(db=self._db)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    name = k[len(prefix) :]
+                    if name:
+                        out.append((bytes(name), stat.S_IFMT(Entry.unpack(v).mode)))
+        return out
+
+    def open(self, path: bytes, flags: int, mode: int = 0) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        e = self._entry(path)
+        if e.blob is None:
+            raise OSError(errno.EINVAL if e.is_dir else errno.ENXIO, "no data", path)
+        h = e.blob.hex()
+        return os.open(f"{h[:2]}/{h}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.store.blob_fd)
+
+    def readlink(self, path: bytes) -> bytes:
+        e = self._entry(path)
+        if e.target is None:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return e.target
+
+    def listxattr(self, path: bytes) -> list[bytes]:
+        return list((self._entry(path).xattrs or {}).keys())
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes:
+        value = (self._entry(path).xattrs or {}).get(name)
+        if value is None:
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), path)
+        return value
