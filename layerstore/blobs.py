@@ -104,7 +104,13 @@ class BlobStore:
         return digest, True
 
     def remove(self, digest: bytes) -> None:
-        _unlink_quiet(self.path(digest))
+        """Take back a blob (an import that failed); its fan-out dir goes too if now empty."""
+        path = self.path(digest)
+        _unlink_quiet(path)
+        try:
+            os.rmdir(os.path.dirname(path))
+        except OSError:
+            pass
 
 
 def _same_content(a: str, b: str) -> bool:

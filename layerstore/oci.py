@@ -90,10 +90,10 @@ def open_layer(ref: LayerRef) -> Iterator[BinaryIO]:
         yield stream  # type: ignore[misc]
         inner.drain()
         outer.drain()
-        if inner.digest() != ref.diff_id:
-            raise SourceError(f"layer {ref.diff_id[:19]} does not match its diff_id (got {inner.digest()[:19]})")
         if ref.digest is not None and outer.digest() != ref.digest:
             raise SourceError(f"layer blob {ref.digest[:19]} is corrupt (sha256 {outer.digest()[:19]})")
+        if inner.digest() != ref.diff_id:
+            raise SourceError(f"layer {ref.diff_id[:19]} does not match its diff_id (got {inner.digest()[:19]})")
     except (OSError, EOFError, zstandard.ZstdError) as e:
         raise SourceError(f"cannot read layer {ref.diff_id[:19]}: {e}") from None
     finally:

@@ -72,6 +72,11 @@ class ImageInfo:
 
 
 def normalize_name(name: str) -> str:
+    """Docker's familiar form: ``docker.io/library/x`` is ``x``, and the tag defaults to ``latest``."""
+    for prefix in ("docker.io/library/", "docker.io/"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 

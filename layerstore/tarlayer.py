@@ -90,9 +90,6 @@ def read_layer(
                     yield b"", e
                 continue
             parent, _, base = path.rpartition(b"/")
-            pe = seen.get(parent)
-            if pe is not None and not pe.is_dir and pe.kind == 0:
-                raise LayerError(f"layer entry '{m.name}' lies below a non-directory of the same layer")
             if base == OPQ:
                 e = Entry(stat.S_IFDIR, kind=KIND_OPAQUE)
                 yield parent, e
@@ -102,6 +99,9 @@ def read_layer(
                 e = Entry(0, kind=KIND_WHITEOUT)
                 yield target, e
                 continue
+            pe = seen.get(parent)
+            if pe is not None and not pe.is_dir:  # (whiteouts below one are harmless: tools write them)
+                raise LayerError(f"layer entry '{m.name}' lies below a non-directory of the same layer")
             mtime = int(m.mtime * 1e9)
             if m.islnk():
                 target = clean_path(m.linkname)
@@ -118,7 +118,8 @@ def read_layer(
             else:
                 rdev = os.makedev(m.devmajor, m.devminor) if (m.ischr() or m.isblk()) else 0
                 target_b = m.linkname.encode("utf-8", "surrogateescape") if m.issym() else None
-                e = Entry(_mode(m), m.uid, m.gid, mtime, 0, rdev, target_b, _xattrs(m))
+                size = len(target_b) if target_b is not None else 0
+                e = Entry(_mode(m), m.uid, m.gid, mtime, size, rdev, target_b, _xattrs(m))
             seen[path] = e
             yield path, e
     except tarfile.ReadError as err:

@@ -1,0 +1,306 @@
+"""The layer store: images built by real tools, mounted, compared with ``umoci unpack``."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from .mounts import COMMAND, fresh_dirs, is_mounted, run
+from .tree import snapshot
+
+
+def sh(script: str, cwd: Path) -> None:
+    subprocess.run(["bash", "-ec", script], cwd=cwd, check=True, capture_output=True, timeout=300)
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if not stat.S_ISDIR(st.st_mode):
+                out[os.path.relpath(p, root)] = st.st_mtime_ns // 10**9
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-layer OCI image made with umoci from host files."""
+    base = tmp_path_factory.mktemp("image")
+    sh(
+        """
+        umoci init --layout img
+        umoci new --image img:t
+        umoci unpack --image img:t b
+        r=b/rootfs
+        mkdir -p $r/etc $r/usr/share $r/d/sub $r/gone/inner $r/r
+        cp -a /usr/share/doc/bash /etc/apt $r/usr/share/ 2>/dev/null || true
+        echo hello > $r/etc/motd; ln $r/etc/motd $r/etc/motd.hard
+        ln -s ../etc/motd $r/d/rel-link; ln -s /etc/motd $r/d/abs-link
+        mkfifo $r/d/fifo; mknod $r/d/null c 1 3
+        truncate -s 5M $r/d/sparse; echo tail >> $r/d/sparse
+        setfattr -n user.color -v blue $r/d/sub
+        echo x > $r/d/sub/$(printf 'n%.0s' $(seq 200))
+        echo 1 > $r/gone/inner/f; echo keep > $r/d/keep; echo drop > $r/d/drop; echo dir > $r/r/file
+        chown 1000:1000 $r/d/keep; chmod 4755 $r/d/keep
+        umoci repack --image img:t b
+        rm -rf b
+        umoci unpack --image img:t b
+        rm -rf $r/gone $r/d/drop $r/r; echo now-a-file > $r/r
+        echo more >> $r/etc/motd; ln $r/d/keep $r/d/keep.hard
+        umoci repack --image img:t b
+        rm -rf b
+        umoci unpack --image img:t b
+        mkdir -p $r/gone; echo back > $r/gone/new; chmod 700 $r/d/sub; chown 5:6 $r/etc/motd
+        umoci repack --image img:t b
+        umoci config --image img:t --config.volume /data --config.cmd sh --config.env A=1
+        rm -rf b
+        umoci unpack --image img:t ref
+        """.replace("r=b/rootfs", "r=b/rootfs"),
+        base,
+    )
+    return base
+
+
+def um(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run([*COMMAND, *map(str, args)], check=False)
+
+
+def test_mounted_image_is_what_umoci_unpacks(image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    r = um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "demo:1")
+    assert r.returncode == 0, r.stderr
+    r = um("mount", "--root", store, "--image", "demo:1", "--name", "c1", "--log", tmp_path / "log", mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        oracle = image / "ref" / "rootfs"
+        assert snapshot(mnt) == snapshot(oracle)
+        assert mtimes(mnt) == mtimes(oracle)
+        assert os.stat(mnt / "etc" / "motd").st_ino == os.stat(mnt / "etc" / "motd.hard").st_ino
+        assert os.stat(mnt / "d" / "sparse").st_size == 5 * 2**20 + 5
+    finally:
+        um("umount", mnt)
+    blobs = [p for p in (store / "blobs").rglob("*") if p.is_file()]
+    sparse = max(blobs, key=lambda p: p.stat().st_size)
+    assert sparse.stat().st_blocks * 512 < 1 << 20, "the sparse file's blob is not sparse"
+
+
+def test_docker_archive_and_dedup(image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    archive = tmp_path / "img.tar"
+    subprocess.run(
+        ["skopeo", "copy", f"oci:{image}/img:t", f"docker-archive:{archive}:demo:2"], check=True, capture_output=True
+    )
+    assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "demo:1").returncode == 0
+    nblobs = sum(1 for p in (store / "blobs").rglob("*") if p.is_file())
+    r = um("image", "--root", store, "import", f"docker-archive:{archive}")
+    assert r.returncode == 0, r.stderr
+    assert sum(1 for p in (store / "blobs").rglob("*") if p.is_file()) == nblobs, "shared layers stored twice"
+    ls = json.loads(um("image", "--root", store, "ls", "--format", "json").stdout)
+    assert sorted(i["Name"] for i in ls) == ["demo:1", "demo:2"]
+    r = um("mount", "--root", store, "--image", "demo:2", "--log", tmp_path / "log", mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+    finally:
+        um("umount", mnt)
+    info = json.loads(um("image", "--root", store, "inspect", "demo:2").stdout)
+    assert info["Volumes"] == {"/data": {}} and info["Cmd"] == ["sh"] and len(info["Layers"]) == 3
+
+
+def test_container_layer_survives_remount(image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "demo").returncode == 0
+    assert um("mount", "--root", store, "--image", "demo", "--name", "web", mnt).returncode == 0
+    try:
+        (mnt / "etc" / "motd").write_text("container\n")
+        os.unlink(mnt / "d" / "keep")
+        os.rename(mnt / "usr" / "share" / "apt", mnt / "usr" / "share" / "apt2")
+    finally:
+        um("umount", mnt)
+    assert um("mount", "--root", store, "--image", "demo", "--name", "web", mnt).returncode == 0
+    try:
+        assert (mnt / "etc" / "motd").read_text() == "container\n"
+        assert not (mnt / "d" / "keep").exists() and (mnt / "d" / "keep.hard").exists()
+        assert (mnt / "usr" / "share" / "apt2").is_dir() and not (mnt / "usr" / "share" / "apt").exists()
+    finally:
+        um("umount", mnt)
+    r = um("mount", "--root", store, "--image", "demo", mnt)  # a fresh container
+    assert r.returncode == 0 and r.stdout.strip().startswith("c-")
+    try:
+        assert (mnt / "etc" / "motd").read_text() == "hello\nmore\n"
+    finally:
+        um("umount", mnt)
+    r = um("image", "--root", store, "rm", "demo")
+    assert r.returncode != 0 and "used by container" in r.stderr
+
+
+# -- hostile and broken input ------------------------------------------------------------
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]], *, truncate: int = 0) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if data is not None else None)
+    raw = buf.getvalue()
+    return raw[: len(raw) - truncate] if truncate else raw
+
+
+def _member(name: str, data: bytes = b"x", **kw: object) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    if info.type == tarfile.REGTYPE:
+        info.size = len(data)
+        return info, data
+    return info, None
+
+
+def make_oci(root: Path, layers: list[bytes], *, corrupt: bool = False) -> Path:
+    """An OCI layout holding ``layers`` (uncompressed tars; gzipped every other one)."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        h = hashlib.sha256(data).hexdigest()
+        (blobs / h).write_bytes(data)
+        return "sha256:" + h
+
+    descs, diff_ids = [], []
+    for i, tar in enumerate(layers):
+        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+        blob = gzip.compress(tar) if i % 2 else tar
+        d = put(blob)
+        if corrupt:
+            (blobs / d[7:]).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": len(blob)})
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}, "config": {}}
+    ).encode()
+    cd = put(config)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(config)},
+            "layers": descs,
+        }
+    ).encode()
+    md = put(manifest)
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": md,
+                        "size": len(manifest),
+                        "annotations": {"org.opencontainers.image.ref.name": "t"},
+                    }
+                ],
+            }
+        )
+    )
+    return root
+
+
+HOSTILE = {
+    "dotdot": ([[_member("a"), _member("../../escape")]], "climbs out"),
+    "link outside": ([[_member("x", type=tarfile.LNKTYPE, linkname="/etc/passwd")]], "hard link"),
+    "below a symlink": ([[_member("s", type=tarfile.SYMTYPE, linkname="/tmp"), _member("s/evil")]], "non-directory"),
+    "truncated": ([[_member("big", b"y" * 100000)]], "truncated"),
+    "corrupt blob": ([[_member("a")]], "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_bad_layers_are_refused_and_change_nothing(case: str, image: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "good").returncode == 0
+    before = sorted(str(p.relative_to(store)) for p in store.rglob("*") if "meta" not in p.parts)
+    layer_specs, needle = HOSTILE[case]
+    tars = [_tar(m, truncate=5000 if case == "truncated" else 0) for m in layer_specs]
+    layout = make_oci(tmp_path / "bad", tars, corrupt=case == "corrupt blob")
+    r = um("image", "--root", store, "import", f"oci:{layout}:t", "--tag", "bad")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0], r.stderr
+    after = sorted(str(p.relative_to(store)) for p in store.rglob("*") if "meta" not in p.parts)
+    assert after == before
+    names = [i["Name"] for i in json.loads(um("image", "--root", store, "ls", "--format", "json").stdout)]
+    assert names == ["good:latest"]
+    assert not (tmp_path / "escape").exists() and not Path("/tmp/evil").exists()
+
+
+def test_handmade_layers_follow_oci_rules(tmp_path: Path) -> None:
+    """Non-contiguous dirs, missing parents, late opaque markers, dir replaced by file, re-created dirs."""
+    d = tarfile.DIRTYPE
+    l1 = _tar(
+        [
+            _member("a/b/f1"),
+            _member("top", type=d),
+            _member("a/c", type=d),
+            _member("a/b/f2"),
+            _member("opq/x"),
+            _member("opq/y"),
+            _member("dir2file/z"),
+            _member("recreated/old"),
+        ]
+    )
+    l2 = _tar(
+        [
+            _member("opq", type=d),
+            _member("opq/new"),
+            _member("opq/.wh..wh..opq"),
+            _member("dir2file", b"F"),
+            _member("a/b/.wh.f1"),
+            _member(".wh.recreated"),
+        ]
+    )
+    l3 = _tar([_member("recreated", type=d), _member("recreated/new")])
+    layout = make_oci(tmp_path / "img", [l1, l2, l3])
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    r = um("image", "--root", store, "import", f"oci:{layout}:t")
+    assert r.returncode == 0, r.stderr
+    assert um("mount", "--root", store, "--image", r.stdout.split()[0], mnt).returncode == 0
+    try:
+        files = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
+        assert files == ["a", "a/b", "a/b/f2", "a/c", "dir2file", "opq", "opq/new", "recreated", "recreated/new", "top"]
+        assert (mnt / "dir2file").read_bytes() == b"F"
+    finally:
+        um("umount", mnt)
+        if is_mounted(mnt):
+            shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_unknown_source_and_image_errors(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    for args, needle in (
+        (("import", "oci:/nonexistent"), "does not exist"),
+        (("import", "ftp:x"), "'x' does not exist"),
+        (("import", f"oci:{tmp_path}"), "not an OCI image layout"),
+        (("inspect", "nope"), "no image 'nope'"),
+        (("rm", "nope"), "no image 'nope'"),
+    ):
+        r = um("image", "--root", store, *args)
+        assert r.returncode != 0 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (m,) = fresh_dirs(tmp_path, "m")
+    r = um("mount", "--root", store, "--image", "nope", m)
+    assert r.returncode != 0 and "no image 'nope'" in r.stderr
