@@ -49,8 +49,11 @@ class BlobStore:
         os.close(self.fd)
 
     def clean_tmp(self) -> None:
+        """Remove temporaries of imports whose process is gone (named ``PID.N``)."""
         for name in os.listdir(self.tmp):
-            os.unlink(os.path.join(self.tmp, name))
+            pid = name.split(".", 1)[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _unlink_quiet(os.path.join(self.tmp, name))
 
     def path(self, digest: bytes) -> str:
         return os.path.join(self.blobs, hexname(digest))

@@ -95,6 +95,8 @@ class Store:
         )
         self.db = {n.decode(): self.env.open_db(n, create=not readonly) for n in DB_NAMES}
         self.blobs = BlobStore(root) if not readonly else None
+        if self.blobs is not None:
+            self.blobs.clean_tmp()
         self.blob_fd = os.open(os.path.join(root, "blobs"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
@@ -222,6 +224,13 @@ class Store:
         with self.env.begin() as txn:
             cfg = _unpack(txn.get(image_id, db=self.db["configs"]))
         return {**cfg, "config": json.loads(cfg["config"])}
+
+    def tag(self, name: str, new: str) -> str:
+        image_id = self.resolve(name)
+        new = normalize_name(new)
+        with self.env.begin(write=True) as txn:
+            txn.put(new.encode(), image_id, db=self.db["images"])
+        return new
 
     def remove_image(self, name: str) -> None:
         key = normalize_name(name).encode()

@@ -304,3 +304,63 @@ def test_unknown_source_and_image_errors(tmp_path: Path) -> None:
     (m,) = fresh_dirs(tmp_path, "m")
     r = um("mount", "--root", store, "--image", "nope", m)
     assert r.returncode != 0 and "no image 'nope'" in r.stderr
+
+
+def test_df_gc_check(image: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    layout = tmp_path / "layout"
+    shutil.copytree(image / "img", layout)
+    sh(
+        "umoci unpack --image layout:t b && echo only-in-two > b/rootfs/extra && umoci repack --image layout:two b",
+        tmp_path,
+    )
+    assert um("image", "--root", store, "import", f"oci:{layout}:t", "--tag", "one").returncode == 0
+    nblobs = sum(1 for p in (store / "blobs").rglob("*") if p.is_file())
+    assert um("image", "--root", store, "import", f"oci:{layout}:two", "--tag", "two").returncode == 0
+    assert sum(1 for p in (store / "blobs").rglob("*") if p.is_file()) == nblobs + 1, "the shared base was copied"
+    df = um("store", "--root", store, "df")
+    assert df.returncode == 0 and "saved by dedup" in df.stdout
+    assert um("image", "--root", store, "rm", "two").returncode == 0
+    r = um("store", "--root", store, "gc")
+    assert r.returncode == 0 and r.stdout.startswith("removed 1 layers and 1 blobs"), r.stdout
+    assert sum(1 for p in (store / "blobs").rglob("*") if p.is_file()) == nblobs
+    assert um("store", "--root", store, "check").returncode == 0
+    victim = next(p for p in (store / "blobs").rglob("*") if p.is_file() and p.stat().st_size > 0)
+    victim.chmod(0o644)
+    victim.write_bytes(b"damaged")
+    r = um("store", "--root", store, "check")
+    assert r.returncode != 0 and "damaged" in r.stdout
+
+
+def test_kill_during_import_then_import_again(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    sh(
+        "umoci init --layout img && umoci new --image img:t && umoci unpack --image img:t b && "
+        "for i in $(seq 400); do head -c 100000 /dev/urandom > b/rootfs/f$i; done && "
+        "head -c 300000000 /dev/urandom > b/rootfs/big && umoci repack --image img:t b && rm -rf b",
+        src,
+    )
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([*COMMAND, "image", "--root", str(store), "import", f"oci:{src}/img:t", "--tag", "x"])
+    deadline = 200
+    while deadline and not (store / "blobs").exists():
+        deadline -= 1
+        subprocess.run(["sleep", "0.05"])
+    subprocess.run(["sleep", "0.5"])
+    proc.kill()
+    proc.wait()
+    r = um("store", "--root", store, "check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = um("image", "--root", store, "import", f"oci:{src}/img:t", "--tag", "x")
+    assert r.returncode == 0, r.stderr
+    assert um("store", "--root", store, "check").returncode == 0
+    assert um("mount", "--root", store, "--image", "x", mnt).returncode == 0
+    try:
+        ref = src / "ref"
+        sh(f"umoci unpack --image img:t {ref}", src)
+        assert snapshot(mnt) == snapshot(ref / "rootfs")
+    finally:
+        um("umount", mnt)
+    assert not list((store / "tmp").iterdir())

@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--format", choices=("table", "json"), default="table")
     isub.add_parser("inspect", help="an image's config as JSON").add_argument("name", metavar="NAME")
     isub.add_parser("rm", help="remove an image name").add_argument("name", metavar="NAME")
+    tg = isub.add_parser("tag", help="give an image another name")
+    tg.add_argument("name", metavar="NAME")
+    tg.add_argument("new", metavar="NEW:TAG")
+    st = sub.add_parser("store", help="store usage, garbage collection, consistency check")
+    st.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
+    st.add_argument("action", choices=("df", "gc", "check"))
     u = sub.add_parser("umount", help="unmount a union (the daemon exits 0)")
     u.add_argument("mountpoint", metavar="MNT")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
@@ -162,6 +168,8 @@ def _image(ns: argparse.Namespace) -> int:
         return commands.image_ls(ns.root, ns.format)
     if ns.image_cmd == "inspect":
         return commands.image_inspect(ns.root, ns.name)
+    if ns.image_cmd == "tag":
+        return commands.image_tag(ns.root, ns.name, ns.new)
     return commands.image_rm(ns.root, ns.name)
 
 
@@ -187,12 +195,14 @@ def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         _parser().print_help()
         return 0 if args else 2
-    if args[0] in ("mount", "umount", "image"):
+    if args[0] in ("mount", "umount", "image", "store"):
         ns = _parser().parse_args(args)
         if ns.cmd == "umount":
             return _umount(ns.mountpoint, ns.timeout)
         if ns.cmd == "image":
             return _image(ns)
+        if ns.cmd == "store":
+            return {"df": commands.store_df, "gc": commands.store_gc, "check": commands.store_check}[ns.action](ns.root)
         cfg = MountConfig(
             mountpoint=ns.mountpoint,
             lowers=[p for p in ns.lower.split(":") if p],

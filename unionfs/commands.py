@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from layerstore import maintenance
 from layerstore.blobs import CollisionError
 from layerstore.oci import SourceError
 from layerstore.store import Store, StoreError, default_root
@@ -37,17 +38,59 @@ def open_store(root: str | None, *, readonly: bool = False) -> Iterator[Store]:
 
 def image_import(root: str | None, source: str, tag: str | None) -> int:
     start = time.monotonic()
-    with open_store(root) as store:
-        tty = sys.stderr.isatty()
-
-        def progress(i: int, n: int) -> None:
-            if tty:
-                print(f"\rimporting layer {i + 1}/{n}", end="", file=sys.stderr, flush=True)
-
+    with open_store(root) as store, _progress() as progress:
         name, image_id = store.import_image(source, tag, progress)
-        if tty:
-            print("\r", end="", file=sys.stderr)
     print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
+    return 0
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on a terminal (rate-limited by rich), nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("importing layers", total=None)
+
+        def update(i: int, n: int) -> None:
+            bar.update(task, completed=i, total=n, description=f"importing layer {i + 1}/{n}")
+
+        yield update
+
+
+def image_tag(root: str | None, name: str, new: str) -> int:
+    with open_store(root) as store:
+        print(store.tag(name, new))
+    return 0
+
+
+def store_df(root: str | None) -> int:
+    with open_store(root) as store:
+        u = maintenance.usage(store)
+    saved = u.logical - u.stored
+    print(f"images {u.images}  layers {u.layers}  blobs {u.blobs}  containers {u.containers}")
+    print(f"logical {_human(u.logical)}  stored {_human(u.stored)}  saved by dedup {_human(max(saved, 0))}")
+    return 0
+
+
+def store_gc(root: str | None) -> int:
+    with open_store(root) as store:
+        layers, blobs, freed = maintenance.gc(store)
+    print(f"removed {layers} layers and {blobs} blobs, freed {_human(freed)}")
+    return 0
+
+
+def store_check(root: str | None) -> int:
+    with open_store(root) as store:
+        problems = maintenance.check(store)
+    for p in problems:
+        print(p)
+    if problems:
+        raise UsageError(f"{len(problems)} problem(s) in the store")
+    print("store is consistent")
     return 0
 
 

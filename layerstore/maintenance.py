@@ -1,0 +1,143 @@
+"""Store maintenance: statistics (``store df``), garbage collection, consistency check.
+
+``gc`` and ``check`` run inside one lmdb write transaction. Because an import
+holds the write transaction from its first blob to its commit, a gc never runs
+during an import: blob files that no row names are leftovers of an import that
+died (kill -9), and are safe to delete. ``gc`` drops, in order: image rows
+that lost their name, layers no image uses (their entries, and one reference
+per blob they used), blobs left with no reference, and orphan blob files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import msgpack
+import xxhash
+
+from .entry import Entry
+from .schema import SEP
+from .store import Store, image_key
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    images: int
+    layers: int
+    blobs: int
+    logical: int  # what the images' layers would take if each image stored its own copy
+    stored: int  # bytes the blob files take on disk
+    containers: int
+
+
+def usage(store: Store) -> Usage:
+    logical = 0
+    with store.env.begin() as txn:
+        images = list(txn.cursor(db=store.db["images"]))
+        for _, image_id in images:
+            cfg = msgpack.unpackb(txn.get(image_id, db=store.db["configs"]), raw=False)
+            for d in cfg["layers"]:
+                logical += msgpack.unpackb(txn.get(d.encode(), db=store.db["layers"]), raw=False)["size"]
+        layers = txn.stat(store.db["layers"])["entries"]
+        blobs = txn.stat(store.db["blobs"])["entries"]
+        containers = txn.stat(store.db["containers"])["entries"]
+    stored = 0
+    for dirpath, _, files in os.walk(os.path.join(store.root, "blobs")):
+        for f in files:
+            stored += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+    return Usage(len(images), layers, blobs, logical, stored, containers)
+
+
+def _blob_files(store: Store) -> dict[bytes, str]:
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(store.root, "blobs")):
+        for f in files:
+            try:
+                out[bytes.fromhex(f)] = os.path.join(dirpath, f)
+            except ValueError:
+                out[f.encode()] = os.path.join(dirpath, f)
+    return out
+
+
+def gc(store: Store) -> tuple[int, int, int]:
+    """Collect garbage; returns (layers dropped, blobs dropped, bytes freed)."""
+    assert store.blobs is not None
+    dropped_layers = dropped_blobs = freed = 0
+    with store.env.begin(write=True) as txn:
+        named = {bytes(v) for _, v in txn.cursor(db=store.db["images"])}
+        for image_id, _ in list(txn.cursor(db=store.db["configs"])):
+            if bytes(image_id) not in named and not _used_by_container(store, txn, bytes(image_id)):
+                store._drop_merged(txn, bytes(image_id))
+        used = set()
+        for _, raw in txn.cursor(db=store.db["configs"]):
+            used.update(d.encode() for d in msgpack.unpackb(raw, raw=False)["layers"])
+        for diff, _ in list(txn.cursor(db=store.db["layers"])):
+            diff = bytes(diff)
+            if diff in used:
+                continue
+            for path, e in list(store.layer_entries(txn, diff)):
+                if e.blob is not None:
+                    store._ref_blob(txn, e.blob, e.size, -1)
+                txn.delete(diff + SEP + path, db=store.db["entries"])
+            txn.delete(diff, db=store.db["layers"])
+            dropped_layers += 1
+        for digest, raw in list(txn.cursor(db=store.db["blobs"])):
+            if msgpack.unpackb(raw)[1] <= 0:
+                txn.delete(bytes(digest), db=store.db["blobs"])
+        live = {bytes(k) for k, _ in txn.cursor(db=store.db["blobs"])}
+        # Files go while we hold the write lock, so no import can dedup against one
+        # that is about to vanish. A kill -9 here leaves rows with no references and
+        # no file, which check tolerates and the next gc drops.
+        for digest, path in _blob_files(store).items():
+            if digest not in live:
+                freed += os.lstat(path).st_blocks * 512
+                store.blobs.remove(digest)
+                dropped_blobs += 1
+    return dropped_layers, dropped_blobs, freed
+
+
+def _used_by_container(store: Store, txn, image_id: bytes) -> bool:  # noqa: ANN001
+    return any(
+        msgpack.unpackb(v, raw=False)["image"] == image_id.decode() for _, v in txn.cursor(db=store.db["containers"])
+    )
+
+
+def check(store: Store) -> list[str]:
+    """Every inconsistency between blobs, their digests and the index, one line each.
+
+    Garbage is not an inconsistency: blob files no row names (left by an import
+    that was killed) and unreferenced rows whose file is gone (a gc that was
+    killed) are for ``store gc``.
+    """
+    problems = []
+    files = _blob_files(store)
+    with store.env.begin() as txn:
+        rows = {bytes(k): msgpack.unpackb(v) for k, v in txn.cursor(db=store.db["blobs"])}
+        for digest, (_, refs) in rows.items():
+            path = files.get(digest)
+            if path is None:
+                if refs > 0:
+                    problems.append(f"blob {digest.hex()} is recorded but missing")
+                continue
+            h = xxhash.xxh3_128()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if h.digest() != digest:
+                problems.append(f"blob {digest.hex()} does not match its digest (damaged)")
+        counts: dict[bytes, int] = {}
+        for _, raw in txn.cursor(db=store.db["entries"]):
+            e = Entry.unpack(raw)
+            if e.blob is not None:
+                counts[e.blob] = counts.get(e.blob, 0) + 1
+        for digest, n in counts.items():
+            if digest not in rows:
+                problems.append(f"layer entries use blob {digest.hex()}, which is not recorded")
+            elif rows[digest][1] != n:
+                problems.append(f"blob {digest.hex()} has {rows[digest][1]} references recorded, {n} in use")
+        for image_id, _ in txn.cursor(db=store.db["configs"]):
+            prefix = image_key(bytes(image_id))
+            if txn.get(prefix + SEP, db=store.db["merged"]) is None:
+                problems.append(f"image {bytes(image_id).decode()[:19]} has no merged tree")
+    return problems
