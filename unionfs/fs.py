@@ -20,9 +20,9 @@ import pyfuse3
 import trio
 
 from .copy_up import CopyUp
-from .inodes import ROOT_INO, InodeTable, Node, make_ino
+from .inodes import ROOT_INO, InodeTable, Node
 from .layers import DirLayer, FdCache, Layer, join
-from .markers import WH_PREFIX, WriteDialect, is_marker_name, is_private_xattr
+from .markers import WriteDialect, is_marker_name, is_private_xattr
 from .namei import Found, Resolver
 from .readdir import merged_names
 from .storelayer import StoreLayer
@@ -375,18 +375,18 @@ class UnionFS:
             if over:
                 tmp = upper.tmpname()
                 fd = os.open(tmp, oflags, stat.S_IMODE(mode), dir_fd=upper.work_fd)
-                self._chown_new(fd, uid, gid, pst)
+                self._chown_new(fd, uid, gid)
                 upper.place(tmp, pfd, name, is_dir=False)
             else:
                 fd = os.open(name, oflags, stat.S_IMODE(mode), dir_fd=pfd)
-                self._chown_new(fd, uid, gid, pst)
+                self._chown_new(fd, uid, gid)
             node, a = self._new_node(parent, name)
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, True, node.version)
         node.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), a
 
-    def _chown_new(self, target: int | bytes, uid: int, gid: int, pst: os.stat_result) -> None:
+    def _chown_new(self, target: int | bytes, uid: int, gid: int) -> None:
         """Give a new entry its creator's ids, keeping set-id bits that chown would clear."""
         if self.euid != 0:
             return
@@ -418,12 +418,12 @@ class UnionFS:
                 os.mkdir(tmp, 0o700, dir_fd=upper.work_fd)
                 tpath = proc_path(upper.work_fd, tmp)
                 upper.set_opaque(upper.work_fd, tmp)
-                self._chown_new(tpath, uid, gid, pst)
+                self._chown_new(tpath, uid, gid)
                 os.chmod(tpath, perm)
                 upper.place(tmp, pfd, name, is_dir=True)
             else:
                 os.mkdir(name, perm, dir_fd=pfd)
-                self._chown_new(proc_path(pfd, name), uid, gid, pst)
+                self._chown_new(proc_path(pfd, name), uid, gid)
                 if perm & stat.S_ISGID:
                     os.chmod(proc_path(pfd, name), perm)
             return self._new_node(parent, name)[1]
@@ -439,7 +439,7 @@ class UnionFS:
             uid, gid = self._owner(ctx, pst)
             dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
             os.mknod(dname, mode, rdev, dir_fd=dfd)
-            self._chown_new(proc_path(dfd, dname), uid, gid, pst)
+            self._chown_new(proc_path(dfd, dname), uid, gid)
             if over:
                 upper.place(dname, pfd, name, is_dir=False)
             return self._new_node(parent, name)[1]
@@ -453,7 +453,7 @@ class UnionFS:
             uid, gid = self._owner(ctx, pst)
             dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
             os.symlink(target, dname, dir_fd=dfd)
-            self._chown_new(proc_path(dfd, dname), uid, gid, pst)
+            self._chown_new(proc_path(dfd, dname), uid, gid)
             if over:
                 upper.place(dname, pfd, name, is_dir=False)
             return self._new_node(parent, name)[1]
@@ -774,6 +774,3 @@ class UnionFS:
         d.f_favail = sv.f_favail
         d.f_namemax = sv.f_namemax
         return d
-
-
-__all__ = ["UnionFS", "Options", "make_ino", "WH_PREFIX"]

@@ -70,7 +70,7 @@ class Layer(Protocol):
     root: str
 
     def lstat(self, path: bytes) -> os.stat_result | None: ...
-    def scandir(self, path: bytes) -> list[tuple[bytes, int]]: ...
+    def listdir(self, path: bytes) -> list[bytes]: ...
     def open(self, path: bytes, flags: int, mode: int = ...) -> int: ...
     def readlink(self, path: bytes) -> bytes: ...
     def listxattr(self, path: bytes) -> list[bytes]: ...
@@ -151,16 +151,12 @@ class DirLayer:
     def getxattr(self, path: bytes, name: bytes) -> bytes:
         return os.getxattr(self.xpath(path), name, follow_symlinks=False)
 
-    def scandir(self, path: bytes) -> list[tuple[bytes, int]]:
-        """Names in a directory with their d_type-derived stat type bits (0 if unknown)."""
+    def listdir(self, path: bytes) -> list[bytes]:
+        """Names in a directory (no per-entry syscall)."""
         pfd, name = self.at(path)
         fd = openat2_beneath(pfd, name, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            out = []
-            with os.scandir(fd) as it:
-                for e in it:
-                    out.append((os.fsencode(e.name), _dtype(e)))
-            return out
+            return [os.fsencode(n) for n in os.listdir(fd)]
         finally:
             os.close(fd)
 
@@ -171,18 +167,3 @@ class DirLayer:
     def readlink(self, path: bytes) -> bytes:
         fd, name = self.at(path)
         return os.readlink(name, dir_fd=fd)
-
-
-def _dtype(e: os.DirEntry[str]) -> int:
-    import stat as st
-
-    try:
-        if e.is_symlink():
-            return st.S_IFLNK
-        if e.is_dir(follow_symlinks=False):
-            return st.S_IFDIR
-        if e.is_file(follow_symlinks=False):
-            return st.S_IFREG
-    except OSError:
-        pass
-    return 0

@@ -63,14 +63,14 @@ class Resolver:
         self._dirs: OrderedDict[tuple[int, bytes], LowerDir] = OrderedDict()
 
     # -- markers ---------------------------------------------------------------
-    def lower_listing(self, li: int, path: bytes) -> list[tuple[bytes, int]]:
+    def lower_listing(self, li: int, path: bytes) -> list[bytes]:
         """List a lower directory and remember what its markers say (lower layers never change)."""
         layer = self.lowers[li]
         try:
-            listing = layer.scandir(path)
+            listing = layer.listdir(path)
         except (FileNotFoundError, NotADirectoryError):
             listing = []  # a redirect may name a path some layers do not have
-        wh = frozenset(n[len(WH_PREFIX) :] for n, _ in listing if n.startswith(WH_PREFIX) and n != WH_OPAQUE)
+        wh = frozenset(n[len(WH_PREFIX) :] for n in listing if n.startswith(WH_PREFIX) and n != WH_OPAQUE)
         xwh = False
         if listing:
             xwh = dir_marks(layer, path, False).xwhiteouts

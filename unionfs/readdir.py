@@ -24,7 +24,7 @@ def merged_names(resolver: Resolver, node: Node) -> list[bytes]:
     """Candidate names of a union directory, each once, upper first."""
     listings = []
     if node.upper and resolver.upper is not None:
-        listings.append(resolver.upper.scandir(node.path))
+        listings.append(resolver.upper.listdir(node.path))
     if not node.opaque:
         listings.extend(resolver.lower_listing(li, lpath) for li, lpath in node.lowers)
     seen: set[bytes] = set()
@@ -32,7 +32,7 @@ def merged_names(resolver: Resolver, node: Node) -> list[bytes]:
     out: list[bytes] = []
     for listing in listings:
         whiteouts = set()
-        for name, _ in listing:
+        for name in listing:
             if name.startswith(WH_PREFIX):
                 if name != WH_OPAQUE:
                     whiteouts.add(name[len(WH_PREFIX) :])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
 from layerstore.entry import Entry
 from layerstore.schema import SEP
@@ -49,18 +48,18 @@ class StoreLayer:
         e = self._get(path)
         return e.stat_result() if e is not None else None
 
-    def scandir(self, path: bytes) -> list[tuple[bytes, int]]:
+    def listdir(self, path: bytes) -> list[bytes]:
         prefix = self._prefix + path + SEP
         out = []
         with self.store.env.begin() as txn:
             cur = txn.cursor(db=self._db)
             if cur.set_range(prefix):
-                for k, v in cur:
+                for k in cur.iternext(keys=True, values=False):
                     if not k.startswith(prefix):
                         break
                     name = k[len(prefix) :]
                     if name:
-                        out.append((bytes(name), stat.S_IFMT(Entry.unpack(v).mode)))
+                        out.append(bytes(name))
         return out
 
     def open(self, path: bytes, flags: int, mode: int = 0) -> int:
