@@ -122,6 +122,8 @@ class Store:
                     if txn.get(layer.diff_id.encode(), db=self.db["layers"]) is None:
                         self._import_layer(txn, layer, src.layers[:i], new_blobs)
                 self._record_image(txn, src, name)
+                if new_blobs:
+                    self.blobs.sync()  # blobs on disk before the index that names them
         except BaseException:
             for d in new_blobs:
                 self.blobs.remove(d)
