@@ -1,11 +1,11 @@
 """Store maintenance: statistics (``store df``), garbage collection, consistency check.
 
-``gc`` and ``check`` run inside one lmdb write transaction. Because an import
-holds the write transaction from its first blob to its commit, a gc never runs
-during an import: blob files that no row names are leftovers of an import that
-died (kill -9), and are safe to delete. ``gc`` drops, in order: image rows
-that lost their name, layers no image uses (their entries, and one reference
-per blob they used), blobs left with no reference, and orphan blob files.
+Because an import holds the lmdb write transaction from its first blob to its
+commit, and ``gc`` holds it too, a gc never runs during an import: blob files
+that no row names are leftovers of an import that died (kill -9), and are safe
+to delete. ``gc`` drops, in order: image rows that lost their name, layers no
+image uses (their entries, and one reference per blob they used), blobs left
+with no reference (one commit), and then the files no row names.
 """
 
 from __future__ import annotations
@@ -61,7 +61,14 @@ def _blob_files(store: Store) -> dict[bytes, str]:
 
 
 def gc(store: Store) -> tuple[int, int, int]:
-    """Collect garbage; returns (layers dropped, blobs dropped, bytes freed)."""
+    """Collect garbage; returns (layers dropped, blobs dropped, bytes freed).
+
+    Two transactions, so that a file is deleted only after the commit that
+    dropped its row: first the rows (images without a name or a container,
+    unused layers, blobs left with no reference), then the files no row names.
+    Both hold the write lock, so no import can dedup against a file about to
+    vanish. A kill -9 anywhere leaves at most garbage for the next gc.
+    """
     assert store.blobs is not None
     dropped_layers = dropped_blobs = freed = 0
     with store.env.begin(write=True) as txn:
@@ -85,10 +92,8 @@ def gc(store: Store) -> tuple[int, int, int]:
         for digest, raw in list(txn.cursor(db=store.db["blobs"])):
             if msgpack.unpackb(raw)[1] <= 0:
                 txn.delete(bytes(digest), db=store.db["blobs"])
+    with store.env.begin(write=True) as txn:  # the lock only: this one writes no row
         live = {bytes(k) for k, _ in txn.cursor(db=store.db["blobs"])}
-        # Files go while we hold the write lock, so no import can dedup against one
-        # that is about to vanish. A kill -9 here leaves rows with no references and
-        # no file, which check tolerates and the next gc drops.
         for digest, path in _blob_files(store).items():
             if digest not in live:
                 freed += os.lstat(path).st_blocks * 512

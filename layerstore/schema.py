@@ -20,8 +20,8 @@ Sub-databases
              use the blob. Invariant: every blob file on disk has a row, and a
              row with ``refs == 0`` is garbage for ``store gc``.
 ``layers``   key: diff_id (``b"sha256:<hex>"`` of the uncompressed tar)
-             → ``{"size": tar bytes, "entries": n, "new_bytes": bytes first stored
-             by this layer, "created": unix seconds}``. A row exists only once all
+             → ``{"size": bytes of the layer's file contents, "entries": n,
+             "created": unix seconds}``. A row exists only once all
              of the layer's entries and blobs are in the store (one transaction).
 ``entries``  key: diff_id + ``b"\\0"`` + path → an :data:`ENTRY` record, the
              layer's own content as its tar said it (whiteouts and opaque marks

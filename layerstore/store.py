@@ -114,8 +114,8 @@ class Store:
         name = normalize_name(tag or (src.tags[0] if src.tags else src.config_digest[7:19]))
         assert self.blobs is not None
         new_blobs: list[bytes] = []
-        try:
-            with self.env.begin(write=True) as txn:
+        with self.env.begin(write=True) as txn:
+            try:
                 for i, layer in enumerate(src.layers):
                     if progress:
                         progress(i, len(src.layers))
@@ -124,10 +124,11 @@ class Store:
                 self._record_image(txn, src, name)
                 if new_blobs:
                     self.blobs.sync()  # blobs on disk before the index that names them
-        except BaseException:
-            for d in new_blobs:
-                self.blobs.remove(d)
-            raise
+            except BaseException:
+                # still under the write lock: no other import can have deduplicated against these
+                for d in new_blobs:
+                    self.blobs.remove(d)
+                raise
         return name, src.config_digest
 
     def _import_layer(self, txn: lmdb.Transaction, layer, below, new_blobs: list[bytes]) -> None:  # noqa: ANN001
@@ -226,6 +227,33 @@ class Store:
         with self.env.begin() as txn:
             cfg = _unpack(txn.get(image_id, db=self.db["configs"]))
         return {**cfg, "config": json.loads(cfg["config"])}
+
+    def image_sizes(self, image_id: bytes) -> tuple[int, int]:
+        """(size, shared size) of an image, in bytes of file contents.
+
+        ``size`` is what its layers hold (as ``image ls`` shows); ``shared`` is
+        the part of its distinct blobs that layers of other images also use,
+        i.e. what removing this image alone would not free.
+        """
+        with self.env.begin() as txn:
+            cfg = _unpack(txn.get(image_id, db=self.db["configs"]))
+            mine = set(cfg["layers"])
+            size = sum(_unpack(txn.get(d.encode(), db=self.db["layers"]))["size"] for d in mine)
+            others: set[str] = set()
+            for k, v in txn.cursor(db=self.db["configs"]):
+                if bytes(k) != image_id:
+                    others.update(_unpack(v)["layers"])
+            own = self._blobs_of(txn, mine)
+            elsewhere = self._blobs_of(txn, others)
+        return size, sum(n for d, n in own.items() if d in elsewhere)
+
+    def _blobs_of(self, txn: lmdb.Transaction, layers: set[str]) -> dict[bytes, int]:
+        out: dict[bytes, int] = {}
+        for d in layers:
+            for _, e in self.layer_entries(txn, d.encode()):
+                if e.blob is not None:
+                    out[e.blob] = e.size
+        return out
 
     def tag(self, name: str, new: str) -> str:
         image_id = self.resolve(name)

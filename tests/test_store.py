@@ -51,6 +51,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mkfifo $r/d/fifo; mknod $r/d/null c 1 3
         truncate -s 5M $r/d/sparse; echo tail >> $r/d/sparse
         setfattr -n user.color -v blue $r/d/sub
+        cp /bin/true $r/d/ping; setcap cap_net_raw+ep $r/d/ping
+        setfacl -m u:1000:rwx $r/d/sub; setfacl -d -m g:100:rx $r/d/sub
         echo x > $r/d/sub/$(printf 'n%.0s' $(seq 200))
         echo 1 > $r/gone/inner/f; echo keep > $r/d/keep; echo drop > $r/d/drop; echo dir > $r/r/file
         chown 1000:1000 $r/d/keep; chmod 4755 $r/d/keep
@@ -90,6 +92,8 @@ def test_mounted_image_is_what_umoci_unpacks(image: Path, tmp_path: Path) -> Non
         assert mtimes(mnt) == mtimes(oracle)
         assert os.stat(mnt / "etc" / "motd").st_ino == os.stat(mnt / "etc" / "motd.hard").st_ino
         assert os.stat(mnt / "d" / "sparse").st_size == 5 * 2**20 + 5
+        for path, attr in (("d/ping", "security.capability"), ("d/sub", "system.posix_acl_default")):
+            assert os.getxattr(mnt / path, attr) == os.getxattr(oracle / path, attr)
     finally:
         um("umount", mnt)
     blobs = [p for p in (store / "blobs").rglob("*") if p.is_file()]
@@ -330,6 +334,71 @@ def test_df_gc_check(image: Path, tmp_path: Path) -> None:
     victim.write_bytes(b"damaged")
     r = um("store", "--root", store, "check")
     assert r.returncode != 0 and "damaged" in r.stdout
+
+
+def test_inspect_sizes(image: Path, tmp_path: Path) -> None:
+    store, layout = tmp_path / "store", tmp_path / "layout"
+    shutil.copytree(image / "img", layout)
+    sh(
+        "umoci unpack --image layout:t b && echo unique-to-two > b/rootfs/extra && umoci repack --image layout:two b",
+        tmp_path,
+    )
+    for tag in ("t", "two"):
+        assert um("image", "--root", store, "import", f"oci:{layout}:{tag}", "--tag", tag).returncode == 0
+    one, two = (json.loads(um("image", "--root", store, "inspect", t).stdout) for t in ("t", "two"))
+    assert one["Size"] > 5 * 2**20 and two["Size"] == one["Size"] + len("unique-to-two\n")
+    assert 0 < one["SharedSize"] == two["SharedSize"] <= one["Size"]
+    assert um("image", "--root", store, "rm", "two").returncode == 0
+    assert json.loads(um("image", "--root", store, "inspect", "t").stdout)["SharedSize"] == 0
+
+
+def _many_files_image(src: Path, files: int, tag: str = "t") -> None:
+    sh(
+        f"[ -d img ] || umoci init --layout img; umoci new --image img:{tag} && umoci unpack --image img:{tag} b && "
+        f"python3 -c \"import os\nfor i in range({files}): open(f'b/rootfs/f{{i}}', 'wb').write(os.urandom(3000))\" && "
+        f"umoci repack --image img:{tag} b && rm -rf b",
+        src,
+    )
+
+
+def test_gc_during_import_and_kill_during_gc(tmp_path: Path) -> None:
+    """gc waits for a running import (never deletes a blob it is about to use); kill -9 of gc loses nothing."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    src.mkdir()
+    _many_files_image(src, 3000, "a")
+    _many_files_image(src, 3000, "b")
+    assert um("image", "--root", store, "import", f"oci:{src}/img:a", "--tag", "a").returncode == 0
+    proc = subprocess.Popen(
+        [*COMMAND, "image", "--root", str(store), "import", f"oci:{src}/img:b", "--tag", "b"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    gcs = 0
+    while proc.poll() is None or gcs == 0:
+        assert um("store", "--root", store, "gc").returncode == 0
+        gcs += 1
+    assert proc.wait() == 0, proc.stderr.read() if proc.stderr else ""
+    assert um("store", "--root", store, "check").returncode == 0
+    # drop a, then kill gc at several points while it frees 3000 blobs
+    assert um("image", "--root", store, "rm", "a").returncode == 0
+    for delay in ("0.3", "0.6", "1.0"):
+        gc = subprocess.Popen([*COMMAND, "store", "--root", str(store), "gc"], stdout=subprocess.DEVNULL)
+        subprocess.run(["sleep", delay])
+        gc.kill()
+        gc.wait()
+        r = um("store", "--root", store, "check")
+        assert r.returncode == 0, r.stdout
+    assert um("store", "--root", store, "gc").returncode == 0
+    assert sum(1 for p in (store / "blobs").rglob("*") if p.is_file()) == 3000  # b's files, a's are gone
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    assert um("mount", "--root", store, "--image", "b", mnt).returncode == 0
+    try:
+        ref = src / "ref"
+        sh(f"umoci unpack --image img:b {ref}", src)
+        assert snapshot(mnt) == snapshot(ref / "rootfs")
+    finally:
+        um("umount", mnt)
 
 
 def test_kill_during_import_then_import_again(tmp_path: Path) -> None:

@@ -118,6 +118,7 @@ def image_inspect(root: str | None, name: str) -> int:
     with open_store(root) as store:
         image_id = store.resolve(name)
         cfg = store.config(image_id)
+        size, shared = store.image_sizes(image_id)
     config = cfg["config"].get("config", {})
     print(
         json.dumps(
@@ -125,6 +126,8 @@ def image_inspect(root: str | None, name: str) -> int:
                 "Id": image_id.decode(),
                 "Manifest": cfg["manifest"],
                 "Layers": cfg["layers"],
+                "Size": size,
+                "SharedSize": shared,
                 "Env": config.get("Env"),
                 "Cmd": config.get("Cmd"),
                 "Entrypoint": config.get("Entrypoint"),
