@@ -12,12 +12,16 @@ Guarantees:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import lmdb
 import msgpack
@@ -25,7 +29,7 @@ import msgpack
 from .blobs import BlobStore
 from .entry import Entry
 from .flatten import Tree
-from .oci import ImageSource, open_layer, parse
+from .oci import ImageSource, LayerRef, open_layer, parse
 from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
 from .tarlayer import read_layer
 
@@ -84,7 +88,7 @@ class Store:
     """An open store. ``readonly`` stores are what a mount daemon uses."""
 
     def __init__(self, root: str, *, readonly: bool = False) -> None:
-        self.root = root
+        self.root = root = os.path.abspath(root)
         if not readonly:
             os.makedirs(os.path.join(root, "meta"), exist_ok=True)
             os.makedirs(os.path.join(root, "containers"), exist_ok=True)
@@ -305,3 +309,119 @@ class Store:
         for sub in ("upper", "work"):
             os.makedirs(os.path.join(base, sub), exist_ok=True)
         return name, os.path.join(base, "upper"), os.path.join(base, "work")
+
+    def container_paths(self, name: str) -> tuple[str, str]:
+        """(upper dir, work dir) of an existing container."""
+        self.container_record(name)
+        base = os.path.join(self.root, "containers", name)
+        return os.path.join(base, "upper"), os.path.join(base, "work")
+
+    def container_record(self, name: str) -> dict:  # type: ignore[type-arg]
+        with self.env.begin() as txn:
+            raw = txn.get(name.encode(), db=self.db["containers"])
+        if raw is None:
+            raise StoreError(f"no container '{name}' (see 'unionmount container ls')")
+        return _unpack(raw)
+
+    def containers(self) -> list[tuple[str, dict]]:  # type: ignore[type-arg]
+        with self.env.begin() as txn:
+            return [(bytes(k).decode(), _unpack(v)) for k, v in txn.cursor(db=self.db["containers"])]
+
+    def lock_container(self, name: str) -> int:
+        """Take the container's mount lock; returns the fd that holds it (held for the daemon's life).
+
+        Two daemons writing one container layer would corrupt it, so a second
+        mount of a container is refused while the first one is up.
+        """
+        fd = os.open(os.path.join(self.root, "containers", name, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            where = self.mounted_at(name)
+            raise StoreError(f"container '{name}' is already mounted" + (f" at {where}" if where else "")) from None
+        return fd
+
+    def set_mounted_at(self, name: str, mountpoint: str) -> None:
+        path = os.path.join(self.root, "containers", name, "mountpoint")
+        with open(path + ".tmp", "w") as f:
+            f.write(mountpoint)
+        os.replace(path + ".tmp", path)
+
+    def mounted_at(self, name: str) -> str | None:
+        """Where the container is mounted, or None (its lock is free)."""
+        base = os.path.join(self.root, "containers", name)
+        try:
+            fd = os.open(os.path.join(base, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            try:
+                with open(os.path.join(base, "mountpoint")) as f:
+                    return f.read() or "?"
+            except FileNotFoundError:
+                return "?"
+        finally:
+            os.close(fd)
+
+    def remove_container(self, name: str) -> None:
+        """Drop a container and its layer (the caller made sure it is not mounted)."""
+        self.container_record(name)
+        if self.mounted_at(name) is not None:
+            raise StoreError(f"container '{name}' is mounted at {self.mounted_at(name)} (unmount it, or use -f)")
+        base = os.path.join(self.root, "containers", name)
+        with self.env.begin(write=True) as txn:
+            txn.delete(name.encode(), db=self.db["containers"])
+        shutil.rmtree(base, ignore_errors=True)
+
+    # -- commit ---------------------------------------------------------------------------
+    def commit(self, image_id: bytes, tar_path: str, tag: str, message: str | None, author: str | None) -> str:
+        """A new image: ``image_id`` plus the layer in ``tar_path`` (an uncompressed tar); returns its id."""
+        h = hashlib.sha256()
+        with open(tar_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        diff_id = "sha256:" + h.hexdigest()
+        parent = self.config(image_id)
+        config = dict(parent["config"])
+        rootfs = dict(config.get("rootfs") or {"type": "layers"})
+        rootfs["diff_ids"] = [*rootfs.get("diff_ids", []), diff_id]
+        config["rootfs"] = rootfs
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        config["created"] = now
+        if author:
+            config["author"] = author
+        hist = {"created": now, "created_by": "unionmount commit"}
+        if message:
+            hist["comment"] = message
+        config["history"] = [*config.get("history", []), hist]
+        raw = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
+        config_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        layers = [LayerRef(d, None, _no_open) for d in parent["layers"]]
+        layers.append(LayerRef(diff_id, None, lambda: open(tar_path, "rb")))
+        src = ImageSource(raw, config_digest, "", layers, [])
+        name = normalize_name(tag)
+        assert self.blobs is not None
+        new_blobs: list[bytes] = []
+        with self.env.begin(write=True) as txn:
+            try:
+                for i, layer in enumerate(layers):
+                    if txn.get(layer.diff_id.encode(), db=self.db["layers"]) is None:
+                        if i < len(layers) - 1:
+                            raise StoreError(f"layer {layer.diff_id[:19]} of the image is missing from the store")
+                        self._import_layer(txn, layer, layers[:i], new_blobs)
+                self._record_image(txn, src, name)
+                if new_blobs:
+                    self.blobs.sync()
+            except BaseException:
+                for d in new_blobs:
+                    self.blobs.remove(d)
+                raise
+        return config_digest
+
+
+def _no_open() -> BinaryIO:
+    raise StoreError("a layer of the parent image is missing from the store")

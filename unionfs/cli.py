@@ -88,6 +88,30 @@ def _parser() -> argparse.ArgumentParser:
     tg = isub.add_parser("tag", help="give an image another name")
     tg.add_argument("name", metavar="NAME")
     tg.add_argument("new", metavar="NEW:TAG")
+    root_help = "the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)"
+    c = sub.add_parser("container", help="list, inspect and remove containers (writable layers)")
+    c.add_argument("--root", metavar="DIR", help=root_help)
+    csub = c.add_subparsers(dest="container_cmd", metavar="ACTION", required=True)
+    cls = csub.add_parser("ls", help="list containers")
+    cls.add_argument("--format", choices=("table", "json"), default="table")
+    csub.add_parser("inspect", help="a container as JSON").add_argument("name", metavar="NAME")
+    crm = csub.add_parser("rm", help="remove containers (-f: unmount first)")
+    crm.add_argument("names", metavar="NAME", nargs="+")
+    crm.add_argument("-f", "--force", action="store_true")
+    csub.add_parser("prune", help="remove every container that is not mounted")
+    d = sub.add_parser("diff", help="what a container changed: A (added), C (changed), D (deleted) paths")
+    d.add_argument("--root", metavar="DIR", help=root_help)
+    d.add_argument("name", metavar="CONTAINER")
+    cm = sub.add_parser("commit", help="a container's changes as a new image layer")
+    cm.add_argument("--root", metavar="DIR", help=root_help)
+    cm.add_argument("name", metavar="CONTAINER")
+    cm.add_argument("--tag", "-t", required=True, metavar="NAME:TAG")
+    cm.add_argument("--message", "-m", metavar="MSG")
+    cm.add_argument("--author", "-a", metavar="AUTHOR")
+    ex = sub.add_parser("export", help="a container's merged tree as one tar ('-' for stdout)")
+    ex.add_argument("--root", metavar="DIR", help=root_help)
+    ex.add_argument("name", metavar="CONTAINER")
+    ex.add_argument("file", metavar="FILE.tar")
     st = sub.add_parser("store", help="store usage, garbage collection, consistency check")
     st.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
     st.add_argument("action", choices=("df", "gc", "check"))
@@ -173,6 +197,24 @@ def _image(ns: argparse.Namespace) -> int:
     return commands.image_rm(ns.root, ns.name)
 
 
+def _container(ns: argparse.Namespace) -> int:
+    from . import containers
+
+    if ns.cmd == "diff":
+        return containers.diff(ns.root, ns.name)
+    if ns.cmd == "commit":
+        return containers.commit(ns.root, ns.name, ns.tag, ns.message, ns.author)
+    if ns.cmd == "export":
+        return containers.export(ns.root, ns.name, ns.file)
+    if ns.container_cmd == "ls":
+        return containers.container_ls(ns.root, ns.format)
+    if ns.container_cmd == "inspect":
+        return containers.container_inspect(ns.root, ns.name)
+    if ns.container_cmd == "rm":
+        return containers.container_rm(ns.root, ns.names, ns.force)
+    return containers.container_prune(ns.root)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -195,8 +237,10 @@ def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         _parser().print_help()
         return 0 if args else 2
-    if args[0] in ("mount", "umount", "image", "store"):
+    if args[0] in ("mount", "umount", "image", "store", "container", "diff", "commit", "export"):
         ns = _parser().parse_args(args)
+        if ns.cmd in ("container", "diff", "commit", "export"):
+            return _container(ns)
         if ns.cmd == "umount":
             return _umount(ns.mountpoint, ns.timeout)
         if ns.cmd == "image":

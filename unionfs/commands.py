@@ -6,6 +6,7 @@ Every store failure becomes a :class:`~unionfs.config.UsageError` with one line.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -155,6 +156,8 @@ def prepare_image_mount(cfg: MountConfig, root: str | None, image: str, containe
     with open_store(root) as store:
         image_id = store.resolve(image)
         name, upper, work = store.container(container, image_id)
+        cfg.hold_fds.append(store.lock_container(name))
+        store.set_mounted_at(name, os.path.realpath(cfg.mountpoint))
     cfg.image = (store.root, image_id)
     cfg.upper, cfg.work = upper, work
     if container is None:

@@ -91,6 +91,7 @@ class MountConfig:
     ignored_idmaps: list[str] = field(default_factory=list)
     log_file: str | None = None
     image: tuple[str, bytes] | None = None  # (store root, image id)
+    hold_fds: list[int] = field(default_factory=list)  # kept open for the daemon's life (container lock)
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:

@@ -20,18 +20,28 @@ from layerstore.store import Store, image_key, merged_key
 class StoreLayer:
     """Read-only view of one imported image."""
 
-    def __init__(self, index: int, root: str, image_id: bytes) -> None:
+    def __init__(self, index: int, root: str, image_id: bytes, store: Store | None = None) -> None:
+        """Open the image; ``store``: an already open store of ``root`` to use (and not close).
+
+        (lmdb forbids opening one environment twice in a process.)
+        """
         self.index = index
         self.root = root
         self.writable = False
-        self.store = Store(root, readonly=True)
+        self._own = store is None
+        self.store = store or Store(root, readonly=True)
         self._prefix = image_key(image_id)
         self._db = self.store.db["merged"]
         if self._get(b"") is None:
             raise OSError(errno.ENOENT, "image has no merged tree", image_id)
 
     def close(self) -> None:
-        self.store.close()
+        if self._own:
+            self.store.close()
+
+    def entry(self, path: bytes) -> Entry | None:
+        """The image's record of ``path`` (None if the image has no such path)."""
+        return self._get(path)
 
     def _get(self, path: bytes) -> Entry | None:
         with self.store.env.begin() as txn:
