@@ -22,12 +22,12 @@ import ctypes
 import errno
 import itertools
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import xxhash
 
 _CHUNK = 1 << 20
-_ZERO = bytes(_CHUNK)
 _counter = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -78,36 +78,50 @@ class BlobStore:
             return False
 
     def ingest(self, src: BinaryIO, size: int) -> tuple[bytes, bool]:
-        """Store ``size`` bytes read from ``src``; returns (digest, newly stored)."""
+        """Store ``size`` bytes read from ``src``; returns (digest, newly stored).
+
+        A file of up to one chunk is hashed in memory first, so a duplicate costs
+        no temporary file; a bigger one streams through ``tmp/``.
+        """
+        if size <= _CHUNK:
+            data = _read_exactly(src, size)
+            digest = xxhash.xxh3_128_digest(data)
+            if self.exists(digest):
+                with open(self.path(digest), "rb") as f:
+                    if f.read(size + 1) != data:
+                        raise CollisionError(f"XXH3-128 collision on {digest.hex()}")
+                return digest, False
+            return self._store(iter((data,)), size, digest)
+        return self._store(_chunks(src, size), size, None)
+
+    def _store(self, chunks: Iterator[bytes], size: int, digest: bytes | None) -> tuple[bytes, bool]:
         tmp = os.path.join(self.tmp, f"{os.getpid()}.{next(_counter)}")
-        h = xxhash.xxh3_128()
+        h = xxhash.xxh3_128() if digest is None else None
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
         try:
-            left = size
-            while left > 0:
-                buf = src.read(min(_CHUNK, left))
-                if not buf:
-                    raise EOFError("layer tar ends inside a file (truncated archive)")
-                h.update(buf)
-                if buf == _ZERO[: len(buf)]:
-                    os.lseek(fd, len(buf), os.SEEK_CUR)
+            for buf in chunks:
+                if h is not None:
+                    h.update(buf)
+                if buf.count(0) == len(buf):
+                    os.lseek(fd, len(buf), os.SEEK_CUR)  # a hole
                 else:
-                    os.write(fd, buf)
-                left -= len(buf)
+                    _write_all(fd, buf)
             os.ftruncate(fd, size)
-            digest = h.digest()
-            if self.exists(digest):
-                same = _same_content(tmp, self.path(digest))
-                os.unlink(tmp)
-                if not same:
-                    raise CollisionError(f"XXH3-128 collision on {digest.hex()}")
-                return digest, False
+            if h is not None:
+                digest = h.digest()
+            assert digest is not None
             os.fchmod(fd, 0o444)
         except BaseException:
             os.close(fd)
             _unlink_quiet(tmp)
             raise
         os.close(fd)
+        if h is not None and self.exists(digest):
+            same = _same_content(tmp, self.path(digest))
+            os.unlink(tmp)
+            if not same:
+                raise CollisionError(f"XXH3-128 collision on {digest.hex()}")
+            return digest, False
         name = hexname(digest)
         if name[:2] not in self._fanout:
             try:
@@ -137,6 +151,29 @@ class BlobStore:
             self._fanout.discard(hexname(digest)[:2])
         except OSError:
             pass
+
+
+def _read_exactly(src: BinaryIO, size: int) -> bytes:
+    data = src.read(size)
+    if len(data) != size:
+        raise EOFError("layer tar ends inside a file (truncated archive)")
+    return data
+
+
+def _chunks(src: BinaryIO, size: int) -> Iterator[bytes]:
+    left = size
+    while left > 0:
+        buf = src.read(min(_CHUNK, left))
+        if not buf:
+            raise EOFError("layer tar ends inside a file (truncated archive)")
+        left -= len(buf)
+        yield buf
+
+
+def _write_all(fd: int, buf: bytes) -> None:
+    view = memoryview(buf)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _same_content(a: str, b: str) -> bool:

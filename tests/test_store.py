@@ -361,6 +361,29 @@ def _many_files_image(src: Path, files: int, tag: str = "t") -> None:
     )
 
 
+def test_file_dedup_across_layers_with_few_fds(tmp_path: Path) -> None:
+    """400 files stored again by another layer: each is a dedup hit, none may leak an fd (ulimit -n 64)."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    src.mkdir()
+    sh(
+        "umoci init --layout img && umoci new --image img:a && umoci unpack --image img:a b && "
+        "for i in $(seq 400); do echo file $i > b/rootfs/f$i; done && head -c 3000000 /dev/urandom > b/rootfs/big && "
+        "cp -a b/rootfs keep && umoci repack --image img:a b && rm -rf b && "
+        "umoci new --image img:b && umoci unpack --image img:b b && cp -a keep/. b/rootfs/ && echo other > b/rootfs/x && "
+        "umoci repack --image img:b b && rm -rf b",
+        src,
+    )
+    for tag in ("a", "b"):
+        r = subprocess.run(
+            ["bash", "-c", 'ulimit -n 64 && exec "$@"', "-", *COMMAND, "image", "--root", str(store), "import",
+             f"oci:{src}/img:{tag}", "--tag", tag],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    assert sum(1 for p in (store / "blobs").rglob("*") if p.is_file()) == 400 + 2
+    assert um("store", "--root", store, "check").returncode == 0
+
+
 def test_gc_during_import_and_kill_during_gc(tmp_path: Path) -> None:
     """gc waits for a running import (never deletes a blob it is about to use); kill -9 of gc loses nothing."""
     src, store = tmp_path / "src", tmp_path / "store"
