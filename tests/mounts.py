@@ -31,7 +31,7 @@ def run(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[
     return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=120)
 
 
-def _force_unmount(mnt: Path) -> None:
+def force_unmount(mnt: Path) -> None:
     for cmd in (["fusermount3", "-u", str(mnt)], ["umount", str(mnt)], ["umount", "-l", str(mnt)]):
         if not is_mounted(mnt):
             return
@@ -64,7 +64,7 @@ def union(
     finally:
         still = is_mounted(mnt)
         r = run([*COMMAND, "umount", str(mnt)], check=False) if still else None
-        _force_unmount(mnt)
+        force_unmount(mnt)
         if ok:
             assert r is None or r.returncode == 0, f"umount failed: {r.stderr}"
             text = log.read_text() if log.exists() else ""
@@ -80,7 +80,7 @@ def overlay(mnt: Path, lowers: Sequence[Path], upper: Path, work: Path) -> Itera
     try:
         yield mnt
     finally:
-        _force_unmount(mnt)
+        force_unmount(mnt)
 
 
 def fresh_dirs(base: Path, *names: str) -> list[Path]:

@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--format", choices=("table", "json"), default="table")
     isub.add_parser("inspect", help="an image's config as JSON").add_argument("name", metavar="NAME")
     isub.add_parser("rm", help="remove an image name").add_argument("name", metavar="NAME")
+    sv = isub.add_parser("save", help="write an image as oci:DIR[:REF] or docker-archive:FILE[:NAME:TAG]")
+    sv.add_argument("name", metavar="NAME")
+    sv.add_argument("dest", metavar="DEST")
     tg = isub.add_parser("tag", help="give an image another name")
     tg.add_argument("name", metavar="NAME")
     tg.add_argument("new", metavar="NEW:TAG")
@@ -192,6 +195,8 @@ def _image(ns: argparse.Namespace) -> int:
         return commands.image_ls(ns.root, ns.format)
     if ns.image_cmd == "inspect":
         return commands.image_inspect(ns.root, ns.name)
+    if ns.image_cmd == "save":
+        return commands.image_save(ns.root, ns.name, ns.dest)
     if ns.image_cmd == "tag":
         return commands.image_tag(ns.root, ns.name, ns.new)
     return commands.image_rm(ns.root, ns.name)

@@ -62,6 +62,16 @@ def _progress() -> Iterator[Callable[[int, int], None] | None]:
         yield update
 
 
+def image_save(root: str | None, name: str, dest: str) -> int:
+    from layerstore.save import save
+
+    start = time.monotonic()
+    with open_store(root, readonly=True) as store:
+        digest = save(store, name, dest)
+    print(f"{dest} {digest[7:19]} ({time.monotonic() - start:.1f}s)")
+    return 0
+
+
 def image_tag(root: str | None, name: str, new: str) -> int:
     with open_store(root) as store:
         print(store.tag(name, new))
