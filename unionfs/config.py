@@ -12,6 +12,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from .idmap import IdMap
+
 
 class UsageError(Exception):
     """Bad input from the user: shown as one line on stderr, exit status 2."""
@@ -73,8 +75,36 @@ _IGNORED = {
 }
 #: Options handed on to FUSE (they change what the kernel does).
 _FUSE = {"ro", "nodev", "nosuid", "noexec", "fsname", "subtype"}
-#: Id mapping arrives with the volume/uidmap work; accepted so podman can use us now.
+#: fuse-overlayfs' id maps: ``uidmapping=IN:OUT:N[:IN:OUT:N...]`` (what containers/storage passes).
 _IDMAP = {"uidmapping", "gidmapping"}
+
+
+@dataclass(slots=True, frozen=True)
+class Graft:
+    """A directory grafted on a path of the union: a volume, a host directory, a tmpfs.
+
+    Below ``target`` the mount shows ``source`` as it is (no layers, no
+    copy-up); ``uidmap``/``gidmap`` (empty: the mount's own) translate owners.
+    """
+
+    target: bytes  # path in the union, without the leading slash
+    source: str  # the host directory shown there
+    read_only: bool = False
+    kind: str = "bind"  # "volume", "bind" or "tmpfs"
+    name: str | None = None  # the volume's name
+    uidmap: IdMap = IdMap()
+    gidmap: IdMap = IdMap()
+    nocopy: bool = False
+
+    def describe(self) -> dict[str, object]:
+        """As recorded with a container (for ``--volumes-from`` and ``volume inspect``)."""
+        return {
+            "Type": self.kind,
+            "Name": self.name,
+            "Source": self.source,
+            "Destination": "/" + self.target.decode("utf-8", "surrogateescape"),
+            "RW": not self.read_only,
+        }
 
 
 @dataclass(slots=True)
@@ -88,10 +118,18 @@ class MountConfig:
     volatile: bool = False
     read_only: bool = False
     fuse_options: set[str] = field(default_factory=set)
-    ignored_idmaps: list[str] = field(default_factory=list)
     log_file: str | None = None
     image: tuple[str, bytes] | None = None  # (store root, image id)
     hold_fds: list[int] = field(default_factory=list)  # kept open for the daemon's life (container lock)
+    volumes: list[str] = field(default_factory=list)  # -v specs
+    mounts: list[str] = field(default_factory=list)  # --mount specs
+    volumes_from: list[str] = field(default_factory=list)
+    uidmap_specs: list[str] = field(default_factory=list)
+    gidmap_specs: list[str] = field(default_factory=list)
+    grafts: list[Graft] = field(default_factory=list)  # resolved from the specs above
+    uidmap: IdMap = IdMap()
+    gidmap: IdMap = IdMap()
+    cleanup: list[str] = field(default_factory=list)  # directories removed when the daemon exits (tmpfs)
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -116,7 +154,11 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                     cfg.read_only = True
                 cfg.fuse_options.add(item)
             elif key in _IDMAP:
-                cfg.ignored_idmaps.append(item)
+                nums = value.split(":")
+                if len(nums) % 3 or not value:
+                    raise UsageError(f"'{item}' is not {key}=IN:OUT:N[:IN:OUT:N...]")
+                specs = [":".join(nums[i : i + 3]) for i in range(0, len(nums), 3)]
+                (cfg.uidmap_specs if key == "uidmapping" else cfg.gidmap_specs).extend(specs)
             elif key in _IGNORED:
                 continue
             else:

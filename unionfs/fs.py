@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from .config import Graft
 from .copy_up import CopyUp
-from .inodes import ROOT_INO, InodeTable, Node
+from .idmap import IdMap
+from .inodes import GRAFT_ID, ROOT_INO, InodeTable, Node, make_ino
 from .layers import DirLayer, FdCache, Layer, join
 from .markers import WriteDialect, is_marker_name, is_private_xattr
 from .namei import Found, Resolver
@@ -30,10 +32,21 @@ from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_pa
 from .upper import Upper
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
+GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: attributes show within a second
 
 
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """The request context of the daemon's own operations (graft points are made by root)."""
+
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+    umask: int = 0
 
 
 @dataclass(slots=True)
@@ -57,6 +70,42 @@ class Options:
     work: str | None = None
     volatile: bool = False
     image: tuple[str, bytes] | None = None  # (store root, image id): the image is the bottom layer
+    grafts: tuple[Graft, ...] = ()
+    uidmap: IdMap = IdMap()
+    gidmap: IdMap = IdMap()
+
+
+class _NoCopy:
+    """Copy-up in a graft: there is nothing below a graft, every entry is already where it is written."""
+
+    async def dir(self, node: Node) -> None:
+        return None
+
+    async def file(self, node: Node, *, data: bool) -> None:
+        return None
+
+    def drop_metacopy(self, node: Node) -> None:
+        return None
+
+    def index_exists(self, node: Node) -> bool:
+        return False
+
+
+_NO_COPY = _NoCopy()
+
+
+@dataclass(slots=True)
+class Realm:
+    """Where a node's entries live: the union (realm 0), or one graft (a volume or bind mount)."""
+
+    resolver: Resolver
+    upper: Upper | None  # None: read-only
+    copy: CopyUp | None
+    timeout: float
+    uidmap: IdMap
+    gidmap: IdMap
+    graft: Graft | None = None
+    root: Node | None = None  # a graft's root node
 
 
 class UnionFS:
@@ -77,15 +126,76 @@ class UnionFS:
             ROOT_INO, stat.S_IFDIR, [], upper=up_layer is not None, lowers=[(i, b"") for i in range(len(self.lowers))]
         )
         self.table = InodeTable(root)
+        self.realms = [Realm(self.resolver, self.upper, self.copy, TIMEOUT, opts.uidmap, opts.gidmap)]
+        self.graft_at: dict[tuple[bytes, bytes], int] = {}  # (parent path, name) in the union -> realm
+        for k, g in enumerate(opts.grafts, start=1):
+            self._add_graft(k, g, opts, dialect)
         self.lock = trio.Lock()
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
 
+    def _add_graft(self, k: int, g: Graft, opts: Options, dialect: WriteDialect) -> None:
+        layer = DirLayer(-1 - k, g.source, self.cache, writable=not g.read_only)
+        st = layer.lstat(b"")
+        assert st is not None
+        resolver = Resolver(layer, [], dialect, upper_id=GRAFT_ID + k)
+        upper = Upper(layer, None, dialect) if not g.read_only else None
+        root = Node(make_ino(GRAFT_ID + k, st.st_ino), stat.S_IFDIR, [], upper=True, realm=k, realm_root=True)
+        uidmap = g.uidmap if g.uidmap else opts.uidmap
+        gidmap = g.gidmap if g.gidmap else opts.gidmap
+        self.realms.append(Realm(resolver, upper, None, GRAFT_TIMEOUT, uidmap, gidmap, g, root))
+        parent, _, name = g.target.rpartition(b"/")
+        self.graft_at[(parent, name)] = k
+
+    async def prepare(self) -> None:
+        """Make every graft point a directory of the union (created in the upper layer where missing).
+
+        Raises OSError(ENOTDIR) naming the target when the union has a non-directory there.
+        """
+        ctx = _Ctx()
+        for realm in self.realms[1:]:
+            assert realm.graft is not None
+            node = self.table.root
+            done = b""
+            for name in realm.graft.target.split(b"/"):
+                done = join(done, name)
+                found = self.resolver.lookup(node, name)
+                if found is None:
+                    if self.upper is None:
+                        break  # a read-only union: the graft point is shown all the same
+                    await self.mkdir(node.ino, name, stat.S_IFDIR | 0o755, ctx)  # type: ignore[arg-type]
+                    found = self._lookup_found(node, name)
+                elif found.kind != stat.S_IFDIR:
+                    raise OSError(errno.ENOTDIR, "not a directory in the union", "/" + os.fsdecode(done))
+                node = self._found_node(found, node, name)
+                self.table.remember(node)  # kept for the daemon's life
+
+
+    def _graft_root(self, parent: Node, name: bytes) -> Node | None:
+        """The root node of the graft mounted at ``name`` in ``parent``, if one is."""
+        if parent.realm != 0 or not self.graft_at:
+            return None
+        k = self.graft_at.get((parent.path, name))
+        if k is None:
+            return None
+        root = self.realms[k].root
+        assert root is not None
+        root.links = [(parent, name)]
+        return self.table.add(root)
+
+    def _graft_busy(self, parent: Node, name: bytes) -> None:
+        if self._graft_root(parent, name) is not None:
+            raise _err(errno.EBUSY)
+
     def close(self) -> None:
         for h in self.files.values():
             os.close(h.fd)
         self.files.clear()
+        for realm in self.realms[1:]:
+            if realm.upper is not None:
+                realm.upper.close()
+            realm.resolver.upper.close()  # type: ignore[union-attr]
         self.cache.close()
         for layer in self.lowers:
             layer.close()
@@ -104,10 +214,12 @@ class UnionFS:
         self._next_fh += 1
         return self._next_fh
 
-    def _writable(self) -> tuple[Upper, CopyUp]:
-        if self.upper is None or self.copy is None:
+    def _writable(self, node: Node) -> tuple[Upper, CopyUp | _NoCopy]:
+        """The upper layer and copy-up of ``node``'s realm (EROFS if it is read-only)."""
+        r = self.realms[node.realm]
+        if r.upper is None:
             raise _err(errno.EROFS)
-        return self.upper, self.copy
+        return r.upper, (r.copy or _NO_COPY)
 
     @staticmethod
     def _check_new_name(name: bytes) -> None:
@@ -120,7 +232,7 @@ class UnionFS:
         """The table's node for a resolution, created or refreshed; no lookup is counted."""
         node = self.table.get(found.ino)
         if node is None:
-            node = self.table.add(Node(found.ino, found.kind, [(parent, name)]))
+            node = self.table.add(Node(found.ino, found.kind, [(parent, name)], realm=parent.realm))
         elif node.is_dir or found.kind == stat.S_IFDIR:
             node.links = [(parent, name)]
         else:
@@ -133,15 +245,18 @@ class UnionFS:
         node.opaque = found.opaque
         node.index_name = found.index_name
         node.data = found.data
-        if node.index_name is not None and not node.upper and self.copy is not None:
-            node.upper = self.copy.index_exists(node)
-        if node.index_name is not None and node.upper and not node.lowers and self.copy is not None:
-            if not self.copy.index_exists(node):
+        if parent.realm:
+            node.index_name = node.data = None  # a graft has no hard-link index and nothing below
+        copy = self.realms[parent.realm].copy
+        if node.index_name is not None and not node.upper and copy is not None:
+            node.upper = copy.index_exists(node)
+        if node.index_name is not None and node.upper and not node.lowers and copy is not None:
+            if not copy.index_exists(node):
                 node.index_name = None  # hard links made in the upper itself, not a lower group
         return node
 
     def _lookup_found(self, parent: Node, name: bytes) -> Found:
-        found = self.resolver.lookup(parent, name)
+        found = self.realms[parent.realm].resolver.lookup(parent, name)
         if found is None:
             raise _err(errno.ENOENT)
         return found
@@ -158,11 +273,12 @@ class UnionFS:
                     if h.node is node:
                         return os.fstat(h.fd), 0  # open but unlinked
                 raise _err(errno.ENOENT)
-            if node.upper and self.upper is not None:
-                if node.index_name is not None and not node.is_dir:
+            up = self.realms[node.realm].resolver.upper
+            if node.upper and up is not None:
+                if node.index_name is not None and not node.is_dir and self.upper is not None:
                     st = os.stat(node.index_name, dir_fd=self.upper.index_fd, follow_symlinks=False)
                     return st, self._index_nlink(node, st)
-                st = self.upper.layer.lstat(node.path)
+                st = up.lstat(node.path)
             else:
                 li, lpath = node.lowers[0]
                 st = self.lowers[li].lstat(lpath)
@@ -193,15 +309,16 @@ class UnionFS:
 
     def attrs(self, node: Node, found: Found | None = None) -> pyfuse3.EntryAttributes:
         st, nlink = self._stat(node, found)
+        r = self.realms[node.realm]
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
-        e.entry_timeout = TIMEOUT
-        e.attr_timeout = TIMEOUT
+        e.entry_timeout = r.timeout
+        e.attr_timeout = r.timeout
         e.st_mode = st.st_mode
         e.st_nlink = nlink
-        e.st_uid = st.st_uid
-        e.st_gid = st.st_gid
+        e.st_uid = r.uidmap.to_inside(st.st_uid)
+        e.st_gid = r.gidmap.to_inside(st.st_gid)
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
@@ -223,6 +340,8 @@ class UnionFS:
             node = parent
         elif name == b"..":
             node = parent.links[0][0] if parent.links else self.table.root
+        elif (graft := self._graft_root(parent, name)) is not None:
+            node = graft
         else:
             found = self._lookup_found(parent, name)
             node = self._found_node(found, parent, name)
@@ -246,7 +365,7 @@ class UnionFS:
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.dirs[fh]
         if start == 0 or h.names is None:
-            h.names = [b".", b".."] + merged_names(self.resolver, h.node)  # rewinddir sees changes
+            h.names = [b".", b".."] + self._names(h.node)  # rewinddir sees changes
         names = h.names
         for i in range(start, len(names)):
             name = names[i]
@@ -255,10 +374,14 @@ class UnionFS:
                 if not pyfuse3.readdir_reply(token, name, self.attrs(target), i + 1):
                     return
                 continue
-            found = self.resolver.lookup(h.node, name)
-            if found is None:
-                continue
-            node = self._found_node(found, h.node, name)
+            graft = self._graft_root(h.node, name)
+            if graft is not None:
+                node, found = graft, None
+            else:
+                found = self.realms[h.node.realm].resolver.lookup(h.node, name)
+                if found is None:
+                    continue
+                node = self._found_node(found, h.node, name)
             try:
                 a = self.attrs(node, found)
             except FileNotFoundError:
@@ -269,20 +392,30 @@ class UnionFS:
                 return
             self.table.remember(node)
 
+    def _names(self, node: Node) -> list[bytes]:
+        names = merged_names(self.realms[node.realm].resolver, node)
+        if node.realm == 0 and self.graft_at:
+            path = node.path
+            have = set(names)
+            names += [n for (p, n) in self.graft_at if p == path and n not in have]
+        return names
+
     def releasedir(self, fh: int) -> None:
         del self.dirs[fh]
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
-        if node.upper and self.upper is not None:
-            if node.index_name is not None:
+        up = self.realms[node.realm].resolver.upper
+        if node.upper and up is not None:
+            if node.index_name is not None and self.upper is not None:
                 return os.readlink(node.index_name, dir_fd=self.upper.index_fd)
-            return self.upper.layer.readlink(node.path)
+            return up.readlink(node.path)
         li, lpath = node.lowers[0]
         return self.lowers[li].readlink(lpath)
 
     def _is_empty(self, node: Node) -> bool:
-        return all(self.resolver.lookup(node, n) is None for n in merged_names(self.resolver, node))
+        resolver = self.realms[node.realm].resolver
+        return all(resolver.lookup(node, n) is None for n in merged_names(resolver, node))
 
     # -- files -------------------------------------------------------------------------
     def _data_fd(self, node: Node, flags: int) -> int:
@@ -290,10 +423,11 @@ class UnionFS:
         if node.data is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
             li, lpath = node.data
             return self.lowers[li].open(lpath, flags)
-        if node.upper and self.upper is not None:
-            if node.index_name is not None:
+        up = self.realms[node.realm].resolver.upper
+        if node.upper and up is not None:
+            if node.index_name is not None and self.upper is not None:
                 return os.open(node.index_name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.upper.index_fd)
-            return self.upper.layer.open(node.path, flags)
+            return up.open(node.path, flags)
         li, lpath = node.lowers[0]
         return self.lowers[li].open(lpath, flags)
 
@@ -302,7 +436,7 @@ class UnionFS:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         real = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
         if writable or flags & os.O_TRUNC:
-            _, copy = self._writable()
+            _, copy = self._writable(node)
             async with self.lock:
                 truncating = bool(flags & os.O_TRUNC)
                 await copy.file(node, data=not truncating)
@@ -314,7 +448,7 @@ class UnionFS:
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, writable, node.version)
         node.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=node.realm == 0)  # a volume may change behind our back
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.files[fh]
@@ -339,15 +473,21 @@ class UnionFS:
         self.table.maybe_drop(h.node)
 
     # -- creating entries ------------------------------------------------------------------
-    def _owner(self, ctx: pyfuse3.RequestContext, parent_st: os.stat_result) -> tuple[int, int]:
-        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
-        return ctx.uid, gid
+    def _owner(self, parent: Node, ctx: pyfuse3.RequestContext, parent_st: os.stat_result) -> tuple[int, int]:
+        """The ids a new entry gets on disk: its creator's, mapped out of the mount (EOVERFLOW if unmapped)."""
+        r = self.realms[parent.realm]
+        try:
+            uid = r.uidmap.to_outside(ctx.uid)
+            gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else r.gidmap.to_outside(ctx.gid)
+        except OSError:
+            raise _err(errno.EOVERFLOW) from None
+        return uid, gid
 
     async def _prepare_create(self, parent: Node, name: bytes) -> tuple[Upper, int, bool, os.stat_result]:
         """Common start of every creation: checks, parent copy-up; returns (upper, dirfd, over_whiteout, parent st)."""
         self._check_new_name(name)
-        upper, copy = self._writable()
-        if self.resolver.lookup(parent, name) is not None:
+        upper, copy = self._writable(parent)
+        if self._graft_root(parent, name) is not None or self.realms[parent.realm].resolver.lookup(parent, name):
             raise _err(errno.EEXIST)
         await copy.dir(parent)
         pfd = upper.layer.dirfd(parent.path)
@@ -371,7 +511,7 @@ class UnionFS:
                 (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL
             )
             oflags |= os.O_NOFOLLOW | os.O_CLOEXEC
-            uid, gid = self._owner(ctx, pst)
+            uid, gid = self._owner(parent, ctx, pst)
             if over:
                 tmp = upper.tmpname()
                 fd = os.open(tmp, oflags, stat.S_IMODE(mode), dir_fd=upper.work_fd)
@@ -409,11 +549,11 @@ class UnionFS:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
-            uid, gid = self._owner(ctx, pst)
+            uid, gid = self._owner(parent, ctx, pst)
             perm = stat.S_IMODE(mode)
             if pst.st_mode & stat.S_ISGID:
                 perm |= stat.S_ISGID
-            if over or self.resolver.lower_visible(parent, name):
+            if over or self.realms[parent.realm].resolver.lower_visible(parent, name):
                 tmp = upper.tmpname()
                 os.mkdir(tmp, 0o700, dir_fd=upper.work_fd)
                 tpath = proc_path(upper.work_fd, tmp)
@@ -436,7 +576,7 @@ class UnionFS:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
-            uid, gid = self._owner(ctx, pst)
+            uid, gid = self._owner(parent, ctx, pst)
             dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
             os.mknod(dname, mode, rdev, dir_fd=dfd)
             self._chown_new(proc_path(dfd, dname), uid, gid)
@@ -450,7 +590,7 @@ class UnionFS:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
-            uid, gid = self._owner(ctx, pst)
+            uid, gid = self._owner(parent, ctx, pst)
             dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
             os.symlink(target, dname, dir_fd=dfd)
             self._chown_new(proc_path(dfd, dname), uid, gid)
@@ -461,9 +601,11 @@ class UnionFS:
     async def link(self, ino: int, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
         node = self.node(ino)
         parent = self.node(parent_ino)
+        if node.realm != parent.realm:
+            raise _err(errno.EXDEV)
         async with self.lock:
             upper, pfd, over, _ = await self._prepare_create(parent, name)
-            copy = self._writable()[1]
+            copy = self._writable(parent)[1]
             await copy.file(node, data=True)
             pfd = upper.layer.dirfd(parent.path)
             if node.index_name is not None:
@@ -483,7 +625,8 @@ class UnionFS:
     async def unlink(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
         async with self.lock:
-            upper, copy = self._writable()
+            upper, copy = self._writable(parent)
+            self._graft_busy(parent, name)
             found = self._lookup_found(parent, name)
             if found.kind == stat.S_IFDIR:
                 raise _err(errno.EISDIR)
@@ -499,7 +642,8 @@ class UnionFS:
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
         async with self.lock:
-            self._writable()
+            self._writable(parent)
+            self._graft_busy(parent, name)
             found = self._lookup_found(parent, name)
             if found.kind != stat.S_IFDIR:
                 raise _err(errno.ENOTDIR)
@@ -512,8 +656,8 @@ class UnionFS:
 
     async def _remove(self, parent: Node, name: bytes, found: Found, *, is_dir: bool) -> None:
         """Take ``name`` out of the union: delete its upper part, whiteout its lower part."""
-        upper, copy = self._writable()
-        need_wh = self.resolver.lower_visible(parent, name)
+        upper, copy = self._writable(parent)
+        need_wh = self.realms[parent.realm].resolver.lower_visible(parent, name)
         await copy.dir(parent)
         pfd = upper.layer.dirfd(parent.path)
         if found.upper_st is None:
@@ -540,10 +684,15 @@ class UnionFS:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise _err(errno.EINVAL)
         self._check_new_name(new)
+        if p1.realm != p2.realm:
+            raise _err(errno.EXDEV)
+        resolver = self.realms[p1.realm].resolver
         async with self.lock:
-            upper, copy = self._writable()
+            upper, copy = self._writable(p1)
+            self._graft_busy(p1, old)
+            self._graft_busy(p2, new)
             src = self._lookup_found(p1, old)
-            dst = self.resolver.lookup(p2, new)
+            dst = resolver.lookup(p2, new)
             exchange = bool(flags & RENAME_EXCHANGE)
             if dst is not None and flags & RENAME_NOREPLACE:
                 raise _err(errno.EEXIST)
@@ -565,12 +714,12 @@ class UnionFS:
                 assert dst_node is not None
                 await self._move_prepare(dst_node, p1, old)
             await copy.dir(p2)
-            src_wh = not exchange and self.resolver.lower_visible(p1, old)
+            src_wh = not exchange and resolver.lower_visible(p1, old)
             if dst_node is not None and dst_node.index_name is not None and not exchange:
                 await copy.file(dst_node, data=True)
                 self._set_index_nlink(dst_node, -1)
             if dst is not None:
-                dst = self.resolver.lookup(p2, new)
+                dst = resolver.lookup(p2, new)
             pfd1 = upper.layer.dirfd(p1.path)
             pfd2 = upper.layer.dirfd(p2.path)
             if exchange:
@@ -591,7 +740,7 @@ class UnionFS:
 
     async def _move_prepare(self, node: Node, to_parent: Node, to_name: bytes) -> None:
         """Copy ``node`` up and mark it so that it keeps its own lower parts at its new place."""
-        upper, copy = self._writable()
+        upper, copy = self._writable(node)
         if not node.is_dir:
             await copy.file(node, data=False)
             return
@@ -650,24 +799,29 @@ class UnionFS:
 
     # -- attributes and xattrs ---------------------------------------------------------
     async def _copy_meta(self, node: Node) -> None:
-        _, copy = self._writable()
+        _, copy = self._writable(node)
         if node.is_dir:
             await copy.dir(node)
         else:
             await copy.file(node, data=False)
 
     def _upper_at(self, node: Node) -> tuple[int, bytes]:
-        assert self.upper is not None
-        if node.index_name is not None:
+        up = self.realms[node.realm].resolver.upper
+        assert up is not None
+        if node.index_name is not None and self.upper is not None:
             return self.upper.index_fd, node.index_name
-        return self.upper.layer.at(node.path)
+        return up.at(node.path)
 
     async def setattr(
         self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None
     ) -> pyfuse3.EntryAttributes:
         node = self.node(ino)
+        r = self.realms[node.realm]
+        if fields.update_uid or fields.update_gid:  # ids as the mount shows them -> ids on disk (EINVAL if unmapped)
+            attr.st_uid = r.uidmap.to_outside(attr.st_uid) if fields.update_uid else attr.st_uid
+            attr.st_gid = r.gidmap.to_outside(attr.st_gid) if fields.update_gid else attr.st_gid
         async with self.lock:
-            _, copy = self._writable()
+            _, copy = self._writable(node)
             handle = self.files.get(fh) if fh is not None else None
             if fields.update_size and not node.is_dir:
                 await copy.file(node, data=attr.st_size != 0)
@@ -722,7 +876,7 @@ class UnionFS:
 
     def _xattr_at(self, node: Node) -> tuple[Layer, bytes] | bytes:
         """Where a node's xattrs are: a host path (upper, index) or (lower layer, path)."""
-        if node.upper and self.upper is not None:
+        if node.upper and self.realms[node.realm].resolver.upper is not None:
             return proc_path(*self._upper_at(node))
         li, lpath = node.lowers[0]
         return self.lowers[li], lpath

@@ -22,6 +22,7 @@ import pyfuse3
 ROOT_INO = pyfuse3.ROOT_INODE
 LAYER_SHIFT = 48
 UPPER_ID = 1
+GRAFT_ID = 0x8000  # graft k's entries use layer id GRAFT_ID + k
 
 
 def make_ino(layer_id: int, st_ino: int) -> int:
@@ -54,6 +55,8 @@ class Node:
     lookups: int = 0
     opens: int = 0
     version: int = 0  # bumped when the node's real file changes (copy-up)
+    realm: int = 0  # 0: the union; k > 0: graft k (a volume or bind mount on a path of the union)
+    realm_root: bool = False  # the root of a graft: its path in its realm is b""
 
     @property
     def metacopy(self) -> bool:
@@ -65,8 +68,8 @@ class Node:
 
     @property
     def path(self) -> bytes:
-        """Layer-relative path in the upper layer (and in the union) of the first link."""
-        if self.ino == ROOT_INO:
+        """Layer-relative path in the upper layer of its realm (for the union: in the union) of the first link."""
+        if self.ino == ROOT_INO or self.realm_root:
             return b""
         parent, name = self.links[0]
         pp = parent.path

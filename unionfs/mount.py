@@ -110,8 +110,6 @@ def _run(stack: ExitStack) -> int:
 
 def mount(cfg: MountConfig) -> int:
     """Mount as configured; returns the exit status of the command."""
-    for item in cfg.ignored_idmaps:
-        print(f"unionmount: warning: '{item}' is not applied yet (uid/gid mapping comes with volumes)", file=sys.stderr)
     if cfg.foreground:
         _setup_logging(cfg)
         _, stack = _start(cfg)

@@ -56,8 +56,11 @@ class Found:
 class Resolver:
     """Resolves names and reads attributes; it never writes."""
 
-    def __init__(self, upper: DirLayer | None, lowers: Sequence[Layer], dialect: WriteDialect) -> None:
+    def __init__(
+        self, upper: DirLayer | None, lowers: Sequence[Layer], dialect: WriteDialect, upper_id: int = UPPER_ID
+    ) -> None:
         self.upper = upper
+        self.upper_id = upper_id
         self.lowers = lowers
         self.dialect = dialect
         self._dirs: OrderedDict[tuple[int, bytes], LowerDir] = OrderedDict()
@@ -202,7 +205,7 @@ class Resolver:
                     return self._upper_file(path, upper_st)
                 marks = self._marks(up, path)
                 if marks.opaque:
-                    return Found(make_ino(UPPER_ID, upper_st.st_ino), S_IFDIR, upper_st, None, [], True)
+                    return Found(make_ino(self.upper_id, upper_st.st_ino), S_IFDIR, upper_st, None, [], True)
                 if marks.redirect is not None:
                     parts, top = self._follow_redirect(marks.redirect, parent.lowers, 0)
                     return self._dir(upper_st, parts, top)
@@ -234,13 +237,13 @@ class Resolver:
             ino = make_ino(parts[0][0] + 2, top.st_ino)
         else:
             assert upper_st is not None
-            ino = make_ino(UPPER_ID, upper_st.st_ino)
+            ino = make_ino(self.upper_id, upper_st.st_ino)
         return Found(ino, S_IFDIR, upper_st, top, parts)
 
     def _upper_file(self, path: bytes, st: os.stat_result) -> Found:
         assert self.upper is not None
         kind = stat.S_IFMT(st.st_mode)
-        ino = make_ino(UPPER_ID, st.st_ino)
+        ino = make_ino(self.upper_id, st.st_ino)
         xp = self.upper.xpath(path)
         origin = _getx(xp, self.dialect.origin)
         index = None

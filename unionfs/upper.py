@@ -34,9 +34,13 @@ _counter = itertools.count()
 class Upper:
     """The writable layer plus its work directory."""
 
-    def __init__(self, layer: DirLayer, workdir: str, dialect: WriteDialect) -> None:
+    def __init__(self, layer: DirLayer, workdir: str | None, dialect: WriteDialect) -> None:
+        """``workdir`` None: a layer with nothing below it (a graft), where nothing needs a work dir."""
         self.layer = layer
         self.dialect = dialect
+        if workdir is None:
+            self.work_fd = self.index_fd = -1  # any use fails with EBADF
+            return
         wfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for sub in ("work", "unionmount-index"):
@@ -53,8 +57,9 @@ class Upper:
         self.clean_work()
 
     def close(self) -> None:
-        os.close(self.work_fd)
-        os.close(self.index_fd)
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
+            os.close(self.index_fd)
 
     def tmpname(self) -> bytes:
         return b"#%x.%x" % (os.getpid(), next(_counter))
