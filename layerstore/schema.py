@@ -9,6 +9,9 @@ Directory layout under the store root (``--root``, ``$UNIONMOUNT_ROOT``,
     tmp/                      ingest temporaries; emptied when the store opens
     containers/NAME/upper     a container's writable layer (unionfs upper format)
     containers/NAME/work      its work directory
+    containers/NAME/lock      flock()ed by the daemon that mounts it
+    containers/NAME/mountpoint where that daemon mounted it
+    volumes/NAME/_data        a volume's contents (as Docker lays them out)
 
 Values are msgpack. Paths are bytes, layer-relative, without a leading slash;
 the root directory is ``b""``.
@@ -34,7 +37,13 @@ Sub-databases
              with ``ino`` and ``nlink`` filled. The children of one directory are
              contiguous (prefix scan). The root is the key with empty parent and
              empty name. Written once, when an image is imported.
-``containers`` key: container name → ``{"image": image id, "created": unix seconds}``
+``containers`` key: container name → ``{"image": image id, "created": unix seconds,
+             "mounts": [{"Type", "Name", "Source", "Destination", "RW"}, ...]}``
+             (``mounts``: the grafts of its last mount, for ``--volumes-from``
+             and for telling which volumes are in use)
+``volumes``  key: volume name → ``{"driver": "local", "options": {type, o, device},
+             "labels": {...}, "created": unix seconds, "anonymous": bool,
+             "populated": bool}`` (see :mod:`layerstore.volumes`)
 
 ENTRY record: a msgpack array, in this order (see :class:`layerstore.entry.Entry`):
 ``[mode, uid, gid, mtime_ns, size, rdev, target, xattrs, blob, link, kind, ino, nlink]``
@@ -47,7 +56,7 @@ None, ``kind`` 0 = entry, 1 = whiteout, 2 = opaque directory marker, and
 
 from __future__ import annotations
 
-DB_NAMES = (b"blobs", b"layers", b"entries", b"images", b"configs", b"merged", b"containers")
+DB_NAMES = (b"blobs", b"layers", b"entries", b"images", b"configs", b"merged", b"containers", b"volumes")
 MAP_SIZE = 1 << 36  # 64 GiB of address space; the file grows only as needed
 SEP = b"\0"
 

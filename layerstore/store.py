@@ -97,7 +97,12 @@ class Store:
         self.env = lmdb.open(
             os.path.join(root, "meta"), max_dbs=len(DB_NAMES), map_size=MAP_SIZE, readonly=readonly, lock=True
         )
-        self.db = {n.decode(): self.env.open_db(n, create=not readonly) for n in DB_NAMES}
+        self.db = {}
+        for n in DB_NAMES:
+            try:
+                self.db[n.decode()] = self.env.open_db(n, create=not readonly)
+            except lmdb.NotFoundError:  # a read-only open of a store made by an older version
+                pass
         self.blobs = BlobStore(root) if not readonly else None
         if self.blobs is not None:
             self.blobs.clean_tmp()
@@ -309,6 +314,14 @@ class Store:
         for sub in ("upper", "work"):
             os.makedirs(os.path.join(base, sub), exist_ok=True)
         return name, os.path.join(base, "upper"), os.path.join(base, "work")
+
+    def set_container_mounts(self, name: str, mounts: list[dict]) -> None:  # type: ignore[type-arg]
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(name.encode(), db=self.db["containers"])
+            if raw is not None:
+                rec = _unpack(raw)
+                rec["mounts"] = mounts
+                txn.put(name.encode(), _pack(rec), db=self.db["containers"])
 
     def container_paths(self, name: str) -> tuple[str, str]:
         """(upper dir, work dir) of an existing container."""

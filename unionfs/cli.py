@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from . import commands
+from . import commands, grafts
 from .config import MountConfig, UsageError, parse_o, validate
 
 EPILOG = """\
@@ -62,6 +62,38 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--image", metavar="NAME[:TAG]", help="mount an imported image (with a container layer)")
     layers.add_argument("--name", metavar="CONTAINER", help="the container layer to use (new name: a new layer)")
     layers.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
+    vg = m.add_argument_group("volumes and id maps")
+    vg.add_argument(
+        "-v",
+        "--volume",
+        action="append",
+        default=[],
+        metavar="[SRC:]/PATH[:ro][,nocopy]",
+        help="a named volume (created when missing), a host directory, or an anonymous volume",
+    )
+    vg.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        dest="mounts",
+        metavar="type=...,target=...",
+        help="type=volume|bind|tmpfs,source=...,target=...[,readonly][,uidmap=...][,gidmap=...]",
+    )
+    vg.add_argument(
+        "--volumes-from",
+        action="append",
+        default=[],
+        metavar="CONTAINER[:ro]",
+        help="the volumes and binds of another container, at the same paths",
+    )
+    vg.add_argument(
+        "--uidmap",
+        action="append",
+        default=[],
+        metavar="IN:OUT:N",
+        help="uid map of the whole mount (repeatable): IN seen through the mount, OUT on disk",
+    )
+    vg.add_argument("--gidmap", action="append", default=[], metavar="IN:OUT:N", help="gid map, as --uidmap")
     run = m.add_argument_group("daemon")
     run.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     run.add_argument("-d", "--debug", action="store_true", help="debug logging (implies nothing else)")
@@ -102,6 +134,23 @@ def _parser() -> argparse.ArgumentParser:
     crm.add_argument("names", metavar="NAME", nargs="+")
     crm.add_argument("-f", "--force", action="store_true")
     csub.add_parser("prune", help="remove every container that is not mounted")
+    v = sub.add_parser("volume", help="create, list, inspect and remove volumes")
+    v.add_argument("--root", metavar="DIR", help=root_help)
+    vsub = v.add_subparsers(dest="volume_cmd", metavar="ACTION", required=True)
+    vc = vsub.add_parser("create", help="create a volume (local driver; -o type=none -o o=bind -o device=DIR)")
+    vc.add_argument("name", metavar="NAME", nargs="?")
+    vc.add_argument("--driver", "-d", default="local")
+    vc.add_argument("--opt", "-o", action="append", default=[], metavar="KEY=VALUE")
+    vc.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    vl = vsub.add_parser("ls", help="list volumes")
+    vl.add_argument("--format", choices=("table", "json"), default="table")
+    vl.add_argument("-q", "--quiet", action="store_true")
+    vsub.add_parser("inspect", help="volumes as JSON").add_argument("names", metavar="NAME", nargs="+")
+    vr = vsub.add_parser("rm", help="remove volumes (refused while a container uses one, unless -f)")
+    vr.add_argument("names", metavar="NAME", nargs="+")
+    vr.add_argument("-f", "--force", action="store_true")
+    vp = vsub.add_parser("prune", help="remove unused anonymous volumes (-a: all unused)")
+    vp.add_argument("-a", "--all", action="store_true")
     d = sub.add_parser("diff", help="what a container changed: A (added), C (changed), D (deleted) paths")
     d.add_argument("--root", metavar="DIR", help=root_help)
     d.add_argument("name", metavar="CONTAINER")
@@ -202,6 +251,20 @@ def _image(ns: argparse.Namespace) -> int:
     return commands.image_rm(ns.root, ns.name)
 
 
+def _volume(ns: argparse.Namespace) -> int:
+    from . import volumecmds
+
+    if ns.volume_cmd == "create":
+        return volumecmds.create(ns.root, ns.name, ns.driver, ns.opt, ns.label)
+    if ns.volume_cmd == "ls":
+        return volumecmds.ls(ns.root, ns.format, ns.quiet)
+    if ns.volume_cmd == "inspect":
+        return volumecmds.inspect(ns.root, ns.names)
+    if ns.volume_cmd == "rm":
+        return volumecmds.rm(ns.root, ns.names, ns.force)
+    return volumecmds.prune(ns.root, ns.all)
+
+
 def _container(ns: argparse.Namespace) -> int:
     from . import containers
 
@@ -242,8 +305,10 @@ def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         _parser().print_help()
         return 0 if args else 2
-    if args[0] in ("mount", "umount", "image", "store", "container", "diff", "commit", "export"):
+    if args[0] in ("mount", "umount", "image", "store", "container", "diff", "commit", "export", "volume"):
         ns = _parser().parse_args(args)
+        if ns.cmd == "volume":
+            return _volume(ns)
         if ns.cmd in ("container", "diff", "commit", "export"):
             return _container(ns)
         if ns.cmd == "umount":
@@ -262,11 +327,21 @@ def _main(args: list[str]) -> int:
             log_file=ns.log,
         )
         parse_o(ns.options, cfg)
+        cfg.volumes, cfg.mounts, cfg.volumes_from = ns.volume, ns.mounts, ns.volumes_from
+        cfg.uidmap_specs += ns.uidmap
+        cfg.gidmap_specs += ns.gidmap
+        root = ns.root
         if ns.image:
-            commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name)
+            container = commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name)
+            validate(cfg)
+            assert cfg.image is not None
+            grafts.resolve(cfg, root, container, cfg.image[1])
+            return mount(cfg)
     else:
         cfg = _legacy(args)
+        root = None
     validate(cfg)
+    grafts.resolve(cfg, root, None, None)
     return mount(cfg)
 
 

@@ -159,7 +159,7 @@ def image_rm(root: str | None, name: str) -> int:
     return 0
 
 
-def prepare_image_mount(cfg: MountConfig, root: str | None, image: str, container: str | None) -> None:
+def prepare_image_mount(cfg: MountConfig, root: str | None, image: str, container: str | None) -> str:
     """Point ``cfg`` at an image and its container layer (created when new)."""
     if cfg.upper or cfg.work:
         raise UsageError("--image brings its own container layer: drop --upper/--work")
@@ -172,6 +172,7 @@ def prepare_image_mount(cfg: MountConfig, root: str | None, image: str, containe
     cfg.upper, cfg.work = upper, work
     if container is None:
         print(name)  # the generated container name, for the next mount or rm
+    return name
 
 
 def _human(n: float) -> str:

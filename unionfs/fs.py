@@ -128,6 +128,7 @@ class UnionFS:
         self.table = InodeTable(root)
         self.realms = [Realm(self.resolver, self.upper, self.copy, TIMEOUT, opts.uidmap, opts.gidmap)]
         self.graft_at: dict[tuple[bytes, bytes], int] = {}  # (parent path, name) in the union -> realm
+        self._preparing = False
         for k, g in enumerate(opts.grafts, start=1):
             self._add_graft(k, g, opts, dialect)
         self.lock = trio.Lock()
@@ -154,6 +155,13 @@ class UnionFS:
         Raises OSError(ENOTDIR) naming the target when the union has a non-directory there.
         """
         ctx = _Ctx()
+        self._preparing = True  # the graft points themselves are made here
+        try:
+            await self._make_graft_points(ctx)
+        finally:
+            self._preparing = False
+
+    async def _make_graft_points(self, ctx: _Ctx) -> None:
         for realm in self.realms[1:]:
             assert realm.graft is not None
             node = self.table.root
@@ -170,7 +178,6 @@ class UnionFS:
                     raise OSError(errno.ENOTDIR, "not a directory in the union", "/" + os.fsdecode(done))
                 node = self._found_node(found, node, name)
                 self.table.remember(node)  # kept for the daemon's life
-
 
     def _graft_root(self, parent: Node, name: bytes) -> Node | None:
         """The root node of the graft mounted at ``name`` in ``parent``, if one is."""
@@ -487,7 +494,9 @@ class UnionFS:
         """Common start of every creation: checks, parent copy-up; returns (upper, dirfd, over_whiteout, parent st)."""
         self._check_new_name(name)
         upper, copy = self._writable(parent)
-        if self._graft_root(parent, name) is not None or self.realms[parent.realm].resolver.lookup(parent, name):
+        if (not self._preparing and self._graft_root(parent, name) is not None) or self.realms[
+            parent.realm
+        ].resolver.lookup(parent, name):
             raise _err(errno.EEXIST)
         await copy.dir(parent)
         pfd = upper.layer.dirfd(parent.path)

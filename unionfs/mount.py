@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 from contextlib import ExitStack
@@ -68,9 +69,11 @@ def _setup_logging(cfg: MountConfig) -> None:
 
 
 def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
-    """Open the layers and mount; on return the mount is live."""
+    """Open the layers, make the graft points, and mount; on return the mount is live."""
     os.umask(0)  # the kernel has applied the caller's umask to every mode it sends us
     stack = ExitStack()
+    for d in cfg.cleanup:
+        stack.callback(shutil.rmtree, d, True)
     try:
         fs = UnionFS(
             Options(
@@ -79,12 +82,20 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 cfg.work if not cfg.read_only else None,
                 cfg.volatile,
                 cfg.image,
+                tuple(cfg.grafts),
+                cfg.uidmap,
+                cfg.gidmap,
             )
         )
     except OSError as e:
         stack.close()
         raise UsageError(f"cannot open layers: {e.strerror}: {os.fsdecode(e.filename or b'')}") from None
     stack.callback(fs.close)
+    try:
+        trio.run(fs.prepare)
+    except OSError as e:
+        stack.close()
+        raise UsageError(f"cannot graft on {os.fsdecode(e.filename or b'')}: {e.strerror}") from None
     try:
         pyfuse3.init(Operations(fs), cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as e:

@@ -1,0 +1,320 @@
+"""Volumes and binds for a mount: ``-v``, ``--mount``, ``--volumes-from``, image VOLUMEs, id maps.
+
+:func:`resolve` turns the specs of a :class:`~unionfs.config.MountConfig` into
+its :class:`~unionfs.config.Graft` list, the way Docker does:
+
+* ``-v NAME:/path[:ro][,nocopy]`` names a volume (created when missing);
+  ``-v /host/dir:/path[:ro]`` binds a host directory (created when missing, as
+  ``docker run -v`` does); ``-v /path`` is an anonymous volume;
+* ``--mount type=volume|bind|tmpfs,source=...,target=...[,readonly][,volume-nocopy]
+  [,uidmap=IN:OUT:N[/IN:OUT:N...]][,gidmap=...]`` (a bind's source must exist);
+* ``--volumes-from CONTAINER[:ro|:rw]``: that container's recorded volumes and
+  binds at the same paths, whether it is mounted or not;
+* every ``VOLUME`` of the image without a graft gets an anonymous volume, the
+  same one each time the container is mounted again;
+* a volume created by this mount is filled once with what the union holds at
+  its path (owners, modes, times, xattrs, links), unless ``nocopy``.
+
+Every bad spec is a one-line :class:`~unionfs.config.UsageError`: relative host
+paths, relative or duplicate or nested targets, unknown options, bad id maps.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass, field
+
+from layerstore import volumes as vols
+from layerstore.store import Store, StoreError
+
+from .config import Graft, MountConfig, UsageError
+from .idmap import IdMap, IdMapError
+from .markers import WriteDialect
+from .view import Item, View
+
+_V_OPTS = {"ro", "rw", "nocopy", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate", "copy"}
+
+
+@dataclass(slots=True)
+class Spec:
+    kind: str  # "volume", "bind", "tmpfs"
+    source: str | None  # volume name (None: anonymous), host path, or None for tmpfs
+    target: bytes
+    read_only: bool = False
+    nocopy: bool = False
+    uidmap: list[str] = field(default_factory=list)
+    gidmap: list[str] = field(default_factory=list)
+    make_source: bool = False  # -v creates a missing host directory
+
+
+def _target(path: str, spec: str) -> bytes:
+    if not path.startswith("/"):
+        raise UsageError(f"mount target '{path}' in '{spec}' is not an absolute path")
+    norm = posixpath.normpath(path).lstrip("/")
+    if not norm or norm == ".":
+        raise UsageError(f"cannot graft on '/' ('{spec}')")
+    if any(part == ".." for part in norm.split("/")):
+        raise UsageError(f"mount target '{path}' in '{spec}' climbs with '..'")
+    return os.fsencode(norm)
+
+
+def parse_volume(spec: str) -> Spec:
+    """``-v``/``--volume``: ``[SOURCE:]TARGET[:OPTIONS]``."""
+    parts = spec.split(":")
+    if len(parts) == 1:
+        return Spec("volume", None, _target(parts[0], spec))
+    if len(parts) > 3:
+        raise UsageError(f"'{spec}' is not SOURCE:TARGET[:OPTIONS]")
+    if len(parts) == 2 and not parts[1].startswith("/"):
+        if parts[0].startswith("/"):  # /target:opts
+            source, target, opts = None, parts[0], parts[1]
+        else:
+            raise UsageError(f"mount target '{parts[1]}' in '{spec}' is not an absolute path")
+    else:
+        source, target, opts = parts[0], parts[1], parts[2] if len(parts) == 3 else ""
+    s = Spec("volume", source, _target(target, spec))
+    for o in filter(None, opts.split(",")):
+        if o not in _V_OPTS:
+            raise UsageError(f"unknown volume option '{o}' in '{spec}' (ro, rw, nocopy)")
+        s.read_only = s.read_only or o == "ro"
+        s.nocopy = s.nocopy or o == "nocopy"
+    if source is None:
+        return s
+    if source.startswith("/"):
+        s.kind, s.source, s.make_source = "bind", source, True
+    elif "/" in source or source.startswith("."):
+        raise UsageError(f"host path '{source}' in '{spec}' is relative: give an absolute path")
+    elif not vols.NAME_RE.match(source):
+        raise UsageError(f"invalid volume name '{source}' in '{spec}'")
+    return s
+
+
+def parse_mount(spec: str) -> Spec:
+    """``--mount type=...,source=...,target=...,...``."""
+    kv: dict[str, str] = {}
+    flags = set()
+    for item in filter(None, spec.split(",")):
+        k, eq, v = item.partition("=")
+        if eq:
+            kv[k] = v
+        else:
+            flags.add(k)
+    kind = kv.pop("type", "volume")
+    if kind not in ("volume", "bind", "tmpfs"):
+        raise UsageError(f"unknown mount type '{kind}' in '{spec}' (volume, bind, tmpfs)")
+    source = kv.pop("source", None) or kv.pop("src", None)
+    target = kv.pop("target", None) or kv.pop("destination", None) or kv.pop("dst", None)
+    if target is None:
+        raise UsageError(f"--mount '{spec}' has no target=")
+    s = Spec(kind, source, _target(target, spec))
+    ro = kv.pop("readonly", None) or kv.pop("ro", None)
+    s.read_only = "readonly" in flags or "ro" in flags or (ro is not None and ro.lower() in ("1", "true"))
+    flags -= {"readonly", "ro"}
+    nocopy = kv.pop("volume-nocopy", None)
+    s.nocopy = "volume-nocopy" in flags or (nocopy is not None and nocopy.lower() in ("1", "true"))
+    flags -= {"volume-nocopy"}
+    if "uidmap" in kv:
+        s.uidmap = [kv.pop("uidmap")]
+    if "gidmap" in kv:
+        s.gidmap = [kv.pop("gidmap")]
+    for ignored in ("bind-propagation", "consistency", "tmpfs-size", "tmpfs-mode", "volume-driver", "z", "Z"):
+        kv.pop(ignored, None)
+        flags.discard(ignored)
+    if kv or flags:
+        bad = sorted(kv) + sorted(flags)
+        raise UsageError(f"unknown --mount option '{bad[0]}' in '{spec}'")
+    if kind == "bind":
+        if not source:
+            raise UsageError(f"--mount type=bind needs source= ('{spec}')")
+        if not source.startswith("/"):
+            raise UsageError(f"host path '{source}' in '{spec}' is relative: give an absolute path")
+    if kind == "tmpfs" and source:
+        raise UsageError(f"--mount type=tmpfs takes no source ('{spec}')")
+    if kind == "volume" and source and not vols.NAME_RE.match(source):
+        raise UsageError(f"invalid volume name '{source}' in '{spec}'")
+    return s
+
+
+def _check_targets(specs: list[Spec]) -> None:
+    seen: dict[bytes, Spec] = {}
+    for s in specs:
+        for t in seen:
+            if s.target == t:
+                raise UsageError(f"two mounts on /{os.fsdecode(t)}")
+            if s.target.startswith(t + b"/") or t.startswith(s.target + b"/"):
+                a, b = sorted((s.target, t))
+                raise UsageError(f"mount targets overlap: /{os.fsdecode(a)} contains /{os.fsdecode(b)}")
+        seen[s.target] = s
+
+
+def _idmap(specs: list[str], what: str) -> IdMap:
+    try:
+        return IdMap.parse(specs, what)
+    except IdMapError as e:
+        raise UsageError(str(e)) from None
+
+
+def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id: bytes | None) -> None:
+    """Fill ``cfg.grafts`` (and the mount's id maps) from its specs; creates and fills volumes."""
+    cfg.uidmap = _idmap(cfg.uidmap_specs, "uidmap")
+    cfg.gidmap = _idmap(cfg.gidmap_specs, "gidmap")
+    specs = [parse_volume(v) for v in cfg.volumes] + [parse_mount(m) for m in cfg.mounts]
+    if not specs and not cfg.volumes_from and image_id is None:
+        return
+    from .commands import open_store
+
+    with open_store(root) as store:
+        specs += _volumes_from(store, cfg.volumes_from)
+        if image_id is not None:
+            specs += _image_volumes(store, image_id, container, {s.target for s in specs})
+        _check_targets(specs)
+        if not specs:
+            return
+        new: list[tuple[Spec, Graft]] = []
+        for s in specs:
+            g, created = _graft(store, s, cfg)
+            cfg.grafts.append(g)
+            if created and not s.nocopy:
+                new.append((s, g))
+        if new:
+            _populate_all(cfg, store, image_id, new)
+        if container is not None:
+            store.set_container_mounts(container, [g.describe() for g in cfg.grafts])
+
+
+def _volumes_from(store: Store, refs: list[str]) -> list[Spec]:
+    out = []
+    for ref in refs:
+        name, _, mode = ref.partition(":")
+        if mode not in ("", "ro", "rw"):
+            raise UsageError(f"'--volumes-from {ref}': the mode is ro or rw")
+        rec = store.container_record(name)
+        for m in rec.get("mounts", []):
+            if m["Type"] == "tmpfs":
+                continue
+            ro = mode == "ro" or (mode == "" and not m["RW"])
+            target = _target(m["Destination"], ref)
+            source = m["Name"] if m["Type"] == "volume" else m["Source"]
+            out.append(Spec(m["Type"], source, target, ro, nocopy=True))
+    return out
+
+
+def _image_volumes(store: Store, image_id: bytes, container: str | None, taken: set[bytes]) -> list[Spec]:
+    config = store.config(image_id)["config"].get("config") or {}
+    recorded = {}
+    if container is not None:
+        for m in store.container_record(container).get("mounts", []):
+            if m["Type"] == "volume":
+                recorded[_target(m["Destination"], "recorded mount")] = m["Name"]
+    out = []
+    for path in sorted(config.get("Volumes") or {}):
+        target = _target(path, f"image VOLUME {path}")
+        if target in taken:
+            continue
+        out.append(Spec("volume", recorded.get(target), target))
+    return out
+
+
+def _graft(store: Store, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]:
+    uidmap, gidmap = _idmap(s.uidmap, "uidmap"), _idmap(s.gidmap, "gidmap")
+    if s.kind == "tmpfs":
+        d = tempfile.mkdtemp(prefix="unionmount-tmpfs.", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+        os.chmod(d, 0o1777)
+        cfg.cleanup.append(d)
+        return Graft(s.target, d, s.read_only, "tmpfs", None, uidmap, gidmap, True), False
+    if s.kind == "bind":
+        assert s.source is not None
+        if s.make_source and not os.path.lexists(s.source):
+            os.makedirs(s.source, 0o755)
+        if not os.path.isdir(s.source):
+            raise UsageError(f"bind source '{s.source}' is not an existing directory")
+        return Graft(s.target, os.path.realpath(s.source), s.read_only, "bind", None, uidmap, gidmap), False
+    try:
+        vol, created = vols.create(store, s.source, anonymous=s.source is None, exist_ok=True)
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+    if not os.path.isdir(vol.mountpoint):
+        raise UsageError(f"volume '{vol.name}' points to '{vol.mountpoint}', which is not a directory")
+    fresh = created or (not vol.populated and not os.listdir(vol.mountpoint))
+    return Graft(s.target, vol.mountpoint, s.read_only, "volume", vol.name, uidmap, gidmap, s.nocopy), fresh
+
+
+# -- filling a new volume from the union --------------------------------------------------
+
+
+def _populate_all(cfg: MountConfig, store: Store, image_id: bytes | None, new: list[tuple[Spec, Graft]]) -> None:
+    image = (store, image_id) if image_id is not None else None
+    dialect = WriteDialect.probe(cfg.work) if cfg.work else WriteDialect(b"trusted.")
+    with View(cfg.upper, list(cfg.lowers), image, dialect, cfg.work) as view:
+        for _, g in new:
+            item = view.lookup(g.target)
+            if item is not None and item.is_dir:
+                _copy_tree(view, item, g.source)
+            if g.name is not None:
+                vols.mark_populated(store, g.name)
+
+
+def _copy_tree(view: View, top: Item, dest: str) -> None:
+    """Copy what the union has below ``top`` into the empty directory ``dest`` (Docker's volume fill)."""
+    root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.listdir(root):
+            return  # only an empty volume is filled
+        links: dict[int, str] = {}
+        dirs: list[tuple[str, Item]] = []
+        stack: list[tuple[str, Item]] = [("", top)]
+        while stack:
+            rel, item = stack.pop()
+            for kid in view.children(item):
+                name = os.fsdecode(kid.path.rpartition(b"/")[2])
+                path = f"{rel}/{name}" if rel else name
+                _make(view, kid, root, path, links)
+                if kid.is_dir:
+                    stack.append((path, kid))
+                    dirs.append((path, kid))
+        for path, item in reversed(dirs):
+            os.utime(path, ns=(item.st.st_atime_ns, item.st.st_mtime_ns), dir_fd=root, follow_symlinks=False)
+        _meta(view, top, root, ".")
+    finally:
+        os.close(root)
+
+
+def _make(view: View, item: Item, root: int, path: str, links: dict[int, str]) -> None:
+    st = item.st
+    mode = st.st_mode
+    if not stat.S_ISDIR(mode) and st.st_nlink > 1:
+        first = links.get(item.node.ino)
+        if first is not None:
+            os.link(first, path, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)
+            return
+        links[item.node.ino] = path
+    if stat.S_ISDIR(mode):
+        os.mkdir(path, 0o700, dir_fd=root)
+    elif stat.S_ISREG(mode):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root)
+        with os.fdopen(fd, "wb") as out, os.fdopen(view.open(item), "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+    elif stat.S_ISLNK(mode):
+        os.symlink(view.readlink(item), path, dir_fd=root)
+    else:
+        os.mknod(path, mode, st.st_rdev, dir_fd=root)
+    _meta(view, item, root, path)
+    if not stat.S_ISDIR(mode):
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=root, follow_symlinks=False)
+
+
+def _meta(view: View, item: Item, root: int, path: str) -> None:
+    st = item.st
+    os.chown(path, st.st_uid, st.st_gid, dir_fd=root, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode), dir_fd=root)
+    target = f"/proc/self/fd/{root}/{path}" if path != "." else f"/proc/self/fd/{root}"
+    for name, value in view.xattrs(item).items():
+        try:
+            os.setxattr(target, name, value, follow_symlinks=False)
+        except OSError:
+            pass  # e.g. security.* refused on this filesystem: the data still lands

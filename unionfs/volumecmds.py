@@ -1,0 +1,78 @@
+"""The bodies of ``unionmount volume create|ls|inspect|rm|prune`` (Docker's volume commands)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from layerstore import volumes as vols
+
+from .commands import open_store
+from .config import UsageError
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise UsageError(f"{what} '{item}' is not KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def create(root: str | None, name: str | None, driver: str, opts: list[str], labels: list[str]) -> int:
+    with open_store(root) as store:
+        vol, _ = vols.create(store, name, driver, _pairs(opts, "option"), _pairs(labels, "label"))
+    print(vol.name)
+    return 0
+
+
+def _describe(store, v: vols.Volume) -> dict:  # type: ignore[no-untyped-def,type-arg]  # noqa: ANN001
+    return {
+        "Name": v.name,
+        "Driver": v.driver,
+        "Mountpoint": v.mountpoint,
+        "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v.created)),
+        "Labels": v.labels,
+        "Options": v.options,
+        "Scope": "local",
+        "Anonymous": v.anonymous,
+        "UsedBy": vols.users(store, v.name),
+    }
+
+
+def ls(root: str | None, fmt: str, quiet: bool) -> int:
+    with open_store(root) as store:
+        rows = [_describe(store, v) for v in vols.all_volumes(store)]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    elif quiet:
+        for r in rows:
+            print(r["Name"])
+    else:
+        print(f"{'DRIVER':<8} {'VOLUME NAME':<66} USED BY")
+        for r in rows:
+            print(f"{r['Driver']:<8} {r['Name']:<66} {','.join(r['UsedBy']) or '-'}")
+    return 0
+
+
+def inspect(root: str | None, names: list[str]) -> int:
+    with open_store(root) as store:
+        print(json.dumps([_describe(store, vols.get(store, n)) for n in names], indent=2))
+    return 0
+
+
+def rm(root: str | None, names: list[str], force: bool) -> int:
+    with open_store(root) as store:
+        for n in names:
+            vols.remove(store, n, force=force)
+            print(n)
+    return 0
+
+
+def prune(root: str | None, everything: bool) -> int:
+    with open_store(root) as store:
+        for n in vols.prune(store, everything=everything):
+            print(n)
+    return 0
