@@ -64,9 +64,12 @@ def build_image(base: Path) -> Path:
 
 
 @contextmanager
-def image_mount(store: Path, image: str, name: str, mnt: Path, log: Path | None = None) -> Iterator[Path]:
-    """``unionmount mount --image``; always unmounted on exit."""
-    args = ["mount", "--root", store, "--image", image, "--name", name, *(["--log", log] if log else []), mnt]
+def image_mount(
+    store: Path, image: str, name: str, mnt: Path, log: Path | None = None, volumes: str = "ignore"
+) -> Iterator[Path]:
+    """``unionmount mount --image`` (the image's VOLUMEs ignored unless asked); always unmounted on exit."""
+    args = ["mount", "--root", store, "--image", image, "--name", name, "--image-volumes", volumes]
+    args += [*(["--log", log] if log else []), mnt]
     r = um(*args)
     assert r.returncode == 0, r.stderr
     try:

@@ -213,7 +213,7 @@ def test_container_ls_lock_rm_prune(image: Path, tmp_path: Path) -> None:
     other.mkdir()
     assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "base").returncode == 0
     with image_mount(store, "base", "web", mnt):
-        (mnt / "data").write_bytes(b"x" * 100_000)
+        (mnt / "payload").write_bytes(b"x" * 100_000)
         r = um("mount", "--root", store, "--image", "base", "--name", "web", other)
         assert r.returncode != 0 and "already mounted at" in r.stderr and not is_mounted(other)
         rows = json.loads(um("container", "--root", store, "ls", "--format", "json").stdout)

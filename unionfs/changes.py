@@ -11,7 +11,9 @@ and the image's merged tree, so every way the container layer can record a
 change comes out right: copy-ups, metadata-only copies, whiteouts of every
 dialect, opaque directories (the image's old children come out ``D``) and
 renamed directories (``D`` at the old path, ``A`` for the new one and all it
-holds). Only directories with an upper part, or showing a lower directory
+holds). Directories the daemon made only to graft a volume on are left out
+unless something else was put in them (Docker keeps mount points in a layer of
+their own). Only directories with an upper part, or showing a lower directory
 from another path, are descended into: an untouched subtree costs nothing.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 from layerstore.entry import Entry
 
+from .markers import is_graftpoint
 from .storelayer import StoreLayer
 from .view import Item, View
 
@@ -61,14 +64,20 @@ def _compare(view: View, image: StoreLayer, item: Item, out: list[Change]) -> bo
         if kid.source == kid.path:
             continue  # the image's own entry, untouched (and so is everything below it)
         old = image.entry(kid.path)
-        if old is None:
+        if old is None and kid.is_dir and view.upper is not None and is_graftpoint(view.upper, kid.path):
+            below: list[Change] = []
+            if _compare(view, image, kid, below):  # made to graft a volume on: a change only if used
+                out.append(Change(ADDED, kid.path))
+                out.extend(below)
+                changed = True
+        elif old is None:
             out.append(Change(ADDED, kid.path))
             if kid.is_dir:
                 out.extend(Change(ADDED, d.path) for d in view.walk(kid))
             changed = True
         elif kid.is_dir and old.is_dir:
-            below = _compare(view, image, kid, out)
-            if below or _differs(view, image, kid, old):
+            changed_below = _compare(view, image, kid, out)
+            if changed_below or _differs(view, image, kid, old):
                 out.append(Change(CHANGED, kid.path, opaque=kid.node.opaque))
                 changed = True
         elif kid.in_upper or _differs(view, image, kid, old):

@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         help="uid map of the whole mount (repeatable): IN seen through the mount, OUT on disk",
     )
     vg.add_argument("--gidmap", action="append", default=[], metavar="IN:OUT:N", help="gid map, as --uidmap")
+    vg.add_argument(
+        "--image-volumes",
+        choices=("bind", "tmpfs", "ignore"),
+        default="bind",
+        help="the image's VOLUMEs: anonymous volumes (bind, the default), tmpfs, or none (podman's option)",
+    )
     run = m.add_argument_group("daemon")
     run.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     run.add_argument("-d", "--debug", action="store_true", help="debug logging (implies nothing else)")
@@ -328,6 +334,7 @@ def _main(args: list[str]) -> int:
         )
         parse_o(ns.options, cfg)
         cfg.volumes, cfg.mounts, cfg.volumes_from = ns.volume, ns.mounts, ns.volumes_from
+        cfg.image_volumes = ns.image_volumes
         cfg.uidmap_specs += ns.uidmap
         cfg.gidmap_specs += ns.gidmap
         root = ns.root

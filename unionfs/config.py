@@ -124,6 +124,7 @@ class MountConfig:
     volumes: list[str] = field(default_factory=list)  # -v specs
     mounts: list[str] = field(default_factory=list)  # --mount specs
     volumes_from: list[str] = field(default_factory=list)
+    image_volumes: str = "bind"  # the image's VOLUMEs: "bind" (anonymous volumes), "tmpfs" or "ignore"
     uidmap_specs: list[str] = field(default_factory=list)
     gidmap_specs: list[str] = field(default_factory=list)
     grafts: list[Graft] = field(default_factory=list)  # resolved from the specs above

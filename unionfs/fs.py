@@ -172,7 +172,16 @@ class UnionFS:
                 if found is None:
                     if self.upper is None:
                         break  # a read-only union: the graft point is shown all the same
+                    before = self._stat(node)[0]
                     await self.mkdir(node.ino, name, stat.S_IFDIR | 0o755, ctx)  # type: ignore[arg-type]
+                    xp = self.upper.layer.xpath(done)
+                    os.setxattr(xp, self.upper.dialect.graftpoint, b"1", follow_symlinks=False)
+                    # the parent keeps its times, so a graft point alone is no change of the container
+                    os.utime(
+                        self.upper.layer.xpath(node.path),
+                        ns=(before.st_atime_ns, before.st_mtime_ns),
+                        follow_symlinks=False,
+                    )
                     found = self._lookup_found(node, name)
                 elif found.kind != stat.S_IFDIR:
                     raise OSError(errno.ENOTDIR, "not a directory in the union", "/" + os.fsdecode(done))

@@ -11,7 +11,8 @@ its :class:`~unionfs.config.Graft` list, the way Docker does:
 * ``--volumes-from CONTAINER[:ro|:rw]``: that container's recorded volumes and
   binds at the same paths, whether it is mounted or not;
 * every ``VOLUME`` of the image without a graft gets an anonymous volume, the
-  same one each time the container is mounted again;
+  same one each time the container is mounted again (``--image-volumes``:
+  ``tmpfs`` or ``ignore`` instead, as podman's option);
 * a volume created by this mount is filled once with what the union holds at
   its path (owners, modes, times, xattrs, links), unless ``nocopy``.
 
@@ -26,6 +27,7 @@ import posixpath
 import shutil
 import stat
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from layerstore import volumes as vols
@@ -167,21 +169,30 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
         return
     from .commands import open_store
 
-    with open_store(root) as store:
-        specs += _volumes_from(store, cfg.volumes_from)
-        if image_id is not None:
-            specs += _image_volumes(store, image_id, container, {s.target for s in specs})
+    need_store = image_id is not None or cfg.volumes_from or any(s.kind == "volume" for s in specs)
+    with open_store(root) if need_store else nullcontext() as store:  # binds alone need no store
+        specs += _volumes_from(store, cfg.volumes_from) if cfg.volumes_from else []
+        if image_id is not None and cfg.image_volumes != "ignore":
+            specs += _image_volumes(store, image_id, container, {s.target for s in specs}, cfg.image_volumes)
         _check_targets(specs)
         if not specs:
             return
-        new: list[tuple[Spec, Graft]] = []
-        for s in specs:
-            g, created = _graft(store, s, cfg)
-            cfg.grafts.append(g)
-            if created and not s.nocopy:
-                new.append((s, g))
-        if new:
-            _populate_all(cfg, store, image_id, new)
+        image = (store, image_id) if store is not None and image_id is not None else None
+        dialect = WriteDialect.probe(cfg.work) if cfg.work else WriteDialect(b"trusted.")
+        with View(cfg.upper, list(cfg.lowers), image, dialect, cfg.work) as view:
+            for s in specs:
+                item = view.lookup(s.target)
+                if item is not None and not item.is_dir:
+                    raise UsageError(f"mount target /{os.fsdecode(s.target)} is not a directory in the image")
+            for s in specs:
+                g, created = _graft(store, s, cfg)
+                cfg.grafts.append(g)
+                if created and not s.nocopy:
+                    item = view.lookup(g.target)
+                    if item is not None and item.is_dir:
+                        _copy_tree(view, item, g.source)
+                    if g.name is not None:
+                        vols.mark_populated(store, g.name)
         if container is not None:
             store.set_container_mounts(container, [g.describe() for g in cfg.grafts])
 
@@ -203,7 +214,7 @@ def _volumes_from(store: Store, refs: list[str]) -> list[Spec]:
     return out
 
 
-def _image_volumes(store: Store, image_id: bytes, container: str | None, taken: set[bytes]) -> list[Spec]:
+def _image_volumes(store: Store, image_id: bytes, container: str | None, taken: set[bytes], mode: str) -> list[Spec]:
     config = store.config(image_id)["config"].get("config") or {}
     recorded = {}
     if container is not None:
@@ -215,11 +226,11 @@ def _image_volumes(store: Store, image_id: bytes, container: str | None, taken: 
         target = _target(path, f"image VOLUME {path}")
         if target in taken:
             continue
-        out.append(Spec("volume", recorded.get(target), target))
+        out.append(Spec("tmpfs", None, target) if mode == "tmpfs" else Spec("volume", recorded.get(target), target))
     return out
 
 
-def _graft(store: Store, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]:
+def _graft(store: Store | None, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]:
     uidmap, gidmap = _idmap(s.uidmap, "uidmap"), _idmap(s.gidmap, "gidmap")
     if s.kind == "tmpfs":
         d = tempfile.mkdtemp(prefix="unionmount-tmpfs.", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
@@ -233,6 +244,7 @@ def _graft(store: Store, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]:
         if not os.path.isdir(s.source):
             raise UsageError(f"bind source '{s.source}' is not an existing directory")
         return Graft(s.target, os.path.realpath(s.source), s.read_only, "bind", None, uidmap, gidmap), False
+    assert store is not None
     try:
         vol, created = vols.create(store, s.source, anonymous=s.source is None, exist_ok=True)
     except StoreError as e:
@@ -244,18 +256,6 @@ def _graft(store: Store, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]:
 
 
 # -- filling a new volume from the union --------------------------------------------------
-
-
-def _populate_all(cfg: MountConfig, store: Store, image_id: bytes | None, new: list[tuple[Spec, Graft]]) -> None:
-    image = (store, image_id) if image_id is not None else None
-    dialect = WriteDialect.probe(cfg.work) if cfg.work else WriteDialect(b"trusted.")
-    with View(cfg.upper, list(cfg.lowers), image, dialect, cfg.work) as view:
-        for _, g in new:
-            item = view.lookup(g.target)
-            if item is not None and item.is_dir:
-                _copy_tree(view, item, g.source)
-            if g.name is not None:
-                vols.mark_populated(store, g.name)
 
 
 def _copy_tree(view: View, top: Item, dest: str) -> None:

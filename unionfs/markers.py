@@ -16,7 +16,8 @@ character-device whiteouts (a ``.wh.NAME`` file only where ``mknod`` is refused)
 and ``overlay.opaque``/``overlay.redirect`` under ``trusted.`` where the kernel
 lets us write it, ``user.`` otherwise (overlayfs' ``userxattr`` dialect, e.g.
 inside a user namespace). Our own bookkeeping
-(``unionmount.origin``, ``unionmount.nlink``) uses the same namespace choice.
+(``unionmount.origin``, ``unionmount.nlink``, ``unionmount.graftpoint`` on a
+directory made only to graft a volume on) uses the same namespace choice.
 Metadata-only copies are overlayfs' own: ``overlay.metacopy`` plus an absolute
 ``overlay.redirect`` to the data, which a kernel mounted ``metacopy=on`` reads,
 and which we follow in every layer, so an upper can become a lower. None of these
@@ -46,6 +47,7 @@ _XWHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 _REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 _METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
 _XWHITEOUTS_DIR_XATTRS = (b"trusted.overlay.whiteouts", b"user.overlay.whiteouts")
+_GRAFTPOINT_XATTRS = (b"trusted.unionmount.graftpoint", b"user.unionmount.graftpoint")
 
 
 def is_private_xattr(name: bytes) -> bool:
@@ -107,6 +109,11 @@ def metacopy_source(layer: XattrSource, path: bytes) -> bytes | None:
             if value is not None:
                 return value.strip(b"/")
     return b""
+
+
+def is_graftpoint(layer: XattrSource, path: bytes) -> bool:
+    """A directory the daemon made in the upper layer only to graft a volume on (not a change of the user's)."""
+    return any(n in _GRAFTPOINT_XATTRS for n in _names(layer, path))
 
 
 @dataclass(slots=True, frozen=True)
@@ -174,6 +181,11 @@ class WriteDialect:
     def metacopy(self) -> bytes:
         """overlayfs' mark of a metadata-only copy; its data is at ``overlay.redirect``."""
         return self.ns + b"overlay.metacopy"
+
+    @property
+    def graftpoint(self) -> bytes:
+        """Marks a directory made only to graft a volume on (``diff`` and ``commit`` leave it out)."""
+        return self.ns + b"unionmount.graftpoint"
 
     @property
     def nlink(self) -> bytes:

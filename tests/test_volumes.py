@@ -1,0 +1,252 @@
+"""Volumes, binds and id maps on real mounts (Docker's and podman's rules)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from .images import um
+from .mounts import force_unmount, is_mounted
+from .tree import snapshot
+
+
+@contextmanager
+def mounted(*args: str | Path) -> Iterator[None]:
+    """``unionmount mount ARGS`` (the mount point last); always unmounted."""
+    r = um("mount", *args)
+    assert r.returncode == 0, r.stderr
+    mnt = Path(args[-1])
+    try:
+        yield
+    finally:
+        if um("umount", mnt).returncode != 0:
+            force_unmount(mnt)
+
+
+@pytest.fixture
+def store(image: Path, tmp_path: Path) -> Path:
+    s = tmp_path / "store"
+    assert um("image", "--root", s, "import", f"oci:{image}/img:t", "--tag", "base").returncode == 0
+    return s
+
+
+def dirs(base: Path, *names: str) -> list[Path]:
+    out = []
+    for n in names:
+        (base / n).mkdir(parents=True, exist_ok=True)
+        out.append(base / n)
+    return out
+
+
+def test_volume_commands(store: Path, tmp_path: Path) -> None:
+    (nfs,) = dirs(tmp_path, "nfs")
+    assert um("volume", "--root", store, "create", "data", "--label", "tier=db").stdout.strip() == "data"
+    r = um("volume", "--root", store, "create", "ext", "-o", "type=none", "-o", "o=bind", "-o", f"device={nfs}")
+    assert r.returncode == 0, r.stderr
+    (data,) = json.loads(um("volume", "--root", store, "inspect", "data").stdout)
+    assert data["Mountpoint"] == str(store / "volumes" / "data" / "_data") and Path(data["Mountpoint"]).is_dir()
+    assert data["Labels"] == {"tier": "db"} and data["Driver"] == "local" and data["UsedBy"] == []
+    assert {"Name", "Driver", "Mountpoint", "CreatedAt", "Labels", "Options"} <= set(data)
+    (ext,) = json.loads(um("volume", "--root", store, "inspect", "ext").stdout)
+    assert ext["Mountpoint"] == str(nfs) and ext["Options"]["device"] == str(nfs)
+    names = [v["Name"] for v in json.loads(um("volume", "--root", store, "ls", "--format", "json").stdout)]
+    assert names == ["data", "ext"]
+    (mnt,) = dirs(tmp_path, "mnt")
+    with mounted("--root", store, "--image", "base", "--name", "c", "-v", "ext:/srv", "-v", "data:/db", mnt):
+        (mnt / "srv" / "f").write_text("on the bind device\n")
+        (mnt / "db" / "g").write_text("in the volume\n")
+    assert (nfs / "f").read_text() == "on the bind device\n"
+    assert (store / "volumes" / "data" / "_data" / "g").read_text() == "in the volume\n"
+    r = um("volume", "--root", store, "rm", "data")
+    assert r.returncode != 0 and r.stderr.strip() == "unionmount: volume 'data' is in use by container(s) c"
+    (data,) = json.loads(um("volume", "--root", store, "inspect", "data").stdout)
+    assert data["UsedBy"] == ["c"]
+    assert um("container", "--root", store, "rm", "c").returncode == 0
+    assert um("volume", "--root", store, "create", "spare").returncode == 0
+    anon = [
+        v["Name"] for v in json.loads(um("volume", "--root", store, "ls", "--format", "json").stdout) if v["Anonymous"]
+    ]
+    assert len(anon) == 1  # the image's VOLUME /data
+    assert um("volume", "--root", store, "prune").stdout.split() == anon  # named volumes stay without -a
+    assert sorted(um("volume", "--root", store, "prune", "-a").stdout.split()) == ["data", "ext", "spare"]
+    assert not (store / "volumes" / "data").exists() and (nfs / "f").exists()  # a bind device is not deleted
+
+
+def test_graft_rules(tmp_path: Path) -> None:
+    low, up, work, mnt, host = dirs(tmp_path, "low", "up", "work", "mnt", "host")
+    (low / "etc").mkdir()
+    (low / "etc" / "conf").write_text("lower\n")
+    (host / "h").write_text("host file\n")
+    ro_dir = tmp_path / "ro"
+    ro_dir.mkdir()
+    args = ["--lower", low, "--upper", up, "--work", work, "-v", f"{host}:/srv/data", "-v", f"{ro_dir}:/ro:ro"]
+    with mounted(*args, mnt):
+        assert sorted(os.listdir(mnt)) == ["etc", "ro", "srv"]  # graft points exist though the lower lacks them
+        assert (mnt / "srv" / "data" / "h").read_text() == "host file\n"
+        (mnt / "srv" / "data" / "new").write_text("x\n")
+        assert (host / "new").exists() and not list(up.rglob("new"))  # written to the volume, not the layer
+        for fn, a, b in (
+            (os.rename, mnt / "srv" / "data" / "new", mnt / "etc" / "new"),
+            (os.rename, mnt / "etc" / "conf", mnt / "srv" / "data" / "conf"),
+            (os.link, mnt / "srv" / "data" / "new", mnt / "etc" / "hard"),
+            (os.link, mnt / "etc" / "conf", mnt / "srv" / "data" / "hard"),
+        ):
+            with pytest.raises(OSError) as e:
+                fn(a, b)
+            assert e.value.errno == errno.EXDEV
+        for fn, a in ((os.rmdir, mnt / "srv" / "data"), (os.rename, mnt / "srv" / "data")):
+            with pytest.raises(OSError) as e:
+                fn(a) if fn is os.rmdir else fn(a, mnt / "elsewhere")
+            assert e.value.errno == errno.EBUSY
+        with pytest.raises(OSError) as e:
+            (mnt / "ro" / "x").write_text("no\n")
+        assert e.value.errno == errno.EROFS
+        os.rename(mnt / "srv" / "data" / "new", mnt / "srv" / "data" / "renamed")  # within the graft: fine
+        assert (host / "renamed").exists()
+
+
+def test_new_volume_is_filled_from_the_image(store: Path, image: Path, tmp_path: Path) -> None:
+    (mnt,) = dirs(tmp_path, "mnt")
+    ref = image / "ref" / "rootfs"
+    with mounted("--root", store, "--image", "base", "--name", "c", "-v", "filled:/d", "-v", "empty:/usr:nocopy", mnt):
+        assert snapshot(mnt / "d") == snapshot(ref / "d")
+        assert os.listdir(mnt / "usr") == []
+        (mnt / "d" / "keep").write_text("mine\n")
+    vol = store / "volumes" / "filled" / "_data"
+    assert snapshot(vol)["sub"] == snapshot(ref / "d")["sub"]  # owners, modes, xattrs, ACLs on disk
+    st, ref_st = os.stat(vol), os.stat(ref / "d")
+    assert (st.st_mode, st.st_uid, st.st_gid) == (ref_st.st_mode, ref_st.st_uid, ref_st.st_gid)
+    # a volume that has content is never filled again
+    with mounted("--root", store, "--image", "base", "--name", "c2", "-v", "filled:/d", mnt):
+        assert (mnt / "d" / "keep").read_text() == "mine\n"
+
+
+def test_image_volume_is_anonymous_and_kept_by_the_container(store: Path, tmp_path: Path) -> None:
+    (mnt,) = dirs(tmp_path, "mnt")
+    with mounted("--root", store, "--image", "base", "--name", "c", mnt):
+        (mnt / "data" / "x").write_text("kept\n")
+    (vol,) = json.loads(um("volume", "--root", store, "ls", "--format", "json").stdout)
+    assert vol["Anonymous"] and len(vol["Name"]) == 64 and vol["UsedBy"] == ["c"]
+    assert not list((store / "containers" / "c" / "upper").rglob("x"))
+    with mounted("--root", store, "--image", "base", "--name", "c", mnt):
+        assert (mnt / "data" / "x").read_text() == "kept\n"
+    assert len(json.loads(um("volume", "--root", store, "ls", "--format", "json").stdout)) == 1
+    assert um("container", "--root", store, "rm", "c").returncode == 0
+    assert um("volume", "--root", store, "prune").stdout.split() == [vol["Name"]]
+
+
+def test_two_mounts_share_a_volume(store: Path, tmp_path: Path) -> None:
+    a, b = dirs(tmp_path, "a", "b")
+    with (
+        mounted("--root", store, "--image", "base", "--name", "ca", "-v", "shared:/shared", a),
+        mounted("--root", store, "--image", "base", "--name", "cb", "-v", "shared:/shared", b),
+    ):
+        (a / "shared" / "f").write_text("one\n")
+        assert (b / "shared" / "f").read_text() == "one\n"
+        (b / "shared" / "f").write_text("two, longer\n")
+        assert (a / "shared" / "f").read_text() == "two, longer\n"  # the next open sees the other's write
+        os.stat(a / "shared" / "f")
+        os.chmod(b / "shared" / "f", 0o600)
+        deadline = time.monotonic() + 3
+        while os.stat(a / "shared" / "f").st_mode & 0o777 != 0o600:
+            assert time.monotonic() < deadline, "attribute change not visible through the other mount"
+            time.sleep(0.1)
+
+
+def test_volumes_from_a_container_that_is_not_mounted(store: Path, tmp_path: Path) -> None:
+    mnt, host = dirs(tmp_path, "mnt", "host")
+    with mounted("--root", store, "--image", "base", "--name", "src", "-v", "v1:/v1", "-v", f"{host}:/h", mnt):
+        (mnt / "v1" / "f").write_text("from src\n")
+        (mnt / "h" / "g").write_text("bound\n")
+    with mounted("--root", store, "--image", "base", "--name", "dst", "--volumes-from", "src:ro", mnt):
+        assert (mnt / "v1" / "f").read_text() == "from src\n" and (mnt / "h" / "g").read_text() == "bound\n"
+        with pytest.raises(OSError) as e:
+            (mnt / "v1" / "new").write_text("x")
+        assert e.value.errno == errno.EROFS
+    with mounted("--root", store, "--image", "base", "--name", "dst2", "--volumes-from", "src", mnt):
+        (mnt / "v1" / "rw").write_text("y\n")
+    assert (store / "volumes" / "v1" / "_data" / "rw").exists()
+
+
+def test_uid_map_on_a_bind_the_seed_case(store: Path, tmp_path: Path) -> None:
+    (host,) = dirs(tmp_path, "mongo")
+    mnt = Path(tempfile.mkdtemp(prefix="um-seed."))  # uid 184 must reach it (pytest's tmp dirs are 0700)
+    mnt.chmod(0o755)
+    os.chown(host, 1000, 1000)
+    (host / "stranger").write_text("x\n")
+    os.chown(host / "stranger", 5, 5)
+    spec = f"type=bind,source={host},target=/var/lib/mongodb,uidmap=184:1000:1,gidmap=184:1000:1"
+    with mounted("--root", store, "--image", "base", "--name", "db", "--mount", spec, mnt):
+        db = mnt / "var" / "lib" / "mongodb"
+        st = os.stat(db)
+        assert (st.st_uid, st.st_gid) == (184, 184)
+        assert (os.stat(db / "stranger").st_uid, os.stat(db / "stranger").st_gid) == (65534, 65534)
+        r = subprocess.run(
+            ["setpriv", "--reuid", "184", "--regid", "184", "--clear-groups", "sh", "-c", f"echo w > {db}/made"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert (os.stat(db / "made").st_uid, os.stat(db / "made").st_gid) == (184, 184)
+        with pytest.raises(OSError) as e:
+            os.chown(db / "made", 4242, -1)
+        assert e.value.errno == errno.EINVAL
+    mnt.rmdir()
+    made = os.stat(host / "made")
+    assert (made.st_uid, made.st_gid) == (1000, 1000)
+
+
+def test_uid_map_for_the_whole_mount(tmp_path: Path) -> None:
+    low, up, work, mnt = dirs(tmp_path, "low", "up", "work", "mnt")
+    (low / "f").write_text("x\n")
+    os.chown(low / "f", 100005, 100005)
+    os.chown(low, 100000, 100000)
+    os.chown(up, 100000, 100000)  # the root shows the upper dir (as in overlayfs)
+    with mounted("--lower", low, "--upper", up, "--work", work, "--uidmap", "0:100000:65536", "--gidmap",
+                 "0:100000:65536", mnt):  # fmt: skip
+        assert (os.stat(mnt).st_uid, os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid) == (0, 5, 5)
+        (mnt / "new").write_text("y\n")
+        os.chown(mnt / "f", 7, 8)
+        assert (os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid) == (7, 8)
+    assert (os.stat(up / "new").st_uid, os.stat(up / "new").st_gid) == (100000, 100000)
+    assert (os.stat(up / "f").st_uid, os.stat(up / "f").st_gid) == (100007, 100008)
+
+
+BAD = [
+    (["-v", "relative/dir:/x"], "is relative"),
+    (["-v", "./dir:/x"], "is relative"),
+    (["-v", "vol:x"], "not an absolute path"),
+    (["-v", "vol:/etc/motd"], "mount target /etc/motd is not a directory in the image"),
+    (["-v", "a:/x", "-v", "b:/x/y"], "overlap"),
+    (["-v", "a:/x", "-v", "b:/x"], "two mounts on /x"),
+    (["-v", "a:/x:bogus"], "unknown volume option 'bogus'"),
+    (["--mount", "type=foo,target=/x"], "unknown mount type 'foo'"),
+    (["--mount", "type=volume,target=/x,bogus=1"], "unknown --mount option 'bogus'"),
+    (["--mount", "type=bind,target=/x"], "needs source="),
+    (["--mount", "type=bind,source=/nonexistent-dir,target=/x"], "not an existing directory"),
+    (["--uidmap", "0:1000:10", "--uidmap", "5:2000:1"], "overlap"),
+    (["--uidmap", "0:1000:10", "--uidmap", "20:1005:1"], "overlap on the outside side"),
+    (["--gidmap", "1:2"], "not INSIDE:OUTSIDE:COUNT"),
+    (["--volumes-from", "nope"], "no container 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_specs(args: list[str], needle: str, store: Path, tmp_path: Path) -> None:
+    (mnt,) = dirs(tmp_path, "mnt")
+    r = um("mount", "--root", store, "--image", "base", "--name", "c", *args, mnt)
+    try:
+        assert r.returncode != 0 and needle in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert not is_mounted(mnt)
+    finally:
+        if is_mounted(mnt):
+            force_unmount(mnt)
