@@ -173,3 +173,21 @@ def test_help_and_version() -> None:
     assert r.returncode == 0 and "unionmount mount --lower" in r.stdout
     r = unionmount("--version")
     assert r.returncode == 0 and r.stdout.startswith("unionmount ")
+
+
+def test_stats_counts_requests(dirs: dict[str, Path]) -> None:
+    import json
+
+    with union(dirs["mnt"], [dirs["lower"]], dirs["upper"], dirs["work"]) as mnt:
+        for i in range(20):
+            (mnt / f"n{i}").write_text("x")
+        os.listdir(mnt)
+        r = run([*COMMAND, "stats", str(mnt), "--format", "json"], check=False)
+        assert r.returncode == 0, r.stderr
+        data = json.loads(r.stdout)
+        assert data["ops"]["create"]["count"] == 20 and data["ops"]["write"]["count"] >= 20
+        assert data["ops"]["create"]["mean_us"] > 0 and data["max_rss_kb"] > 0 and data["cpu_user_s"] > 0
+        table = run([*COMMAND, "stats", str(mnt)]).stdout
+        assert "create" in table and "MEAN" in table
+    r = run([*COMMAND, "stats", str(dirs["mnt"])], check=False)
+    assert r.returncode != 0 and "no unionmount daemon serves" in r.stderr

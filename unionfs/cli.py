@@ -173,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("store", help="store usage, garbage collection, consistency check")
     st.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
     st.add_argument("action", choices=("df", "gc", "check"))
+    sx = sub.add_parser("stats", help="a mounted daemon's requests per operation, mean cost, CPU and RSS")
+    sx.add_argument("mountpoint", metavar="MNT")
+    sx.add_argument("--format", choices=("table", "json"), default="table")
     u = sub.add_parser("umount", help="unmount a union (the daemon exits 0)")
     u.add_argument("mountpoint", metavar="MNT")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
@@ -228,8 +231,14 @@ def _umount(mnt: str, timeout: float) -> int:
 
 def _daemon_alive(mnt: str) -> bool:
     """True while a unionmount daemon serving ``mnt`` still runs."""
+    return bool(_daemon_pids(mnt))
+
+
+def _daemon_pids(mnt: str) -> list[int]:
+    """The unionmount daemons serving ``mnt`` (found by their command lines)."""
     needle = os.fsencode(mnt)
     me = os.getpid()
+    out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == me:
             continue
@@ -238,9 +247,52 @@ def _daemon_alive(mnt: str) -> bool:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if any(b"unionmount" in a for a in args[:3]) and any(os.path.realpath(a) == needle for a in args if a):
-            return True
-    return False
+        if any(b"unionmount" in a or b"unionfs" in a for a in args[:3]) and any(
+            os.path.realpath(a) == needle for a in args if a
+        ):
+            out.append(int(pid))
+    return out
+
+
+def _stats(mnt: str, fmt: str) -> int:
+    """Ask the daemon serving ``mnt`` for its request counters and print them."""
+    import json
+    import signal
+
+    from . import stats
+
+    pids = _daemon_pids(os.path.realpath(mnt))
+    if not pids:
+        raise UsageError(f"no unionmount daemon serves '{mnt}'")
+    path = stats.stats_path(pids[0])
+    try:
+        before = os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        before = 0
+    os.kill(pids[0], signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            if os.stat(path).st_mtime_ns != before:
+                break
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise UsageError(f"the daemon (pid {pids[0]}) did not answer")
+        time.sleep(0.02)
+    with open(path) as f:
+        data = json.load(f)
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    print(
+        f"pid {data['pid']}  up {data['uptime_s']:.0f}s  cpu {data['cpu_user_s'] + data['cpu_system_s']:.2f}s  "
+        f"peak rss {data['max_rss_kb'] / 1024:.0f} MiB"
+    )
+    print(f"{'OPERATION':<14} {'REQUESTS':>10} {'MEAN µs':>10} {'TOTAL s':>9} {'ERRORS':>8}")
+    for name, o in sorted(data["ops"].items(), key=lambda kv: -kv[1]["total_s"]):
+        print(f"{name:<14} {o['count']:>10} {o['mean_us']:>10.1f} {o['total_s']:>9.3f} {o['errors']:>8}")
+    return 0
 
 
 def _image(ns: argparse.Namespace) -> int:
@@ -311,8 +363,10 @@ def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         _parser().print_help()
         return 0 if args else 2
-    if args[0] in ("mount", "umount", "image", "store", "container", "diff", "commit", "export", "volume"):
+    if args[0] in ("mount", "umount", "image", "store", "container", "diff", "commit", "export", "volume", "stats"):
         ns = _parser().parse_args(args)
+        if ns.cmd == "stats":
+            return _stats(ns.mountpoint, ns.format)
         if ns.cmd == "volume":
             return _volume(ns)
         if ns.cmd in ("container", "diff", "commit", "export"):

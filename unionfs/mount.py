@@ -18,6 +18,7 @@ from contextlib import ExitStack
 import pyfuse3
 import trio
 
+from . import stats
 from .config import MountConfig, UsageError
 from .fs import Options, UnionFS
 from .operations import Operations
@@ -49,8 +50,14 @@ async def _serve() -> None:
 
 
 async def _on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         async for sig in signals:
+            if sig == signal.SIGUSR1:  # unionmount stats
+                try:
+                    stats.dump()
+                except OSError as e:
+                    log.warning("cannot write stats: %s", e)
+                continue
             log.info("signal %d: unmounting", sig)
             pyfuse3.terminate()
             return

@@ -11,29 +11,39 @@ import errno
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from time import perf_counter_ns
 from typing import Any, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
 from .fs import UnionFS
+from .stats import record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
+        t0 = perf_counter_ns()
+        failed = True
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(*args, **kwargs)
+            failed = False
+            return result
         except FUSEError:
             raise
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
         except Exception:
-            log.exception("internal error in %s", fn.__name__)
+            log.exception("internal error in %s", name)
             raise FUSEError(errno.EIO) from None
+        finally:
+            record(name, perf_counter_ns() - t0, failed)
 
     return wrapper
 
