@@ -165,14 +165,46 @@ def prepare_image_mount(cfg: MountConfig, root: str | None, image: str, containe
         raise UsageError("--image brings its own container layer: drop --upper/--work")
     with open_store(root) as store:
         image_id = store.resolve(image)
+        fresh = container is None or not _exists(store, container)
         name, upper, work = store.container(container, image_id)
         cfg.hold_fds.append(store.lock_container(name))
         store.set_mounted_at(name, os.path.realpath(cfg.mountpoint))
+        if fresh:
+            _root_like_image(store, image_id, upper)
     cfg.image = (store.root, image_id)
     cfg.upper, cfg.work = upper, work
     if container is None:
         print(name)  # the generated container name, for the next mount or rm
     return name
+
+
+def _exists(store: Store, name: str) -> bool:
+    try:
+        store.container_record(name)
+        return True
+    except StoreError:
+        return False
+
+
+def _root_like_image(store: Store, image_id: bytes, upper: str) -> None:
+    """A new container layer's root takes the image root's owner, mode and times (the union's root shows it).
+
+    Where the owner cannot be given (rootless), it goes to the override xattr.
+    """
+    from layerstore.entry import Entry
+    from layerstore.store import image_key, merged_key
+
+    from . import override
+
+    with store.env.begin() as txn:
+        raw = txn.get(merged_key(image_key(image_id), b""), db=store.db["merged"])
+    if raw is None:
+        return
+    e = Entry.unpack(raw)
+    path = os.fsencode(upper)
+    override.chown(path, e.uid, e.gid, rootless=not override.can_chown(upper))
+    os.chmod(path, e.mode & 0o7777)
+    os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
 
 
 def _human(n: float) -> str:

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 
 import trio
 
+from . import override
 from .inodes import Node
 from .layers import Layer
 from .markers import is_private_xattr
@@ -104,21 +105,25 @@ def copy_xattrs(layer: Layer, src: bytes, dst: bytes) -> None:
                 raise
 
 
-def _set_meta(path: bytes, st: os.stat_result, kind: int) -> None:
-    """Owner, then mode (chown clears set-id bits), then times; never follows ``path``."""
-    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+def _set_meta(path: bytes, st: os.stat_result, kind: int, rootless: bool = False) -> None:
+    """Owner, then mode (chown clears set-id bits), then times; never follows ``path``.
+
+    Rootless, an owner that cannot be given is kept in the override xattr (see :mod:`unionfs.override`).
+    """
+    override.chown(path, st.st_uid, st.st_gid, rootless=rootless)
     if kind != stat.S_IFLNK:
-        os.chmod(path, stat.S_IMODE(st.st_mode))
+        override.chmod(path, stat.S_IMODE(st.st_mode)) if rootless else os.chmod(path, stat.S_IMODE(st.st_mode))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 class CopyUp:
     """Copies lower entries into the upper layer (see the module guarantees)."""
 
-    def __init__(self, resolver: Resolver, upper: Upper, *, sync: bool = True) -> None:
+    def __init__(self, resolver: Resolver, upper: Upper, *, sync: bool = True, rootless: bool = False) -> None:
         self.resolver = resolver
         self.upper = upper
         self.sync = sync
+        self.rootless = rootless  # owners that cannot be given go to the override xattr
 
     def _lower(self, node: Node) -> tuple[Layer, bytes, os.stat_result]:
         li, lpath = node.lowers[0]
@@ -141,7 +146,7 @@ class CopyUp:
         with self._discard_on_error(tmp):
             tpath = proc_path(wfd, tmp)
             copy_xattrs(layer, lpath, tpath)
-            _set_meta(tpath, st, stat.S_IFDIR)
+            _set_meta(tpath, st, stat.S_IFDIR, self.rootless)
             renameat2(wfd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
         node.upper = True
 
@@ -254,7 +259,7 @@ class CopyUp:
                 os.setxattr(tpath, self.upper.dialect.origin, b"%d" % node.ino, follow_symlinks=False)
             except OSError:
                 pass  # user.* xattrs are refused on symlinks and devices: the number may change there
-            _set_meta(tpath, st, kind)
+            _set_meta(tpath, st, kind, self.rootless)
         return tmp
 
     async def data(self, node: Node) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from . import override
 from .config import Graft
 from .copy_up import CopyUp
 from .idmap import IdMap
@@ -121,7 +122,11 @@ class UnionFS:
         up_layer = DirLayer(-1, opts.upper, self.cache, writable=True) if opts.upper else None
         self.upper = Upper(up_layer, opts.work, dialect) if up_layer is not None and opts.work else None
         self.resolver = Resolver(up_layer, self.lowers, dialect)
-        self.copy = CopyUp(self.resolver, self.upper, sync=not opts.volatile) if self.upper else None
+        # rootless: owners, modes and devices the daemon cannot set live in an xattr (unionfs.override)
+        self.rootless = not override.can_chown(opts.work) if opts.work else self.euid != 0
+        self.copy = (
+            CopyUp(self.resolver, self.upper, sync=not opts.volatile, rootless=self.rootless) if self.upper else None
+        )
         root = Node(
             ROOT_INO, stat.S_IFDIR, [], upper=up_layer is not None, lowers=[(i, b"") for i in range(len(self.lowers))]
         )
@@ -331,11 +336,14 @@ class UnionFS:
         e.generation = 0
         e.entry_timeout = r.timeout
         e.attr_timeout = r.timeout
-        e.st_mode = st.st_mode
+        uid, gid, mode, rdev = override.apply(st, self._override(node, st)) if self.rootless else (
+            st.st_uid, st.st_gid, st.st_mode, st.st_rdev
+        )  # fmt: skip
+        e.st_mode = mode
         e.st_nlink = nlink
-        e.st_uid = r.uidmap.to_inside(st.st_uid)
-        e.st_gid = r.gidmap.to_inside(st.st_gid)
-        e.st_rdev = st.st_rdev
+        e.st_uid = r.uidmap.to_inside(uid)
+        e.st_gid = r.gidmap.to_inside(gid)
+        e.st_rdev = rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
         e.st_blocks = st.st_blocks
@@ -348,6 +356,16 @@ class UnionFS:
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _override(self, node: Node, st: os.stat_result) -> override.Override | None:
+        """The owner/mode/device override of a node's real entry, if it has one."""
+        try:
+            at = self._xattr_at(node)
+            if isinstance(at, bytes):
+                return override.read(at, st.st_mode)
+            return override.decode(at[0].getxattr(at[1], override.XATTR), st.st_mode)
+        except (OSError, IndexError):
+            return None
 
     # -- lookup & listing ------------------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
@@ -545,16 +563,17 @@ class UnionFS:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), a
 
     def _chown_new(self, target: int | bytes, uid: int, gid: int) -> None:
-        """Give a new entry its creator's ids, keeping set-id bits that chown would clear."""
-        if self.euid != 0:
-            return
+        """Give a new entry its creator's ids, keeping set-id bits that chown would clear.
+
+        Rootless, ids the daemon cannot give go to the override xattr.
+        """
         st = os.fstat(target) if isinstance(target, int) else os.stat(target, follow_symlinks=False)
         if (st.st_uid, st.st_gid) == (uid, gid):
             return
-        if isinstance(target, int):
-            os.fchown(target, uid, gid)
-        else:
-            os.chown(target, uid, gid, follow_symlinks=False)
+        if self.euid != 0 and not self.rootless:
+            return
+        path = b"/proc/self/fd/%d" % target if isinstance(target, int) else target
+        override.chown(path, uid, gid, rootless=self.rootless)
         if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
             if isinstance(target, int):
                 os.fchmod(target, stat.S_IMODE(st.st_mode))
@@ -596,7 +615,15 @@ class UnionFS:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
             uid, gid = self._owner(parent, ctx, pst)
             dfd, dname = (upper.work_fd, upper.tmpname()) if over else (pfd, name)
-            os.mknod(dname, mode, rdev, dir_fd=dfd)
+            try:
+                os.mknod(dname, mode, rdev, dir_fd=dfd)
+            except PermissionError:
+                if not self.rootless or not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+                    raise
+                # rootless: a device is an empty file whose override says what it is
+                os.close(os.open(dname, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+                st = os.stat(dname, dir_fd=dfd)
+                override.record(proc_path(dfd, dname), override.Override(st.st_uid, st.st_gid, mode, rdev))
             self._chown_new(proc_path(dfd, dname), uid, gid)
             if over:
                 upper.place(dname, pfd, name, is_dir=False)
@@ -855,9 +882,12 @@ class UnionFS:
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
-                os.chown(path, uid, gid, follow_symlinks=False)
+                override.chown(path, uid, gid, rootless=self.rootless)
             if fields.update_mode and node.kind != stat.S_IFLNK:
-                os.chmod(path, stat.S_IMODE(attr.st_mode))
+                if self.rootless:
+                    override.chmod(path, stat.S_IMODE(attr.st_mode))
+                else:
+                    os.chmod(path, stat.S_IMODE(attr.st_mode))
             if fields.update_size:
                 if handle is not None and handle.writable:
                     os.ftruncate(handle.fd, attr.st_size)

@@ -41,6 +41,7 @@ PRIVATE_XATTR_PREFIXES: tuple[bytes, ...] = (
     b"user.fuseoverlayfs.",
     b"trusted.unionmount.",
     b"user.unionmount.",
+    b"user.containers.override_stat",  # rootless owners and modes (see unionfs.override)
 )
 _OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuseoverlayfs.opaque")
 _XWHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
