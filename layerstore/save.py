@@ -185,38 +185,16 @@ def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
     return mdigest
 
 
-def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:
+@contextmanager
+def replacing(path: str) -> Iterator[BinaryIO]:
+    """A file written as ``PATH.part`` and renamed to ``path`` only once complete (removed on failure).
+
+    Raises :class:`StoreError` with one line if it cannot be written.
+    """
     part = path + ".part"
-    tmproot = os.path.dirname(os.path.abspath(path))
     try:
-        with (
-            tempfile.TemporaryDirectory(dir=tmproot, prefix=".save-") as tmp,
-            _image_blobs(store, image_id, tmp) as (cfg, layers),
-            tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as tar,
-        ):
-            now = time.time()
-
-            def put(name: str, src: str | bytes) -> None:
-                t = tarfile.TarInfo(name)
-                t.mtime = now
-                if isinstance(src, bytes):
-                    t.size = len(src)
-                    tar.addfile(t, io.BytesIO(src))
-                else:
-                    t.size = os.path.getsize(src)
-                    with open(src, "rb") as f:
-                        tar.addfile(t, f)
-
-            names = []
-            for b in layers:
-                name = f"{b.digest[7:]}/layer.tar"
-                put(name, b.path)
-                names.append(name)
-            put(f"{cfg.digest[7:]}.json", cfg.path)
-            manifest = [{"Config": f"{cfg.digest[7:]}.json", "RepoTags": [repotag], "Layers": names}]
-            put("manifest.json", json.dumps(manifest).encode())
-            repo, _, tag = repotag.rpartition(":")
-            put("repositories", json.dumps({repo: {tag: layers[-1].digest[7:]}} if layers else {}).encode())
+        with open(part, "wb") as f:
+            yield f
         os.replace(part, path)
     except OSError as e:
         try:
@@ -224,4 +202,47 @@ def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:
         except OSError:
             pass
         raise StoreError(f"cannot write '{path}': {e.strerror}") from None
+    except BaseException:
+        try:
+            os.unlink(part)
+        except OSError:
+            pass
+        raise
+
+
+def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:
+    tmproot = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(tmproot, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot write '{path}': {e.strerror}") from None
+    with (
+        replacing(path) as out,
+        tempfile.TemporaryDirectory(dir=tmproot, prefix=".save-") as tmp,
+        _image_blobs(store, image_id, tmp) as (cfg, layers),
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        now = time.time()
+
+        def put(name: str, src: str | bytes) -> None:
+            t = tarfile.TarInfo(name)
+            t.mtime = now
+            if isinstance(src, bytes):
+                t.size = len(src)
+                tar.addfile(t, io.BytesIO(src))
+            else:
+                t.size = os.path.getsize(src)
+                with open(src, "rb") as f:
+                    tar.addfile(t, f)
+
+        names = []
+        for b in layers:
+            name = f"{b.digest[7:]}/layer.tar"
+            put(name, b.path)
+            names.append(name)
+        put(f"{cfg.digest[7:]}.json", cfg.path)
+        manifest = [{"Config": f"{cfg.digest[7:]}.json", "RepoTags": [repotag], "Layers": names}]
+        put("manifest.json", json.dumps(manifest).encode())
+        repo, _, tag = repotag.rpartition(":")
+        put("repositories", json.dumps({repo: {tag: layers[-1].digest[7:]}} if layers else {}).encode())
     return cfg.digest

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from layerstore import tarwrite
+from layerstore.save import replacing
 from layerstore.store import Store, normalize_name
 
 from .changes import Change, changes
@@ -212,17 +213,8 @@ def export(root: str | None, name: str, dest: str) -> int:
         if dest == "-":
             _export(view, sys.stdout.buffer)
             return 0
-        tmp = dest + ".part"
-        try:
-            with open(tmp, "wb") as out:
-                _export(view, out)
-            os.replace(tmp, dest)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise UsageError(f"cannot write '{dest}': {e.strerror}") from None
+        with replacing(dest) as out:
+            _export(view, out)
     return 0
 
 
