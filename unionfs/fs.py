@@ -572,8 +572,7 @@ class UnionFS:
             return
         if self.euid != 0 and not self.rootless:
             return
-        path = b"/proc/self/fd/%d" % target if isinstance(target, int) else target
-        override.chown(path, uid, gid, rootless=self.rootless)
+        override.chown(target, uid, gid, rootless=self.rootless)
         if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
             if isinstance(target, int):
                 os.fchmod(target, stat.S_IMODE(st.st_mode))

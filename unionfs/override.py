@@ -65,9 +65,14 @@ def decode(value: bytes, real_mode: int) -> Override | None:
     return Override(uid, gid, fmt | stat.S_IMODE(perm), rdev)
 
 
-def read(path: bytes, real_mode: int) -> Override | None:
+def _x(fn, target: int | bytes, *args: object):  # noqa: ANN001, ANN202
+    """An xattr call on an fd, or on a path without following its last component."""
+    return fn(target, *args) if isinstance(target, int) else fn(target, *args, follow_symlinks=False)
+
+
+def read(target: int | bytes, real_mode: int) -> Override | None:
     try:
-        return decode(os.getxattr(path, XATTR, follow_symlinks=False), real_mode)
+        return decode(_x(os.getxattr, target, XATTR), real_mode)
     except OSError:
         return None
 
@@ -79,28 +84,31 @@ def apply(st: os.stat_result, ov: Override | None) -> tuple[int, int, int, int]:
     return ov.uid, ov.gid, ov.mode, ov.rdev
 
 
-def record(path: bytes, ov: Override) -> None:
+def record(target: int | bytes, ov: Override) -> None:
     try:
-        os.setxattr(path, XATTR, ov.encode(), follow_symlinks=False)
+        _x(os.setxattr, target, XATTR, ov.encode())
     except OSError as e:
         if e.errno != errno.EPERM or not stat.S_ISLNK(ov.mode):
             raise  # a symlink cannot carry user.* xattrs: its owner is lost, as with fuse-overlayfs
 
 
-def chown(path: bytes, uid: int, gid: int, *, rootless: bool) -> None:
-    """``lchown``, or in a rootless mount where that is refused, the override xattr."""
+def chown(target: int | bytes, uid: int, gid: int, *, rootless: bool) -> None:
+    """``fchown``/``lchown``, or in a rootless mount where that is refused, the override xattr."""
     try:
-        os.chown(path, uid, gid, follow_symlinks=False)
+        if isinstance(target, int):
+            os.fchown(target, uid, gid)
+        else:
+            os.chown(target, uid, gid, follow_symlinks=False)
         if rootless:
-            _drop(path)
+            _drop(target)
         return
     except OSError as e:
         if not rootless or e.errno not in (errno.EPERM, errno.EINVAL):
             raise
-    st = os.stat(path, follow_symlinks=False)
-    old = read(path, st.st_mode)
+    st = os.fstat(target) if isinstance(target, int) else os.stat(target, follow_symlinks=False)
+    old = read(target, st.st_mode)
     cur_uid, cur_gid, mode, rdev = apply(st, old)
-    record(path, Override(cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode, rdev))
+    record(target, Override(cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode, rdev))
 
 
 def chmod(path: bytes, perm: int) -> None:
@@ -112,9 +120,9 @@ def chmod(path: bytes, perm: int) -> None:
         record(path, Override(old.uid, old.gid, stat.S_IFMT(old.mode) | stat.S_IMODE(perm), old.rdev))
 
 
-def _drop(path: bytes) -> None:
+def _drop(target: int | bytes) -> None:
     try:
-        os.removexattr(path, XATTR, follow_symlinks=False)
+        _x(os.removexattr, target, XATTR)
     except OSError:
         pass
 
