@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyfuse3
@@ -33,6 +34,7 @@ from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_pa
 from .upper import Upper
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
+LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
 GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: attributes show within a second
 
 
@@ -62,6 +64,7 @@ class FileHandle:
 class DirHandle:
     node: Node
     names: list[bytes] | None = None  # taken at the first read from offset 0
+    found: dict[bytes, tuple[Found | None, pyfuse3.EntryAttributes | None]] | None = None  # lower-only dir
 
 
 @dataclass(slots=True, frozen=True)
@@ -134,6 +137,7 @@ class UnionFS:
         self.realms = [Realm(self.resolver, self.upper, self.copy, TIMEOUT, opts.uidmap, opts.gidmap)]
         self.graft_at: dict[tuple[bytes, bytes], int] = {}  # (parent path, name) in the union -> realm
         self._preparing = False
+        self._listings: OrderedDict[int, tuple[Node, list[bytes], dict]] = OrderedDict()  # type: ignore[type-arg]
         for k, g in enumerate(opts.grafts, start=1):
             self._add_graft(k, g, opts, dialect)
         self.lock = trio.Lock()
@@ -399,8 +403,9 @@ class UnionFS:
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.dirs[fh]
         if start == 0 or h.names is None:
-            h.names = [b".", b".."] + self._names(h.node)  # rewinddir sees changes
+            self._take_listing(h)  # rewinddir sees changes
         names = h.names
+        assert names is not None
         for i in range(start, len(names)):
             name = names[i]
             if i < 2:
@@ -410,14 +415,20 @@ class UnionFS:
                 continue
             graft = self._graft_root(h.node, name)
             if graft is not None:
-                node, found = graft, None
+                node, found, known = graft, None, None
             else:
-                found = self.realms[h.node.realm].resolver.lookup(h.node, name)
+                cached = h.found.get(name) if h.found is not None else None
+                resolver = self.realms[h.node.realm].resolver
+                found, known = cached if cached is not None else (resolver.lookup(h.node, name), None)
                 if found is None:
+                    if h.found is not None:
+                        h.found[name] = (None, None)
                     continue
                 node = self._found_node(found, h.node, name)
             try:
-                a = self.attrs(node, found)
+                a = known if known is not None and not node.upper else self.attrs(node, found)
+                if h.found is not None and known is None:
+                    h.found[name] = (found, None if node.upper else a)
             except FileNotFoundError:
                 self.table.maybe_drop(node)
                 continue
@@ -425,6 +436,27 @@ class UnionFS:
                 self.table.maybe_drop(node)
                 return
             self.table.remember(node)
+
+    def _take_listing(self, h: DirHandle) -> None:
+        """The names of an open directory, and for one that lies only in lower layers, their resolutions.
+
+        Lower layers do not change, and a directory gets an upper part (copy-up)
+        before anything in it can change, so the listing of a lower-only directory
+        is resolved once and kept (bounded LRU) for every later read of it.
+        """
+        node = h.node
+        if node.upper or node.realm:
+            h.names, h.found = [b".", b".."] + self._names(node), None
+            return
+        hit = self._listings.get(node.ino)
+        if hit is not None and hit[0] is node:
+            self._listings.move_to_end(node.ino)
+            h.names, h.found = hit[1], hit[2]
+            return
+        h.names, h.found = [b".", b".."] + self._names(node), {}
+        self._listings[node.ino] = (node, h.names, h.found)
+        if len(self._listings) > LISTING_CACHE:
+            self._listings.popitem(last=False)
 
     def _names(self, node: Node) -> list[bytes]:
         names = merged_names(self.realms[node.realm].resolver, node)
