@@ -78,6 +78,25 @@ def test_docker_archive_and_dedup(image: Path, tmp_path: Path) -> None:
     assert info["Volumes"] == {"/data": {}} and info["Cmd"] == ["sh"] and len(info["Layers"]) == 3
 
 
+def test_zstd_layers_from_skopeo(image: Path, tmp_path: Path) -> None:
+    store, mnt, zimg = tmp_path / "store", tmp_path / "mnt", tmp_path / "z"
+    mnt.mkdir()
+    subprocess.run(
+        ["skopeo", "copy", "--dest-compress", "--dest-compress-format", "zstd", f"oci:{image}/img:t", f"oci:{zimg}:t"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    magic = {p.read_bytes()[:4] for p in (zimg / "blobs" / "sha256").iterdir()}
+    assert b"\x28\xb5\x2f\xfd" in magic  # the layers really are zstd
+    r = um("image", "--root", store, "import", f"oci:{zimg}:t", "--tag", "z")
+    assert r.returncode == 0, r.stderr
+    r = um("mount", "--root", store, "--image", "z", "--image-volumes", "ignore", mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+    finally:
+        um("umount", mnt)
+
+
 def test_container_layer_survives_remount(image: Path, tmp_path: Path) -> None:
     store, mnt = tmp_path / "store", tmp_path / "mnt"
     mnt.mkdir()
