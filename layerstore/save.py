@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import tempfile
 import time
@@ -63,11 +64,15 @@ class _HashWriter:
 def write_layer_tar(store: Store, diff_id: bytes, out: BinaryIO) -> None:
     """The layer ``diff_id`` as an OCI layer tar."""
     links: list[tuple[bytes, Entry]] = []
+    files: set[bytes] = set()  # non-directories of this layer
     with store.env.begin() as txn, tarwrite.writer(out) as tar:  # type: ignore[arg-type]
         for path, e in store.layer_entries(txn, diff_id):
             if e.kind == KIND_WHITEOUT:
-                tar.addfile(tarwrite.whiteout(path))
+                if not _below(path, files):  # one below a file of the same layer means nothing; tools choke on it
+                    tar.addfile(tarwrite.whiteout(path))
                 continue
+            if e.mode and not stat.S_ISDIR(e.mode):
+                files.add(path)
             if e.link is not None:
                 links.append((path, e))  # after their targets, which may sort later
                 continue
@@ -85,6 +90,14 @@ def write_layer_tar(store: Store, diff_id: bytes, out: BinaryIO) -> None:
         for path, e in links:
             assert e.link is not None
             tar.addfile(tarwrite.hardlink(path, e.link, e.mtime_ns))
+
+
+def _below(path: bytes, files: set[bytes]) -> bool:
+    while b"/" in path:
+        path = path.rpartition(b"/")[0]
+        if path in files:
+            return True
+    return False
 
 
 def _blob_fd(store: Store, digest: bytes) -> int:

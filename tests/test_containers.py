@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,17 @@ def test_diff_commit_save_roundtrip(image: Path, tmp_path: Path) -> None:
         tmp_path,
     )
     assert view(tmp_path / "conv-u" / "rootfs") == seen
+    # podman loads both (its own storage here, vfs driver)
+    runroot = tempfile.mkdtemp(prefix="pdr.")  # podman wants a short runroot path
+    podman = ["podman", "--root", str(tmp_path / "pd"), "--runroot", runroot, "--storage-driver", "vfs"]
+    try:
+        for src in (archive, out):
+            r = subprocess.run([*podman, "load", "-i", str(src)], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+        r = subprocess.run([*podman, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True)
+        assert "localhost/app:1" in r.stdout.split(), r.stdout
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
     r = um("image", "--root", tmp_path / "store2", "import", f"docker-archive:{archive}")
     assert r.returncode == 0 and r.stdout.startswith("app:1 "), r.stdout + r.stderr
 
