@@ -42,22 +42,21 @@ def home() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def as_user(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def user_run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A command as the plain user (a mount of the user's is closed to root without allow_other)."""
     env = {
         "HOME": str(home),
         "PATH": "/usr/bin:/bin",
         "PYTHONPATH": f"{sysconfig.get_paths()['purelib']}:{ROOT}",
         "XDG_RUNTIME_DIR": str(home),
     }
-    cmd = ["setpriv", "--reuid", str(USER), "--regid", str(USER), "--clear-groups", PY, "-m", "unionfs", *args]
-    return subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=120)
-
-
-def user_run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """A command as the plain user (a mount of the user's is closed to root without allow_other)."""
-    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": f"{sysconfig.get_paths()['purelib']}:{ROOT}"}
     cmd = ["setpriv", "--reuid", str(USER), "--regid", str(USER), "--clear-groups", *args]
     return subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=120)
+
+
+def as_user(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``unionmount ARGS`` as the plain user (Debian's python3, the venv's packages)."""
+    return user_run(home, PY, "-m", "unionfs", *args)
 
 
 FIND = "%P %U %G %m %y %l\\n"  # (no size: a directory's differs by filesystem)
