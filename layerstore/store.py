@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -75,6 +76,20 @@ class ImageInfo:
     size: int
 
 
+_NAME_RE = re.compile(
+    r"^(?:(?:[a-zA-Z0-9-]+\.)*[a-zA-Z0-9-]+(?::[0-9]+)?/)?"  # registry host[:port]/
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"  # path
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$"  # :tag
+)
+
+
+def valid_name(name: str) -> str:
+    """``name`` normalised, if it is a valid image reference (Docker's grammar, without digests)."""
+    if not _NAME_RE.match(name):
+        raise StoreError(f"invalid image name '{name}' (NAME[:TAG], lower-case name, e.g. app:1 or reg.io/team/app:v2)")
+    return normalize_name(name)
+
+
 def normalize_name(name: str) -> str:
     """Docker's familiar form: ``docker.io/library/x`` is ``x``, and the tag defaults to ``latest``."""
     for prefix in ("docker.io/library/", "docker.io/"):
@@ -120,7 +135,7 @@ class Store:
     ) -> tuple[str, str]:
         """Import ``spec``; returns (name:tag, image id)."""
         src = parse(spec)
-        name = normalize_name(tag or (src.tags[0] if src.tags else src.config_digest[7:19]))
+        name = valid_name(tag) if tag else normalize_name(src.tags[0] if src.tags else src.config_digest[7:19])
         assert self.blobs is not None
         new_blobs: list[bytes] = []
         with self.env.begin(write=True) as txn:
@@ -266,7 +281,7 @@ class Store:
 
     def tag(self, name: str, new: str) -> str:
         image_id = self.resolve(name)
-        new = normalize_name(new)
+        new = valid_name(new)
         with self.env.begin(write=True) as txn:
             txn.put(new.encode(), image_id, db=self.db["images"])
         return new
@@ -416,7 +431,7 @@ class Store:
         layers = [LayerRef(d, None, _no_open) for d in parent["layers"]]
         layers.append(LayerRef(diff_id, None, lambda: open(tar_path, "rb")))
         src = ImageSource(raw, config_digest, "", layers, [])
-        name = normalize_name(tag)
+        name = valid_name(tag)
         assert self.blobs is not None
         new_blobs: list[bytes] = []
         with self.env.begin(write=True) as txn:

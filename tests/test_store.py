@@ -266,9 +266,12 @@ def test_handmade_layers_follow_oci_rules(tmp_path: Path) -> None:
             shutil.rmtree(mnt, ignore_errors=True)
 
 
-def test_unknown_source_and_image_errors(tmp_path: Path) -> None:
+def test_unknown_source_and_image_errors(image: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
+    r = um("diff", "--root", store, "c")  # a command that only reads creates no store
+    assert r.returncode != 0 and "no store at" in r.stderr and not store.exists()
     for args, needle in (
+        (("import", f"oci:{image}/img:t", "--tag", "Bad:Name"), "invalid image name 'Bad:Name'"),
         (("import", "oci:/nonexistent"), "does not exist"),
         (("import", "ftp:x"), "'x' does not exist"),
         (("import", f"oci:{tmp_path}"), "not an OCI image layout"),

@@ -22,7 +22,11 @@ from .config import MountConfig, UsageError
 
 
 @contextmanager
-def open_store(root: str | None, *, readonly: bool = False) -> Iterator[Store]:
+def open_store(root: str | None, *, readonly: bool = False, create: bool = False) -> Iterator[Store]:
+    """The store at ``root`` (default root if None); only commands that fill it may ``create`` it."""
+    path = root or default_root()
+    if not create and not os.path.isdir(os.path.join(path, "meta")):
+        raise UsageError(f"no store at '{path}' (import an image first, or give --root)")
     try:
         store = Store(root or default_root(), readonly=readonly)
     except StoreError as e:
@@ -39,7 +43,7 @@ def open_store(root: str | None, *, readonly: bool = False) -> Iterator[Store]:
 
 def image_import(root: str | None, source: str, tag: str | None) -> int:
     start = time.monotonic()
-    with open_store(root) as store, _progress() as progress:
+    with open_store(root, create=True) as store, _progress() as progress:
         name, image_id = store.import_image(source, tag, progress)
     print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
     return 0
@@ -106,7 +110,7 @@ def store_check(root: str | None) -> int:
 
 
 def image_ls(root: str | None, fmt: str) -> int:
-    with open_store(root) as store:
+    with open_store(root, create=True) as store:
         images = store.images()
     if fmt == "json":
         print(

@@ -77,7 +77,7 @@ def _describe(store: Store, name: str, rec: dict, names: dict[str, list[str]]) -
 
 
 def container_ls(root: str | None, fmt: str) -> int:
-    with open_store(root) as store:
+    with open_store(root, create=True) as store:
         names = _image_names(store)
         rows = [_describe(store, n, rec, names) for n, rec in store.containers()]
     if fmt == "json":

@@ -170,7 +170,7 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
     from .commands import open_store
 
     need_store = image_id is not None or cfg.volumes_from or any(s.kind == "volume" for s in specs)
-    with open_store(root) if need_store else nullcontext() as store:  # binds alone need no store
+    with open_store(root, create=True) if need_store else nullcontext() as store:  # binds alone need no store
         specs += _volumes_from(store, cfg.volumes_from) if cfg.volumes_from else []
         if image_id is not None and cfg.image_volumes != "ignore":
             specs += _image_volumes(store, image_id, container, {s.target for s in specs}, cfg.image_volumes)

@@ -22,7 +22,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def create(root: str | None, name: str | None, driver: str, opts: list[str], labels: list[str]) -> int:
-    with open_store(root) as store:
+    with open_store(root, create=True) as store:
         vol, _ = vols.create(store, name, driver, _pairs(opts, "option"), _pairs(labels, "label"))
     print(vol.name)
     return 0
@@ -43,7 +43,7 @@ def _describe(store, v: vols.Volume) -> dict:  # type: ignore[no-untyped-def,typ
 
 
 def ls(root: str | None, fmt: str, quiet: bool) -> int:
-    with open_store(root) as store:
+    with open_store(root, create=True) as store:
         rows = [_describe(store, v) for v in vols.all_volumes(store)]
     if fmt == "json":
         print(json.dumps(rows, indent=2))
