@@ -81,13 +81,6 @@ def get(store: Store, name: str) -> Volume:
     return _from_record(store, name, raw)
 
 
-def find(store: Store, name: str) -> Volume | None:
-    try:
-        return get(store, name)
-    except StoreError:
-        return None
-
-
 def all_volumes(store: Store) -> list[Volume]:
     with store.env.begin() as txn:
         return [_from_record(store, bytes(k).decode(), v) for k, v in txn.cursor(db=_db(store))]

@@ -20,7 +20,6 @@ from another path, are descended into: an untouched subtree costs nothing.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from layerstore.entry import Entry
@@ -106,8 +105,3 @@ def _differs(view: View, image: StoreLayer, item: Item, old: Entry) -> bool:
 
 def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
-
-
-def iter_lines(found: list[Change]) -> Iterator[str]:
-    for c in found:
-        yield str(c)
