@@ -112,7 +112,7 @@ def _set_meta(path: bytes, st: os.stat_result, kind: int, rootless: bool = False
     """
     override.chown(path, st.st_uid, st.st_gid, rootless=rootless)
     if kind != stat.S_IFLNK:
-        override.chmod(path, stat.S_IMODE(st.st_mode)) if rootless else os.chmod(path, stat.S_IMODE(st.st_mode))
+        override.chmod(path, stat.S_IMODE(st.st_mode), rootless=rootless)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 

@@ -135,8 +135,9 @@ class UnionFS:
         )
         self.table = InodeTable(root)
         self.realms = [Realm(self.resolver, self.upper, self.copy, TIMEOUT, opts.uidmap, opts.gidmap)]
-        self.graft_at: dict[tuple[bytes, bytes], int] = {}  # (parent path, name) in the union -> realm
-        self._preparing = False
+        # (parent directory's ino, name) in the union -> realm; filled by prepare(). Keyed by the parent's
+        # stable inode number, so a lookup costs one dict probe and no path walk.
+        self.graft_at: dict[tuple[int, bytes], int] = {}
         self._listings: OrderedDict[int, tuple[Node, list[bytes], dict]] = OrderedDict()  # type: ignore[type-arg]
         for k, g in enumerate(opts.grafts, start=1):
             self._add_graft(k, g, opts, dialect)
@@ -155,8 +156,6 @@ class UnionFS:
         uidmap = g.uidmap if g.uidmap else opts.uidmap
         gidmap = g.gidmap if g.gidmap else opts.gidmap
         self.realms.append(Realm(resolver, upper, None, GRAFT_TIMEOUT, uidmap, gidmap, g, root))
-        parent, _, name = g.target.rpartition(b"/")
-        self.graft_at[(parent, name)] = k
 
     async def prepare(self) -> None:
         """Make every graft point a directory of the union (created in the upper layer where missing).
@@ -164,23 +163,19 @@ class UnionFS:
         Raises OSError(ENOTDIR) naming the target when the union has a non-directory there.
         """
         ctx = _Ctx()
-        self._preparing = True  # the graft points themselves are made here
-        try:
-            await self._make_graft_points(ctx)
-        finally:
-            self._preparing = False
-
-    async def _make_graft_points(self, ctx: _Ctx) -> None:
-        for realm in self.realms[1:]:
+        for k, realm in enumerate(self.realms[1:], start=1):
             assert realm.graft is not None
             node = self.table.root
             done = b""
-            for name in realm.graft.target.split(b"/"):
+            parts = realm.graft.target.split(b"/")
+            for i, name in enumerate(parts):
                 done = join(done, name)
                 found = self.resolver.lookup(node, name)
                 if found is None:
                     if self.upper is None:
-                        break  # a read-only union: the graft point is shown all the same
+                        if i == len(parts) - 1:
+                            self.graft_at[(node.ino, name)] = k  # a read-only union shows the point all the same
+                        break
                     before = self._stat(node)[0]
                     await self.mkdir(node.ino, name, stat.S_IFDIR | 0o755, ctx)  # type: ignore[arg-type]
                     xp = self.upper.layer.xpath(done)
@@ -194,6 +189,8 @@ class UnionFS:
                     found = self._lookup_found(node, name)
                 elif found.kind != stat.S_IFDIR:
                     raise OSError(errno.ENOTDIR, "not a directory in the union", "/" + os.fsdecode(done))
+                if i == len(parts) - 1:
+                    self.graft_at[(node.ino, name)] = k  # from now on the name shows the graft
                 node = self._found_node(found, node, name)
                 self.table.remember(node)  # kept for the daemon's life
 
@@ -201,7 +198,7 @@ class UnionFS:
         """The root node of the graft mounted at ``name`` in ``parent``, if one is."""
         if parent.realm != 0 or not self.graft_at:
             return None
-        k = self.graft_at.get((parent.path, name))
+        k = self.graft_at.get((parent.ino, name))
         if k is None:
             return None
         root = self.realms[k].root
@@ -461,9 +458,8 @@ class UnionFS:
     def _names(self, node: Node) -> list[bytes]:
         names = merged_names(self.realms[node.realm].resolver, node)
         if node.realm == 0 and self.graft_at:
-            path = node.path
             have = set(names)
-            names += [n for (p, n) in self.graft_at if p == path and n not in have]
+            names += [n for (ino, n) in self.graft_at if ino == node.ino and n not in have]
         return names
 
     def releasedir(self, fh: int) -> None:
@@ -553,9 +549,7 @@ class UnionFS:
         """Common start of every creation: checks, parent copy-up; returns (upper, dirfd, over_whiteout, parent st)."""
         self._check_new_name(name)
         upper, copy = self._writable(parent)
-        if (not self._preparing and self._graft_root(parent, name) is not None) or self.realms[
-            parent.realm
-        ].resolver.lookup(parent, name):
+        if self._graft_root(parent, name) is not None or self.realms[parent.realm].resolver.lookup(parent, name):
             raise _err(errno.EEXIST)
         await copy.dir(parent)
         pfd = upper.layer.dirfd(parent.path)
@@ -915,10 +909,7 @@ class UnionFS:
                 gid = attr.st_gid if fields.update_gid else -1
                 override.chown(path, uid, gid, rootless=self.rootless)
             if fields.update_mode and node.kind != stat.S_IFLNK:
-                if self.rootless:
-                    override.chmod(path, stat.S_IMODE(attr.st_mode))
-                else:
-                    os.chmod(path, stat.S_IMODE(attr.st_mode))
+                override.chmod(path, stat.S_IMODE(attr.st_mode), rootless=self.rootless)
             if fields.update_size:
                 if handle is not None and handle.writable:
                     os.ftruncate(handle.fd, attr.st_size)

@@ -111,9 +111,11 @@ def chown(target: int | bytes, uid: int, gid: int, *, rootless: bool) -> None:
     record(target, Override(cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode, rdev))
 
 
-def chmod(path: bytes, perm: int) -> None:
-    """``chmod``; an override, if the file has one, follows."""
+def chmod(path: bytes, perm: int, *, rootless: bool) -> None:
+    """``chmod``; in a rootless mount an override, if the file has one, follows."""
     os.chmod(path, perm)
+    if not rootless:
+        return
     st = os.stat(path, follow_symlinks=False)
     old = read(path, st.st_mode)
     if old is not None:
