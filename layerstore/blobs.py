@@ -134,13 +134,7 @@ class BlobStore:
 
     def sync(self) -> None:
         """Flush every blob written so far (and their renames) to disk: ``syncfs`` of the store."""
-        fd = os.open(self.blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if _libc.syncfs(fd) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, os.strerror(e))
-        finally:
-            os.close(fd)
+        syncfs(self.blobs)
 
     def remove(self, digest: bytes) -> None:
         """Take back a blob (an import that failed); its fan-out dir goes too if now empty."""
@@ -192,3 +186,14 @@ def _unlink_quiet(path: str) -> None:
     except OSError as e:
         if e.errno != errno.ENOENT:
             raise
+
+
+def syncfs(path: str) -> None:
+    """``syncfs(2)`` of the filesystem holding the directory ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
+    finally:
+        os.close(fd)

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from unionfs import containers
+
 from .images import image_mount, sh, um
 from .mounts import daemon_pid, force_unmount, is_mounted
 from .tree import snapshot
@@ -217,6 +219,22 @@ def test_export_is_the_mounted_tree(image: Path, tmp_path: Path) -> None:
     assert view(tmp_path / "out" / "rootfs") == seen
     with tarfile.open(tmp_path / "c.tar") as t:
         assert not [n for n in t.getnames() if ".wh." in n]
+
+
+def test_export_of_a_mounted_container_has_writes_still_in_the_kernels_cache(image: Path, tmp_path: Path) -> None:
+    """With the writeback cache a write may sit in the kernel; export syncs the mount before it reads."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "base").returncode == 0
+    with image_mount(store, "base", "c", mnt):
+        with open(mnt / "open.bin", "wb") as f:
+            f.write(b"w" * 300_000)
+            f.flush()  # to the kernel; the file stays open, nothing has asked for it to be written back
+            # in-process, so that the export starts before the kernel's own writeback (within a second)
+            assert containers.export(str(store), "c", str(tmp_path / "c.tar")) == 0
+        with tarfile.open(tmp_path / "c.tar") as t:
+            member = t.extractfile("open.bin")
+            assert member is not None and member.read() == b"w" * 300_000
 
 
 def test_container_ls_lock_rm_prune(image: Path, tmp_path: Path) -> None:

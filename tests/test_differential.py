@@ -214,15 +214,17 @@ def lowers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return make_lowers(tmp_path_factory.mktemp("lowers"))
 
 
+@pytest.mark.parametrize("writeback", ["1", "0"], ids=["writeback", "write-through"])
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_same_as_kernel_overlay(name: str, lowers: list[Path], tmp_path: Path) -> None:
+def test_same_as_kernel_overlay(name: str, writeback: str, lowers: list[Path], tmp_path: Path) -> None:
+    """Both ways of writing (the kernel caching writes, or passing each one on) behave as overlayfs."""
     scenario = SCENARIOS[name]
     ku, kw, km, ou, ow, om = fresh_dirs(tmp_path, "ku", "kw", "km", "ou", "ow", "om")
     with overlay(km, lowers, ku, kw):
         expected = Recorder()
         scenario(expected, km)
         expected_tree = snapshot(km)
-    with union(om, lowers, ou, ow):
+    with union(om, lowers, ou, ow, ["-o", f"writeback={writeback}"]):
         got = Recorder()
         scenario(got, om)
         got_tree = snapshot(om)

@@ -66,7 +66,6 @@ _IGNORED = {
     "squash_to_gid",
     "noxattrs",
     "fast_ino",
-    "writeback",
     "ino32_t",
     "context",
     "fscontext",
@@ -131,6 +130,7 @@ class MountConfig:
     uidmap: IdMap = IdMap()
     gidmap: IdMap = IdMap()
     cleanup: list[str] = field(default_factory=list)  # directories removed when the daemon exits (tmpfs)
+    writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -150,6 +150,10 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 cfg.volatile = True
             elif key == "fsync":
                 cfg.volatile = False
+            elif key == "writeback":
+                if value not in ("0", "1"):
+                    raise UsageError(f"'{item}': writeback takes 0 or 1")
+                cfg.writeback = value == "1"
             elif key in _FUSE:
                 if key == "ro":
                     cfg.read_only = True

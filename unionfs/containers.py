@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from layerstore import tarwrite
+from layerstore.blobs import syncfs
 from layerstore.save import replacing
 from layerstore.store import Store, normalize_name
 
@@ -34,8 +35,18 @@ from .view import Item, View
 
 @contextmanager
 def container_view(store: Store, name: str) -> Iterator[tuple[View, StoreLayer, bytes]]:
-    """(view of the container, its image as a layer, image id)."""
+    """(view of the container, its image as a layer, image id).
+
+    A mounted container's mount is synced first: writes the kernel still caches
+    (the writeback cache) reach the container layer before the view reads it.
+    """
     rec = store.container_record(name)
+    where = store.mounted_at(name)
+    if where is not None:
+        try:
+            syncfs(where)
+        except OSError as e:
+            print(f"unionmount: warning: cannot sync {where}: {e.strerror}", file=sys.stderr)
     upper, work = store.container_paths(name)
     image_id = rec["image"].encode()
     with View(upper, [], (store, image_id), WriteDialect.probe(work), work) as view:

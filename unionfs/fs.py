@@ -35,6 +35,7 @@ from .upper import Upper
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
 LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
+_CAPS = b"security.capability"  # asked for before every write to a file
 GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: attributes show within a second
 
 
@@ -77,6 +78,7 @@ class Options:
     grafts: tuple[Graft, ...] = ()
     uidmap: IdMap = IdMap()
     gidmap: IdMap = IdMap()
+    writeback: bool = False  # the kernel caches writes (see :func:`unionfs.mount.writeback_wanted`)
 
 
 class _NoCopy:
@@ -116,6 +118,7 @@ class UnionFS:
     """A union of lower directories under an optional upper directory."""
 
     def __init__(self, opts: Options) -> None:
+        self.opts = opts
         self.cache = FdCache()
         self.euid = os.geteuid()
         dialect = WriteDialect.probe(opts.work) if opts.work else WriteDialect(b"trusted.")
@@ -493,6 +496,26 @@ class UnionFS:
         li, lpath = node.lowers[0]
         return self.lowers[li].open(lpath, flags)
 
+    def _io_flags(self, flags: int) -> int:
+        """Open flags for writing a data file: with the writeback cache the kernel also
+        reads through a write-only handle (to fill partial pages) and places appends itself."""
+        if not self.opts.writeback:
+            return flags
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags & ~os.O_APPEND
+
+    def _io_fd(self, node: Node, flags: int) -> int:
+        """Open ``node``'s data for writing (:meth:`_io_flags`); write-only where reading is refused
+        (a plain-user daemon and a mode 0200 file)."""
+        io = self._io_flags(flags)
+        try:
+            return self._data_fd(node, io)
+        except PermissionError:
+            if io & os.O_ACCMODE == flags & os.O_ACCMODE:
+                raise
+            return self._data_fd(node, (io & ~os.O_ACCMODE) | (flags & os.O_ACCMODE))
+
     async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         node = self.node(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
@@ -504,7 +527,7 @@ class UnionFS:
                 await copy.file(node, data=not truncating)
                 if truncating and node.metacopy:
                     copy.drop_metacopy(node)  # the open below empties the file
-                fd = self._data_fd(node, real)
+                fd = self._io_fd(node, real)
         else:
             fd = self._data_fd(node, real)
         fh = self._fh()
@@ -572,7 +595,7 @@ class UnionFS:
             oflags = (
                 (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_DIRECT)) | os.O_CREAT | os.O_EXCL
             )
-            oflags |= os.O_NOFOLLOW | os.O_CLOEXEC
+            oflags = self._io_flags(oflags) | os.O_NOFOLLOW | os.O_CLOEXEC
             uid, gid = self._owner(parent, ctx, pst)
             if over:
                 tmp = upper.tmpname()
@@ -899,50 +922,54 @@ class UnionFS:
                     copy.drop_metacopy(node)
             elif node.links:
                 await self._copy_meta(node)
-            if not node.links and handle is not None:
-                self._setattr_fd(handle.fd, attr, fields)
-                return self.attrs(node)
-            dfd, name = self._upper_at(node)
-            path = proc_path(dfd, name)
-            if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else -1
-                gid = attr.st_gid if fields.update_gid else -1
-                override.chown(path, uid, gid, rootless=self.rootless)
-            if fields.update_mode and node.kind != stat.S_IFLNK:
-                override.chmod(path, stat.S_IMODE(attr.st_mode), rootless=self.rootless)
-            if fields.update_size:
-                if handle is not None and handle.writable:
-                    os.ftruncate(handle.fd, attr.st_size)
-                else:
-                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                    try:
-                        os.ftruncate(fd, attr.st_size)
-                    finally:
-                        os.close(fd)
-            if fields.update_atime or fields.update_mtime:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                at = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-                mt = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-                os.utime(path, ns=(at, mt), follow_symlinks=False)
+            if not node.links:  # unlinked but open: only its handles reach it
+                handle = handle or self._open_handle(node)
+                if handle is None:
+                    return self.attrs(node)
+            if handle is not None and (handle.writable or not node.links):
+                self._apply_attrs(handle.fd, None, attr, fields, False)  # the handle's file is the upper one
+            else:
+                at = self._upper_at(node)
+                self._apply_attrs(proc_path(*at), at, attr, fields, node.kind == stat.S_IFLNK)
             return self.attrs(node)
 
-    @staticmethod
-    def _setattr_fd(fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+    def _open_handle(self, node: Node) -> FileHandle | None:
+        """An open handle of ``node``, a writable one if there is one."""
+        handles = [h for h in self.files.values() if h.node is node]
+        return max(handles, key=lambda h: h.writable, default=None)
+
+    def _apply_attrs(
+        self,
+        target: int | bytes,
+        at: tuple[int, bytes] | None,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        is_link: bool,
+    ) -> None:
+        """Apply a setattr to an upper file given as an fd, or as a path and its (dirfd, name)."""
         if fields.update_uid or fields.update_gid:
-            os.fchown(fd, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
-        if fields.update_mode:
-            os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            override.chown(target, uid, gid, rootless=self.rootless)
+        if fields.update_mode and not is_link:
+            override.chmod(target, stat.S_IMODE(attr.st_mode), rootless=self.rootless)
         if fields.update_size:
-            os.ftruncate(fd, attr.st_size)
+            if at is None:
+                os.ftruncate(target, attr.st_size)
+            else:
+                fd = os.open(at[1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at[0])
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
         if fields.update_atime or fields.update_mtime:
-            st = os.fstat(fd)
-            os.utime(
-                fd,
-                ns=(
-                    attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                    attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns,
-                ),
-            )
+            st = os.stat(target, follow_symlinks=False) if at is not None else os.fstat(target)
+            at_ns = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mt_ns = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            if at is None:
+                os.utime(target, ns=(at_ns, mt_ns))
+            else:
+                os.utime(target, ns=(at_ns, mt_ns), follow_symlinks=False)
 
     def _xattr_at(self, node: Node) -> tuple[Layer, bytes] | bytes:
         """Where a node's xattrs are: a host path (upper, index) or (lower layer, path)."""
@@ -954,10 +981,19 @@ class UnionFS:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if is_private_xattr(name):
             raise _err(errno.ENODATA)
-        at = self._xattr_at(self.node(ino))
-        if isinstance(at, bytes):
-            return os.getxattr(at, name, follow_symlinks=False)
-        return at[0].getxattr(at[1], name)
+        node = self.node(ino)
+        if node.no_caps and name == _CAPS:
+            raise _err(errno.ENODATA)
+        at = self._xattr_at(node)
+        try:
+            if isinstance(at, bytes):
+                return os.getxattr(at, name, follow_symlinks=False)
+            return at[0].getxattr(at[1], name)
+        except OSError as e:
+            # Only this daemon changes the union's layers while mounted; a graft's host may not.
+            if e.errno == errno.ENODATA and name == _CAPS and node.realm == 0:
+                node.no_caps = True
+            raise
 
     def listxattr(self, ino: int) -> list[bytes]:
         at = self._xattr_at(self.node(ino))
@@ -971,6 +1007,7 @@ class UnionFS:
         if is_private_xattr(name):
             raise _err(errno.EPERM)
         node = self.node(ino)
+        node.no_caps = False
         async with self.lock:
             await self._copy_meta(node)
             os.setxattr(proc_path(*self._upper_at(node)), name, value, follow_symlinks=False)

@@ -57,6 +57,7 @@ class Node:
     version: int = 0  # bumped when the node's real file changes (copy-up)
     realm: int = 0  # 0: the union; k > 0: graft k (a volume or bind mount on a path of the union)
     realm_root: bool = False  # the root of a graft: its path in its realm is b""
+    no_caps: bool = False  # known to have no security.capability (the kernel asks before every write)
 
     @property
     def metacopy(self) -> bool:

@@ -42,6 +42,21 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
+def writeback_wanted(cfg: MountConfig) -> bool:
+    """Whether the kernel may cache writes (FUSE's writeback cache; fuse-overlayfs' default).
+
+    It turns a stream of small writes into a few large ones, but the kernel then
+    keeps sizes and times of files it has cached as its own. That is right for the
+    union: lower layers never change and the upper layer is the daemon's alone while
+    mounted. A volume or host directory can be written by others at the same time
+    (the host, another container), so a mount that grafts one keeps the cache off
+    unless ``-o writeback=1`` asks for it; a tmpfs graft is private and does not count.
+    """
+    if cfg.writeback is not None:
+        return cfg.writeback
+    return cfg.upper is not None and not cfg.read_only and all(g.kind == "tmpfs" for g in cfg.grafts)
+
+
 async def _serve() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, nursery.cancel_scope)
@@ -92,6 +107,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 tuple(cfg.grafts),
                 cfg.uidmap,
                 cfg.gidmap,
+                writeback_wanted(cfg),
             )
         )
     except OSError as e:

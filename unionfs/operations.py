@@ -57,6 +57,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: UnionFS) -> None:
         super().__init__()
         self.fs = fs
+        self.enable_writeback_cache = fs.opts.writeback
 
     @_translate
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
