@@ -46,8 +46,16 @@ THREAD_THRESHOLD = 1 << 20
 _FALLBACK_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
 
 
-def copy_data(src: int, dst: int, size: int, sync: bool) -> None:
-    """Copy ``size`` bytes between fds at the same offsets, keeping holes as holes."""
+def copy_data(src: int, dst: int, size: int, sync: bool, dense: bool = False) -> None:
+    """Copy ``size`` bytes between fds at the same offsets, keeping holes as holes.
+
+    ``dense``: the source has blocks for all of its size (no holes to look for).
+    """
+    if dense:
+        _copy_range(src, dst, 0, size)
+        if sync:
+            os.fsync(dst)
+        return
     off = 0
     while off < size:
         try:
@@ -85,8 +93,8 @@ def _pcopy(src: int, dst: int, off: int, n: int) -> int:
     return len(buf)
 
 
-def copy_xattrs(layer: Layer, src: bytes, dst: bytes) -> None:
-    """Copy every non-private xattr of ``src`` (in ``layer``) to the host path ``dst``.
+def copy_xattrs(layer: Layer, src: bytes, dst: bytes | int) -> list[bytes]:
+    """Copy every non-private xattr of ``src`` (in ``layer``) to the host path or fd ``dst``; returns the names.
 
     Ones the destination refuses (``security.*`` without privilege, ``user.*`` on
     a symlink) are skipped.
@@ -94,26 +102,34 @@ def copy_xattrs(layer: Layer, src: bytes, dst: bytes) -> None:
     try:
         names = layer.listxattr(src)
     except OSError:
-        return
+        return []
     for name in names:
         if is_private_xattr(name):
             continue
         try:
-            os.setxattr(dst, name, layer.getxattr(src, name), follow_symlinks=False)
+            value = layer.getxattr(src, name)
+            if isinstance(dst, int):
+                os.setxattr(dst, name, value)
+            else:
+                os.setxattr(dst, name, value, follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENODATA, errno.EACCES):
                 raise
+    return names
 
 
-def _set_meta(path: bytes, st: os.stat_result, kind: int, rootless: bool = False) -> None:
-    """Owner, then mode (chown clears set-id bits), then times; never follows ``path``.
+def _set_meta(target: bytes | int, st: os.stat_result, kind: int, rootless: bool = False) -> None:
+    """Owner, then mode (chown clears set-id bits), then times, on a path (never followed) or an fd.
 
     Rootless, an owner that cannot be given is kept in the override xattr (see :mod:`unionfs.override`).
     """
-    override.chown(path, st.st_uid, st.st_gid, rootless=rootless)
+    override.chown(target, st.st_uid, st.st_gid, rootless=rootless)
     if kind != stat.S_IFLNK:
-        override.chmod(path, stat.S_IMODE(st.st_mode), rootless=rootless)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        override.chmod(target, stat.S_IMODE(st.st_mode), rootless=rootless)
+    if isinstance(target, int):
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 class CopyUp:
@@ -229,31 +245,16 @@ class CopyUp:
         """Build a copy of the lower entry in the work dir; returns its temporary name."""
         wfd = self.upper.work_fd
         tmp = self.upper.tmpname()
-        tpath = proc_path(wfd, tmp)
         with self._discard_on_error(tmp):
             kind = stat.S_IFMT(st.st_mode)
             if kind == stat.S_IFREG:
-                if node.data is not None:  # a lower metadata-only copy: the data is deeper
-                    src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
-                else:
-                    src = layer.open(lpath, os.O_RDONLY)
-                try:
-                    dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd)
-                    try:
-                        if not data:
-                            os.ftruncate(dst, st.st_size)
-                        elif st.st_size > THREAD_THRESHOLD:
-                            await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, self.sync)
-                        else:
-                            copy_data(src, dst, st.st_size, self.sync and st.st_size > 0)
-                    finally:
-                        os.close(dst)
-                finally:
-                    os.close(src)
-            elif kind == stat.S_IFLNK:
+                await self._build_file(node, layer, lpath, st, tmp, data)
+                return tmp
+            if kind == stat.S_IFLNK:
                 os.symlink(layer.readlink(lpath), tmp, dir_fd=wfd)
             else:
                 os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=wfd)
+            tpath = proc_path(wfd, tmp)
             copy_xattrs(layer, lpath, tpath)
             try:
                 os.setxattr(tpath, self.upper.dialect.origin, b"%d" % node.ino, follow_symlinks=False)
@@ -261,6 +262,38 @@ class CopyUp:
                 pass  # user.* xattrs are refused on symlinks and devices: the number may change there
             _set_meta(tpath, st, kind, self.rootless)
         return tmp
+
+    async def _build_file(
+        self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result, tmp: bytes, data: bool
+    ) -> None:
+        """A regular file: data, xattrs, origin, owner, mode and times through one fd, then one fsync."""
+        if node.data is not None:  # a lower metadata-only copy: the data is deeper
+            src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
+        else:
+            src = layer.open(lpath, os.O_RDONLY)
+        try:
+            dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=self.upper.work_fd)
+            try:
+                big = st.st_size > THREAD_THRESHOLD
+                if not data:
+                    os.ftruncate(dst, st.st_size)
+                else:
+                    dense = node.data is None and st.st_blocks * 512 >= st.st_size
+                    if big:
+                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, False, dense)
+                    else:
+                        copy_data(src, dst, st.st_size, False, dense)
+                names = copy_xattrs(layer, lpath, dst)
+                if node.realm == 0 and b"security.capability" not in names:
+                    node.no_caps = True
+                os.setxattr(dst, self.upper.dialect.origin, b"%d" % node.ino)
+                _set_meta(dst, st, stat.S_IFREG, self.rootless)
+                if self.sync and data and st.st_size > 0:
+                    await trio.to_thread.run_sync(os.fsync, dst) if big else os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
 
     async def data(self, node: Node) -> None:
         """Turn a metadata-only copy into a full one; the lower stays the source until done."""

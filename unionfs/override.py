@@ -111,15 +111,15 @@ def chown(target: int | bytes, uid: int, gid: int, *, rootless: bool) -> None:
     record(target, Override(cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode, rdev))
 
 
-def chmod(path: bytes, perm: int, *, rootless: bool) -> None:
-    """``chmod``; in a rootless mount an override, if the file has one, follows."""
-    os.chmod(path, perm)
+def chmod(target: int | bytes, perm: int, *, rootless: bool) -> None:
+    """``fchmod``/``chmod`` (never given a symlink); rootless, an override the file has follows the mode."""
+    os.chmod(target, perm)
     if not rootless:
         return
-    st = os.stat(path, follow_symlinks=False)
-    old = read(path, st.st_mode)
+    st = os.fstat(target) if isinstance(target, int) else os.stat(target, follow_symlinks=False)
+    old = read(target, st.st_mode)
     if old is not None:
-        record(path, Override(old.uid, old.gid, stat.S_IFMT(old.mode) | stat.S_IMODE(perm), old.rdev))
+        record(target, Override(old.uid, old.gid, stat.S_IFMT(old.mode) | stat.S_IMODE(perm), old.rdev))
 
 
 def _drop(target: int | bytes) -> None:
