@@ -43,6 +43,14 @@ def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def _dot_attrs(ino: int) -> pyfuse3.EntryAttributes:
+    """Attributes for a ``.`` or ``..`` entry: the kernel takes only the number and type from them."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.st_mode = stat.S_IFDIR
+    return e
+
+
 @dataclass(slots=True)
 class _Ctx:
     """The request context of the daemon's own operations (graft points are made by root)."""
@@ -410,7 +418,7 @@ class UnionFS:
             name = names[i]
             if i < 2:
                 target = h.node if i == 0 else (h.node.links[0][0] if h.node.links else h.node)
-                if not pyfuse3.readdir_reply(token, name, self.attrs(target), i + 1):
+                if not pyfuse3.readdir_reply(token, name, _dot_attrs(target.ino), i + 1):
                     return
                 continue
             graft = self._graft_root(h.node, name)
@@ -453,7 +461,9 @@ class UnionFS:
             self._listings.move_to_end(node.ino)
             h.names, h.found = hit[1], hit[2]
             return
-        h.names, h.found = [b".", b".."] + self._names(node), {}
+        h.names = [b".", b".."] + self._names(node)
+        resolver = self.realms[node.realm].resolver
+        h.found = {n: (f, None) for n, f in resolver.lookup_listing(node, h.names[2:])}
         self._listings[node.ino] = (node, h.names, h.found)
         if len(self._listings) > LISTING_CACHE:
             self._listings.popitem(last=False)

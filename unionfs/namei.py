@@ -19,12 +19,13 @@ import errno
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .inodes import UPPER_ID, Node, make_ino
 from .layers import DirLayer, Layer, join
 from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout, metacopy_source
+from .sysutil import proc_path
 
 S_IFDIR = stat.S_IFDIR
 LOWER_DIR_CACHE = 16384  # lower directories whose whiteout names are remembered
@@ -229,6 +230,44 @@ class Resolver:
         index = b"%x" % ino if top.st_nlink > 1 else None
         data = self._data_of(self.lowers[li], lpath, top, li + 1)
         return Found(ino, kind, None, top, parts, False, index, data)
+
+    def lookup_listing(self, parent: Node, names: list[bytes]) -> Iterator[tuple[bytes, Found | None]]:
+        """:meth:`lookup` of every name of ``parent``'s listing, in order.
+
+        A directory that lies in one plain lower layer only (most of an image) has
+        its non-directory entries resolved through one directory fd, with one
+        ``fstatat`` each; anything else (directories, whiteouts, merged or upper
+        directories) takes :meth:`lookup`.
+        """
+        part = parent.lowers[0] if len(parent.lowers) == 1 and not parent.upper else None
+        layer = self.lowers[part[0]] if part is not None else None
+        if part is None or not isinstance(layer, DirLayer) or self.lower_dir(*part).xwhiteouts:
+            for name in names:
+                yield name, self.lookup(parent, name)
+            return
+        li, lpath = part
+        hidden = self.lower_dir(li, lpath).whiteouts
+        dfd = layer.dirfd(lpath)
+        for name in names:
+            if name.startswith(WH_PREFIX) or name in hidden:
+                yield name, None
+                continue
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                yield name, None
+                continue
+            if stat.S_ISDIR(st.st_mode) or is_whiteout_stat(st):
+                yield name, self.lookup(parent, name)  # marks, redirects, deeper layers
+                dfd = layer.dirfd(lpath)  # (the lookup may have pushed it out of the fd cache)
+                continue
+            path = join(lpath, name)
+            ino = make_ino(li + 2, st.st_ino)
+            index = b"%x" % ino if st.st_nlink > 1 else None
+            data = None
+            if stat.S_ISREG(st.st_mode) and st.st_size and os.listxattr(proc_path(dfd, name), follow_symlinks=False):
+                data = self._data_of(layer, path, st, li + 1)  # it has xattrs: maybe a metadata-only copy
+            yield name, Found(ino, stat.S_IFMT(st.st_mode), None, st, [(li, path)], False, index, data)
 
     def _dir(
         self, upper_st: os.stat_result | None, parts: list[tuple[int, bytes]], top: os.stat_result | None
