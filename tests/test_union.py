@@ -237,6 +237,14 @@ def test_read_only_without_upper(layers: dict[str, Path]) -> None:
             assert e.value.errno == errno.EROFS
 
 
+def test_reads_ahead_a_mebibyte_at_a_time(layers: dict[str, Path]) -> None:
+    """The kernel would give a FUSE mount 128 KiB of readahead; the daemon asks for 1 MiB after INIT."""
+    with mount(layers) as m:
+        dev = os.stat(m).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "1024"
+
+
 def test_one_device_and_statfs(layers: dict[str, Path]) -> None:
     with mount(layers) as m:
         dev = os.stat(m).st_dev

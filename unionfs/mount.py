@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -119,12 +120,46 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     except OSError as e:
         stack.close()
         raise UsageError(f"cannot graft on {os.fsdecode(e.filename or b'')}: {e.strerror}") from None
+    where = os.path.realpath(cfg.mountpoint)  # before the mount: a stat of it would wait for us
     try:
-        pyfuse3.init(Operations(fs), cfg.mountpoint, fuse_options(cfg))
+        pyfuse3.init(Operations(fs, on_init=lambda: _after_init(where)), cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as e:
         stack.close()
         raise UsageError(f"cannot mount on '{cfg.mountpoint}': {e}") from None
     return fs, stack
+
+
+def _after_init(where: str) -> None:
+    """Runs inside the INIT request: what must wait until the kernel has the reply runs next."""
+
+    async def later() -> None:
+        _raise_readahead(where)
+
+    trio.lowlevel.spawn_system_task(later)
+
+
+READAHEAD_KB = 1024
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB at a time on this mount: one READ request per MiB instead of eight.
+
+    The kernel gives a FUSE mount the default 128 KiB window (and lowers it again when
+    the INIT reply arrives) although libfuse takes 1 MiB requests. Best effort: sysfs
+    needs root. The mount's device number comes from /proc/self/mountinfo.
+    """
+    dev = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]) == mountpoint:
+                    dev = fields[2]  # the last one: our mount is the newest on this path
+        if dev is not None:
+            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+                f.write(str(READAHEAD_KB))
+    except OSError as e:
+        log.debug("readahead left as it is: %s", e)
 
 
 def _run(stack: ExitStack) -> int:

@@ -54,10 +54,15 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, fs: UnionFS) -> None:
+    def __init__(self, fs: UnionFS, on_init: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self.on_init = on_init
         self.enable_writeback_cache = fs.opts.writeback
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
 
     @_translate
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
