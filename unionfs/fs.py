@@ -616,6 +616,7 @@ class UnionFS:
                 fd = os.open(name, oflags, stat.S_IMODE(mode), dir_fd=pfd)
                 self._chown_new(fd, uid, gid)
             node, a = self._new_node(parent, name)
+        node.no_caps = node.realm == 0  # a new file has no capabilities (they are never inherited)
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, True, node.version)
         node.opens += 1
@@ -956,11 +957,18 @@ class UnionFS:
         fields: pyfuse3.SetattrFields,
         is_link: bool,
     ) -> None:
-        """Apply a setattr to an upper file given as an fd, or as a path and its (dirfd, name)."""
+        """Apply a setattr to an upper file given as an fd, or as a path and its (dirfd, name).
+
+        Through a path, owner and times go by (dirfd, name) (``fchownat``/``utimensat``,
+        no ``/proc`` walk) unless rootless, where the override xattr may be involved.
+        """
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            override.chown(target, uid, gid, rootless=self.rootless)
+            if at is not None and not self.rootless:
+                os.chown(at[1], uid, gid, dir_fd=at[0], follow_symlinks=False)
+            else:
+                override.chown(target, uid, gid, rootless=self.rootless)
         if fields.update_mode and not is_link:
             override.chmod(target, stat.S_IMODE(attr.st_mode), rootless=self.rootless)
         if fields.update_size:
@@ -973,13 +981,16 @@ class UnionFS:
                 finally:
                     os.close(fd)
         if fields.update_atime or fields.update_mtime:
-            st = os.stat(target, follow_symlinks=False) if at is not None else os.fstat(target)
-            at_ns = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mt_ns = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            if at is None:
-                os.utime(target, ns=(at_ns, mt_ns))
+            if fields.update_atime and fields.update_mtime:
+                times = (attr.st_atime_ns, attr.st_mtime_ns)
             else:
-                os.utime(target, ns=(at_ns, mt_ns), follow_symlinks=False)
+                st = os.stat(at[1], dir_fd=at[0], follow_symlinks=False) if at is not None else os.fstat(target)
+                at_ns = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                times = (at_ns, attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+            if at is None:
+                os.utime(target, ns=times)
+            else:
+                os.utime(at[1], ns=times, dir_fd=at[0], follow_symlinks=False)
 
     def _xattr_at(self, node: Node) -> tuple[Layer, bytes] | bytes:
         """Where a node's xattrs are: a host path (upper, index) or (lower layer, path)."""
