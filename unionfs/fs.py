@@ -933,21 +933,21 @@ class UnionFS:
                     copy.drop_metacopy(node)
             elif node.links:
                 await self._copy_meta(node)
-            if not node.links:  # unlinked but open: only its handles reach it
-                handle = handle or self._open_handle(node)
+            if not node.links:  # unlinked but open: only a handle reaches it
+                if handle is None or not handle.writable:
+                    handle = self._writable_handle(node)
                 if handle is None:
-                    return self.attrs(node)
-            if handle is not None and (handle.writable or not node.links):
-                self._apply_attrs(handle.fd, None, attr, fields, False)  # the handle's file is the upper one
+                    return self.attrs(node)  # nothing of it is in the upper layer to change
+            if handle is not None and handle.writable:
+                self._apply_attrs(handle.fd, None, attr, fields, False)  # open for writing: the upper file
             else:
                 at = self._upper_at(node)
                 self._apply_attrs(proc_path(*at), at, attr, fields, node.kind == stat.S_IFLNK)
             return self.attrs(node)
 
-    def _open_handle(self, node: Node) -> FileHandle | None:
-        """An open handle of ``node``, a writable one if there is one."""
-        handles = [h for h in self.files.values() if h.node is node]
-        return max(handles, key=lambda h: h.writable, default=None)
+    def _writable_handle(self, node: Node) -> FileHandle | None:
+        """A handle open for writing on ``node`` (its fd is the upper file; a read-only one may be a lower's)."""
+        return next((h for h in self.files.values() if h.node is node and h.writable), None)
 
     def _apply_attrs(
         self,

@@ -245,11 +245,10 @@ class Resolver:
             for name in names:
                 yield name, self.lookup(parent, name)
             return
-        li, lpath = part
-        hidden = self.lower_dir(li, lpath).whiteouts
+        li, lpath = part  # (its whiteouts hide names of deeper layers, and it has none below)
         dfd = layer.dirfd(lpath)
         for name in names:
-            if name.startswith(WH_PREFIX) or name in hidden:
+            if name.startswith(WH_PREFIX):
                 yield name, None
                 continue
             try:
