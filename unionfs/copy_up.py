@@ -37,7 +37,7 @@ import trio
 from . import override
 from .inodes import Node
 from .layers import Layer
-from .markers import is_private_xattr
+from .markers import CAPS_XATTR, is_private_xattr
 from .namei import Resolver
 from .sysutil import RENAME_NOREPLACE, proc_path, renameat2
 from .upper import Upper
@@ -284,7 +284,7 @@ class CopyUp:
                     else:
                         copy_data(src, dst, st.st_size, False, dense)
                 names = copy_xattrs(layer, lpath, dst)
-                if node.realm == 0 and b"security.capability" not in names:
+                if node.realm == 0 and CAPS_XATTR not in names:
                     node.no_caps = True
                 os.setxattr(dst, self.upper.dialect.origin, b"%d" % node.ino)
                 _set_meta(dst, st, stat.S_IFREG, self.rootless)

@@ -26,7 +26,7 @@ from .copy_up import CopyUp
 from .idmap import IdMap
 from .inodes import GRAFT_ID, ROOT_INO, InodeTable, Node, make_ino
 from .layers import DirLayer, FdCache, Layer, join
-from .markers import WriteDialect, is_marker_name, is_private_xattr
+from .markers import CAPS_XATTR, WriteDialect, is_marker_name, is_private_xattr
 from .namei import Found, Resolver
 from .readdir import merged_names
 from .storelayer import StoreLayer
@@ -35,7 +35,6 @@ from .upper import Upper
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
 LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
-_CAPS = b"security.capability"  # asked for before every write to a file
 GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: attributes show within a second
 
 
@@ -939,10 +938,9 @@ class UnionFS:
                 if handle is None:
                     return self.attrs(node)  # nothing of it is in the upper layer to change
             if handle is not None and handle.writable:
-                self._apply_attrs(handle.fd, None, attr, fields, False)  # open for writing: the upper file
+                self._apply_attrs(handle.fd, attr, fields, False)  # open for writing: the upper file
             else:
-                at = self._upper_at(node)
-                self._apply_attrs(proc_path(*at), at, attr, fields, node.kind == stat.S_IFLNK)
+                self._apply_attrs(self._upper_at(node), attr, fields, node.kind == stat.S_IFLNK)
             return self.attrs(node)
 
     def _writable_handle(self, node: Node) -> FileHandle | None:
@@ -951,44 +949,45 @@ class UnionFS:
 
     def _apply_attrs(
         self,
-        target: int | bytes,
-        at: tuple[int, bytes] | None,
+        where: int | tuple[int, bytes],
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
         is_link: bool,
     ) -> None:
-        """Apply a setattr to an upper file given as an fd, or as a path and its (dirfd, name).
+        """Apply a setattr to an upper file given as an fd or as (dirfd, name).
 
-        Through a path, owner and times go by (dirfd, name) (``fchownat``/``utimensat``,
-        no ``/proc`` walk) unless rootless, where the override xattr may be involved.
+        By name, owner and times go through ``fchownat``/``utimensat`` (no ``/proc``
+        walk) unless rootless, where the override xattr may be involved.
         """
+        fd = where if isinstance(where, int) else None
+        at = where if not isinstance(where, int) else None
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             if at is not None and not self.rootless:
                 os.chown(at[1], uid, gid, dir_fd=at[0], follow_symlinks=False)
             else:
-                override.chown(target, uid, gid, rootless=self.rootless)
+                override.chown(fd if at is None else proc_path(*at), uid, gid, rootless=self.rootless)
         if fields.update_mode and not is_link:
-            override.chmod(target, stat.S_IMODE(attr.st_mode), rootless=self.rootless)
+            override.chmod(fd if at is None else proc_path(*at), stat.S_IMODE(attr.st_mode), rootless=self.rootless)
         if fields.update_size:
             if at is None:
-                os.ftruncate(target, attr.st_size)
+                os.ftruncate(fd, attr.st_size)
             else:
-                fd = os.open(at[1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at[0])
+                tfd = os.open(at[1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at[0])
                 try:
-                    os.ftruncate(fd, attr.st_size)
+                    os.ftruncate(tfd, attr.st_size)
                 finally:
-                    os.close(fd)
+                    os.close(tfd)
         if fields.update_atime or fields.update_mtime:
             if fields.update_atime and fields.update_mtime:
                 times = (attr.st_atime_ns, attr.st_mtime_ns)
             else:
-                st = os.stat(at[1], dir_fd=at[0], follow_symlinks=False) if at is not None else os.fstat(target)
+                st = os.fstat(fd) if at is None else os.stat(at[1], dir_fd=at[0], follow_symlinks=False)
                 at_ns = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                 times = (at_ns, attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
             if at is None:
-                os.utime(target, ns=times)
+                os.utime(fd, ns=times)
             else:
                 os.utime(at[1], ns=times, dir_fd=at[0], follow_symlinks=False)
 
@@ -1003,7 +1002,7 @@ class UnionFS:
         if is_private_xattr(name):
             raise _err(errno.ENODATA)
         node = self.node(ino)
-        if node.no_caps and name == _CAPS:
+        if node.no_caps and name == CAPS_XATTR:
             raise _err(errno.ENODATA)
         at = self._xattr_at(node)
         try:
@@ -1012,7 +1011,7 @@ class UnionFS:
             return at[0].getxattr(at[1], name)
         except OSError as e:
             # Only this daemon changes the union's layers while mounted; a graft's host may not.
-            if e.errno == errno.ENODATA and name == _CAPS and node.realm == 0:
+            if e.errno == errno.ENODATA and name == CAPS_XATTR and node.realm == 0:
                 node.no_caps = True
             raise
 

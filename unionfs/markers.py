@@ -49,6 +49,7 @@ _REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 _METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
 _XWHITEOUTS_DIR_XATTRS = (b"trusted.overlay.whiteouts", b"user.overlay.whiteouts")
 _GRAFTPOINT_XATTRS = (b"trusted.unionmount.graftpoint", b"user.unionmount.graftpoint")
+CAPS_XATTR = b"security.capability"  # file capabilities: the kernel asks for them before every write
 
 
 def is_private_xattr(name: bytes) -> bool:
