@@ -9,8 +9,15 @@ Guarantees:
   sparse files stay sparse (``SEEK_DATA``/``SEEK_HOLE``), data moves with
   ``copy_file_range`` (a reflink where the filesystem can), and copies bigger
   than :data:`THREAD_THRESHOLD` run in a worker thread, off the trio loop;
-* durable: data is fsync'ed before the copy becomes visible (as overlayfs does),
-  unless the mount is ``volatile``;
+* crash-safe: after a crash an upper entry made by copy-up is either absent (the
+  lower shows, as before) or holds all of its data -- never a hole or an empty
+  file. Overlayfs gets this from an ``fsync`` per copy (a journal commit, ~0.5 ms);
+  where the upper filesystem orders its journal after written data (ext4 with a
+  journal, xfs: :func:`~unionfs.sysutil.journal_orders_data`) the data is written
+  out and waited for instead (``sync_file_range``, no commit; 4 KiB: 0.09 vs
+  0.47-0.61 ms here), and its allocation then commits no later than the rename.
+  Elsewhere it is ``fsync``. Nothing for a ``volatile`` mount. ``tests/test_crash.py``
+  checks this by shutting the filesystem down without flushing its log;
 * metadata-only: a regular file can be copied up without its data (``metacopy``);
   its upper entry is a sparse file of the right size marked as overlayfs does
   (``overlay.metacopy`` and an absolute ``overlay.redirect`` to the data), which
@@ -29,7 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import trio
@@ -39,22 +46,26 @@ from .inodes import Node
 from .layers import Layer
 from .markers import CAPS_XATTR, is_private_xattr
 from .namei import Resolver
-from .sysutil import RENAME_NOREPLACE, proc_path, renameat2
+from .sysutil import RENAME_NOREPLACE, journal_orders_data, proc_path, renameat2, write_out
 from .upper import Upper
 
 THREAD_THRESHOLD = 1 << 20
 _FALLBACK_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
 
 
-def copy_data(src: int, dst: int, size: int, sync: bool, dense: bool = False) -> None:
-    """Copy ``size`` bytes between fds at the same offsets, keeping holes as holes.
+Settle = Callable[[int], None]
+"""What makes a copy's data safe before the step that publishes it: ``os.fsync`` or ``write_out``."""
+
+
+def copy_data(src: int, dst: int, size: int, settle: Settle | None = None, dense: bool = False) -> None:
+    """Copy ``size`` bytes between fds at the same offsets, keeping holes as holes, then ``settle(dst)``.
 
     ``dense``: the source has blocks for all of its size (no holes to look for).
     """
     if dense:
         _copy_range(src, dst, 0, size)
-        if sync:
-            os.fsync(dst)
+        if settle:
+            settle(dst)
         return
     off = 0
     while off < size:
@@ -68,8 +79,8 @@ def copy_data(src: int, dst: int, size: int, sync: bool, dense: bool = False) ->
         _copy_range(src, dst, data, hole - data)
         off = hole
     os.ftruncate(dst, size)
-    if sync:
-        os.fsync(dst)
+    if settle:
+        settle(dst)
 
 
 def _copy_range(src: int, dst: int, off: int, n: int) -> None:
@@ -132,13 +143,20 @@ def _set_meta(target: bytes | int, st: os.stat_result, kind: int, rootless: bool
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
+def _settle_for(fd: int) -> Settle:
+    try:
+        return write_out if journal_orders_data(fd) else os.fsync
+    except OSError:
+        return os.fsync
+
+
 class CopyUp:
     """Copies lower entries into the upper layer (see the module guarantees)."""
 
     def __init__(self, resolver: Resolver, upper: Upper, *, sync: bool = True, rootless: bool = False) -> None:
         self.resolver = resolver
         self.upper = upper
-        self.sync = sync
+        self.settle = _settle_for(upper.work_fd) if sync else None
         self.rootless = rootless  # owners that cannot be given go to the override xattr
 
     def _lower(self, node: Node) -> tuple[Layer, bytes, os.stat_result]:
@@ -266,7 +284,7 @@ class CopyUp:
     async def _build_file(
         self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result, tmp: bytes, data: bool
     ) -> None:
-        """A regular file: data, xattrs, origin, owner, mode and times through one fd, then one fsync."""
+        """A regular file: data, xattrs, origin, owner, mode and times through one fd, then settled once."""
         if node.data is not None:  # a lower metadata-only copy: the data is deeper
             src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
         else:
@@ -280,16 +298,16 @@ class CopyUp:
                 else:
                     dense = node.data is None and st.st_blocks * 512 >= st.st_size
                     if big:
-                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, False, dense)
+                        await trio.to_thread.run_sync(copy_data, src, dst, st.st_size, None, dense)
                     else:
-                        copy_data(src, dst, st.st_size, False, dense)
+                        copy_data(src, dst, st.st_size, None, dense)
                 names = copy_xattrs(layer, lpath, dst)
                 if node.realm == 0 and CAPS_XATTR not in names:
                     node.no_caps = True
                 os.setxattr(dst, self.upper.dialect.origin, b"%d" % node.ino)
                 _set_meta(dst, st, stat.S_IFREG, self.rootless)
-                if self.sync and data and st.st_size > 0:
-                    await trio.to_thread.run_sync(os.fsync, dst) if big else os.fsync(dst)
+                if self.settle and data and st.st_size > 0:
+                    await trio.to_thread.run_sync(self.settle, dst) if big else self.settle(dst)
             finally:
                 os.close(dst)
         finally:
@@ -306,9 +324,9 @@ class CopyUp:
             try:
                 size = os.fstat(dst).st_size
                 if size > THREAD_THRESHOLD:
-                    await trio.to_thread.run_sync(copy_data, src, dst, size, self.sync)
+                    await trio.to_thread.run_sync(copy_data, src, dst, size, self.settle)
                 else:
-                    copy_data(src, dst, size, self.sync)
+                    copy_data(src, dst, size, self.settle)
             finally:
                 os.close(dst)
         finally:
