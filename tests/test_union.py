@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
@@ -243,6 +244,28 @@ def test_reads_ahead_a_mebibyte_at_a_time(layers: dict[str, Path]) -> None:
         dev = os.stat(m).st_dev
         bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
         assert bdi.read_text().strip() == "1024"
+
+
+def _lookups(mnt: Path) -> int:
+    r = subprocess.run([*COMMAND, "stats", str(mnt), "--format", "json"], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)["ops"].get("lookup", {}).get("count", 0)
+
+
+def test_missing_names_are_asked_once(layers: dict[str, Path]) -> None:
+    """The kernel keeps "no such entry" like any other (a negative dentry); changes made through the mount undo it."""
+    with mount(layers) as m:
+        before = _lookups(m)
+        for _ in range(5):
+            assert not (m / "missing").exists()
+        assert _lookups(m) - before == 1
+        (m / "missing").write_text("now\n")
+        assert (m / "missing").read_text() == "now\n" and "missing" in os.listdir(m)
+        os.rename(m / "missing", m / "moved")
+        assert not (m / "missing").exists() and (m / "moved").exists()
+        os.unlink(m / "moved")
+        assert not (m / "moved").exists()
+        os.mkdir(m / "missing")
+        assert (m / "missing").is_dir()
 
 
 def test_one_device_and_statfs(layers: dict[str, Path]) -> None:

@@ -388,7 +388,9 @@ class UnionFS:
         elif (graft := self._graft_root(parent, name)) is not None:
             node = graft
         else:
-            found = self._lookup_found(parent, name)
+            found = self.realms[parent.realm].resolver.lookup(parent, name)
+            if found is None:
+                return self._negative(parent)
             node = self._found_node(found, parent, name)
             a = self.attrs(node, found)
             self.table.remember(node)
@@ -396,6 +398,20 @@ class UnionFS:
         a = self.attrs(node)
         self.table.remember(node)
         return a
+
+    def _negative(self, parent: Node) -> pyfuse3.EntryAttributes:
+        """"No such entry", cached by the kernel as long as positive entries (inode 0 is a negative dentry).
+
+        Only in the union realm, where every change comes through this mount: the kernel
+        turns the negative dentry into a positive one itself on create, mknod, link or
+        rename. A graft's host directory may gain names behind our back: ENOENT, uncached.
+        """
+        if parent.realm:
+            raise _err(errno.ENOENT)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.realms[0].timeout
+        return e
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
