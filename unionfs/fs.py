@@ -400,7 +400,7 @@ class UnionFS:
         return a
 
     def _negative(self, parent: Node) -> pyfuse3.EntryAttributes:
-        """"No such entry", cached by the kernel as long as positive entries (inode 0 is a negative dentry).
+        """No such entry, cached by the kernel as long as positive entries (inode 0 is a negative dentry).
 
         Only in the union realm, where every change comes through this mount: the kernel
         turns the negative dentry into a positive one itself on create, mknod, link or
