@@ -54,6 +54,7 @@ def cleanup(mnt: Path) -> None:
         ("mountpoint is a file", "is not a directory"),
         ("different filesystems", "different filesystems"),
         ("unknown option", "unknown mount option"),
+        ("bad timeout", "timeout takes seconds"),
         ("unknown flag", "unknown option"),
         ("missing mountpoint", "does not exist"),
     ],
@@ -86,6 +87,8 @@ def test_bad_arguments_get_one_line(case: str, needle: str, dirs: dict[str, Path
         return
     elif case == "unknown option":
         args = ["-o", f"lowerdir={lo},bogus=1", mnt]
+    elif case == "bad timeout":
+        args = ["-o", f"lowerdir={lo},timeout=soon", mnt]
     elif case == "unknown flag":
         args = ["--frobnicate", mnt]
     else:

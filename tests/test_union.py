@@ -266,6 +266,11 @@ def test_missing_names_are_asked_once(layers: dict[str, Path]) -> None:
         assert not (m / "moved").exists()
         os.mkdir(m / "missing")
         assert (m / "missing").is_dir()
+    with union(layers["m"], [layers["l1"]], extra=["-o", "timeout=0"]) as m:  # nothing kept: asked every time
+        before = _lookups(m)
+        for _ in range(5):
+            assert not (m / "missing").exists()
+        assert _lookups(m) - before == 5
 
 
 def test_one_device_and_statfs(layers: dict[str, Path]) -> None:

@@ -59,7 +59,6 @@ _IGNORED = {
     "clone_fd",
     "debug",
     "max_idle_threads",
-    "timeout",
     "plugins",
     "squash_to_root",
     "squash_to_uid",
@@ -131,6 +130,7 @@ class MountConfig:
     gidmap: IdMap = IdMap()
     cleanup: list[str] = field(default_factory=list)  # directories removed when the daemon exits (tmpfs)
     writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
+    timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -154,6 +154,13 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': writeback takes 0 or 1")
                 cfg.writeback = value == "1"
+            elif key == "timeout":
+                try:
+                    cfg.timeout = float(value)
+                except ValueError:
+                    cfg.timeout = -1.0
+                if not 0 <= cfg.timeout < 1e9:
+                    raise UsageError(f"'{item}': timeout takes seconds (0 or more)")
             elif key in _FUSE:
                 if key == "ro":
                     cfg.read_only = True

@@ -86,6 +86,7 @@ class Options:
     uidmap: IdMap = IdMap()
     gidmap: IdMap = IdMap()
     writeback: bool = False  # the kernel caches writes (see :func:`unionfs.mount.writeback_wanted`)
+    timeout: float = TIMEOUT  # how long the kernel keeps the union's entries, attributes and misses
 
 
 class _NoCopy:
@@ -144,7 +145,7 @@ class UnionFS:
             ROOT_INO, stat.S_IFDIR, [], upper=up_layer is not None, lowers=[(i, b"") for i in range(len(self.lowers))]
         )
         self.table = InodeTable(root)
-        self.realms = [Realm(self.resolver, self.upper, self.copy, TIMEOUT, opts.uidmap, opts.gidmap)]
+        self.realms = [Realm(self.resolver, self.upper, self.copy, opts.timeout, opts.uidmap, opts.gidmap)]
         # (parent directory's ino, name) in the union -> realm; filled by prepare(). Keyed by the parent's
         # stable inode number, so a lookup costs one dict probe and no path walk.
         self.graft_at: dict[tuple[int, bytes], int] = {}

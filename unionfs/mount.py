@@ -21,7 +21,7 @@ import trio
 
 from . import stats
 from .config import MountConfig, UsageError
-from .fs import Options, UnionFS
+from .fs import TIMEOUT, Options, UnionFS
 from .operations import Operations
 
 log = logging.getLogger("unionmount")
@@ -109,6 +109,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 cfg.uidmap,
                 cfg.gidmap,
                 writeback_wanted(cfg),
+                TIMEOUT if cfg.timeout is None else cfg.timeout,
             )
         )
     except OSError as e:
