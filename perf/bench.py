@@ -13,7 +13,8 @@ Run as root (mounting overlayfs and dropping caches need it):
 
     .venv/bin/python perf/bench.py [--rounds 3] [--scale 1.0] [--only find,stat]
 
-``--scale`` shrinks every data set (0.2 for a quick look); the README's sizes
+``--targets "unionmount;unionmount:writeback=0"`` puts variants of our mount side
+by side (each ``-o`` option a lever). ``--scale`` shrinks every data set (0.2 for a quick look); the README's sizes
 are at 1.0: 50k files in 2k dirs, a 1 GiB file, a 54 MB source tree.
 """
 
@@ -145,8 +146,9 @@ class Target:
         elif self.name == "unionfs-fuse":
             branches = ":".join([f"{up}=RW", *(f"{p}=RO" for p in self.data.layers)])
             sh(f"unionfs-fuse -o cow,allow_other,use_ino,suid,dev {branches} {mnt}")
-        else:
-            sh(f"{UM} mount --lower {lower} --upper {up} --work {wk} {mnt}")
+        else:  # "unionmount" or a variant "unionmount:OPTS" (mounted with -o OPTS)
+            opts = self.name.partition(":")[2]
+            sh(f"{UM} mount --lower {lower} --upper {up} --work {wk} {f'-o {opts} ' if opts else ''}{mnt}")
         self.pid = _daemon_pid(mnt) if self.name != "kernel" else None
 
     def umount(self) -> None:
@@ -293,7 +295,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--only", default="", help="comma-separated substrings of workload names")
-    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument(
+        "--targets",
+        default=";".join(TARGETS),
+        help="';'-separated; 'unionmount:OPTS' adds our mount with -o OPTS (e.g. 'unionmount:timeout=0')",
+    )
     ap.add_argument("--data", default="/var/tmp/unionmount-bench", help="where the data's filesystem image is kept")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
@@ -305,7 +311,7 @@ def main() -> int:
             break
     fs = scratch_fs(Path(args.data))
     data = build(fs / "data", args.scale)
-    targets = [t for t in args.targets.split(",") if t]
+    targets = [t for t in args.targets.split(";") if t]
     work = Path(tempfile.mkdtemp(prefix="um-bench.", dir=fs))
     wanted = [w for w in WORKLOADS if not args.only or any(s in w.name for s in args.only.split(","))]
     times: dict[tuple[str, str], list[float]] = {}
@@ -317,7 +323,7 @@ def main() -> int:
             for r in range(args.rounds):
                 order = targets if r % 2 == 0 else list(reversed(targets))
                 for name in order:
-                    t = Target(name, data, work / name)
+                    t = Target(name, data, work / name.replace(":", "-").replace(",", "-"))
                     t.mount()
                     try:
                         if w.prepare:
