@@ -18,7 +18,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyfuse3
-import trio
 
 from . import override
 from .config import Graft
@@ -27,6 +26,7 @@ from .idmap import IdMap
 from .inodes import GRAFT_ID, ROOT_INO, InodeTable, Node, make_ino
 from .layers import DirLayer, FdCache, Layer, join
 from .markers import CAPS_XATTR, WriteDialect, is_marker_name, is_private_xattr
+from .mutex import Mutex
 from .namei import Found, Resolver
 from .readdir import merged_names
 from .storelayer import StoreLayer
@@ -152,7 +152,7 @@ class UnionFS:
         self._listings: OrderedDict[int, tuple[Node, list[bytes], dict]] = OrderedDict()  # type: ignore[type-arg]
         for k, g in enumerate(opts.grafts, start=1):
             self._add_graft(k, g, opts, dialect)
-        self.lock = trio.Lock()
+        self.lock = Mutex()
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -961,6 +961,9 @@ class UnionFS:
                     return self.attrs(node)  # nothing of it is in the upper layer to change
             if handle is not None and handle.writable:
                 self._apply_attrs(handle.fd, attr, fields, False)  # open for writing: the upper file
+                if node.index_name is None and node.links:
+                    st = os.fstat(handle.fd)  # what a path would reach, without walking it
+                    return self.attrs(node, Found(node.ino, node.kind, st, None))
             else:
                 self._apply_attrs(self._upper_at(node), attr, fields, node.kind == stat.S_IFLNK)
             return self.attrs(node)
