@@ -169,45 +169,62 @@ class UnionFS:
         self.realms.append(Realm(resolver, upper, None, GRAFT_TIMEOUT, uidmap, gidmap, g, root))
 
     async def prepare(self) -> None:
-        """Make every graft point a directory of the union (created in the upper layer where missing).
+        """Make every graft point a directory (created where missing), outer grafts first.
 
-        Raises OSError(ENOTDIR) naming the target when the union has a non-directory there.
+        A point inside another graft is made in that graft's directory (Docker makes the
+        mount point inside the outer volume); a point the union lacks is made in its
+        upper layer and marked, so it is no change of the container. Raises
+        OSError(ENOTDIR) naming the target when a non-directory is there, and EROFS when
+        a missing point would have to be made in a read-only graft.
         """
         ctx = _Ctx()
-        for k, realm in enumerate(self.realms[1:], start=1):
+        order = sorted(range(1, len(self.realms)), key=lambda k: self.realms[k].graft.target.count(b"/"))  # type: ignore[union-attr]
+        for k in order:
+            realm = self.realms[k]
             assert realm.graft is not None
             node = self.table.root
             done = b""
             parts = realm.graft.target.split(b"/")
             for i, name in enumerate(parts):
                 done = join(done, name)
-                found = self.resolver.lookup(node, name)
+                last = i == len(parts) - 1
+                outer = self._graft_root(node, name)
+                if outer is not None:  # an enclosing graft: go on inside it
+                    node = outer
+                    continue
+                r = self.realms[node.realm]
+                found = r.resolver.lookup(node, name)
                 if found is None:
-                    if self.upper is None:
-                        if i == len(parts) - 1:
+                    if r.upper is None:
+                        if node.realm:
+                            raise OSError(errno.EROFS, "missing inside a read-only mount", "/" + os.fsdecode(done))
+                        if last:
                             self.graft_at[(node.ino, name)] = k  # a read-only union shows the point all the same
                         break
-                    before = self._stat(node)[0]
-                    await self.mkdir(node.ino, name, stat.S_IFDIR | 0o755, ctx)  # type: ignore[arg-type]
-                    xp = self.upper.layer.xpath(done)
-                    os.setxattr(xp, self.upper.dialect.graftpoint, b"1", follow_symlinks=False)
-                    # the parent keeps its times, so a graft point alone is no change of the container
-                    os.utime(
-                        self.upper.layer.xpath(node.path),
-                        ns=(before.st_atime_ns, before.st_mtime_ns),
-                        follow_symlinks=False,
-                    )
+                    await self._make_graft_point(node, name, done, ctx)
                     found = self._lookup_found(node, name)
                 elif found.kind != stat.S_IFDIR:
                     raise OSError(errno.ENOTDIR, "not a directory in the union", "/" + os.fsdecode(done))
-                if i == len(parts) - 1:
+                if last:
                     self.graft_at[(node.ino, name)] = k  # from now on the name shows the graft
                 node = self._found_node(found, node, name)
                 self.table.remember(node)  # kept for the daemon's life
 
+    async def _make_graft_point(self, parent: Node, name: bytes, path: bytes, ctx: _Ctx) -> None:
+        """mkdir ``name`` in ``parent`` for a graft; in the union's upper it is marked, its parent keeps its times."""
+        before = self._stat(parent)[0]
+        await self.mkdir(parent.ino, name, stat.S_IFDIR | 0o755, ctx)  # type: ignore[arg-type]
+        if parent.realm or self.upper is None:
+            return  # inside a volume or bind: an ordinary directory, as Docker leaves it
+        os.setxattr(self.upper.layer.xpath(path), self.upper.dialect.graftpoint, b"1", follow_symlinks=False)
+        # the parent keeps its times, so a graft point alone is no change of the container
+        os.utime(
+            self.upper.layer.xpath(parent.path), ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False
+        )
+
     def _graft_root(self, parent: Node, name: bytes) -> Node | None:
         """The root node of the graft mounted at ``name`` in ``parent``, if one is."""
-        if parent.realm != 0 or not self.graft_at:
+        if not self.graft_at:
             return None
         k = self.graft_at.get((parent.ino, name))
         if k is None:
@@ -486,7 +503,7 @@ class UnionFS:
 
     def _names(self, node: Node) -> list[bytes]:
         names = merged_names(self.realms[node.realm].resolver, node)
-        if node.realm == 0 and self.graft_at:
+        if self.graft_at:
             have = set(names)
             names += [n for (ino, n) in self.graft_at if ino == node.ino and n not in have]
         return names
