@@ -623,9 +623,11 @@ class UnionFS:
         pst = os.stat(".", dir_fd=pfd)
         return upper, pfd, over, pst
 
-    def _new_node(self, parent: Node, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
-        node = self._found_node(self._lookup_found(parent, name), parent, name)
-        a = self.attrs(node)
+    def _new_node(self, parent: Node, name: bytes, found: Found | None = None) -> tuple[Node, pyfuse3.EntryAttributes]:
+        """The node and attributes of an entry just made in ``parent`` (resolved unless ``found`` is given)."""
+        found = found or self._lookup_found(parent, name)
+        node = self._found_node(found, parent, name)
+        a = self.attrs(node, found)
         self.table.remember(node)
         return node, a
 
@@ -643,39 +645,37 @@ class UnionFS:
             if over:
                 tmp = upper.tmpname()
                 fd = os.open(tmp, oflags, stat.S_IMODE(mode), dir_fd=upper.work_fd)
-                st = self._chown_new(fd, uid, gid)
+                self._chown_new(fd, uid, gid)
                 upper.place(tmp, pfd, name, is_dir=False)
             else:
                 fd = os.open(name, oflags, stat.S_IMODE(mode), dir_fd=pfd)
-                st = self._chown_new(fd, uid, gid)
+                self._chown_new(fd, uid, gid)
             # A new upper file: no origin, no lower, no index -- no need to resolve the name again.
-            found = Found(make_ino(self.realms[parent.realm].resolver.upper_id, st.st_ino), stat.S_IFREG, st, None)
-            node = self._found_node(found, parent, name)
-            a = self.attrs(node, found)
-            self.table.remember(node)
+            st = os.fstat(fd)
+            ino = make_ino(self.realms[parent.realm].resolver.upper_id, st.st_ino)
+            node, a = self._new_node(parent, name, Found(ino, stat.S_IFREG, st, None))
         node.no_caps = node.realm == 0  # a new file has no capabilities (they are never inherited)
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, True, node.version)
         node.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), a
 
-    def _chown_new(self, target: int | bytes, uid: int, gid: int) -> os.stat_result:
-        """Give a new entry its creator's ids, keeping set-id bits that chown would clear; returns its stat after.
+    def _chown_new(self, target: int | bytes, uid: int, gid: int) -> None:
+        """Give a new entry its creator's ids, keeping set-id bits that chown would clear.
 
         Rootless, ids the daemon cannot give go to the override xattr.
         """
         st = os.fstat(target) if isinstance(target, int) else os.stat(target, follow_symlinks=False)
         if (st.st_uid, st.st_gid) == (uid, gid):
-            return st
+            return
         if self.euid != 0 and not self.rootless:
-            return st
+            return
         override.chown(target, uid, gid, rootless=self.rootless)
         if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
             if isinstance(target, int):
                 os.fchmod(target, stat.S_IMODE(st.st_mode))
             else:
                 os.chmod(target, stat.S_IMODE(st.st_mode))
-        return os.fstat(target) if isinstance(target, int) else os.stat(target, follow_symlinks=False)
 
     async def mkdir(
         self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
