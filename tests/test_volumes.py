@@ -180,6 +180,12 @@ def test_nested_mounts(store: Path, tmp_path: Path) -> None:
     (ro / "sub").mkdir()
     with mounted(*ro_args, mnt):
         (mnt / "rox" / "sub" / "x").write_text("writable inside a read-only mount\n")
+    # the point is the host's own directory, also where the outer mount's id map has no root
+    (mapped,) = dirs(tmp_path, "mapped")
+    binds = ["--mount", f"type=bind,source={mapped},target=/m,uidmap=184:1000:1", "--mount", "type=tmpfs,target=/m/t"]
+    with mounted("--root", store, "--image", "base", "--name", "e", *binds, mnt):
+        (mnt / "m" / "t" / "x").write_text("x\n")
+        assert (mapped / "t").is_dir() and os.stat(mapped / "t").st_uid == 0
 
 
 def test_two_mounts_share_a_volume(store: Path, tmp_path: Path) -> None:

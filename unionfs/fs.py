@@ -201,7 +201,10 @@ class UnionFS:
                         if last:
                             self.graft_at[(node.ino, name)] = k  # a read-only union shows the point all the same
                         break
-                    await self._make_graft_point(node, name, done, ctx)
+                    try:
+                        await self._make_graft_point(node, name, done, ctx)
+                    except OSError as e:
+                        raise OSError(e.errno, e.strerror, "/" + os.fsdecode(done)) from None
                     found = self._lookup_found(node, name)
                 elif found.kind != stat.S_IFDIR:
                     raise OSError(errno.ENOTDIR, "not a directory in the union", "/" + os.fsdecode(done))
@@ -212,10 +215,15 @@ class UnionFS:
 
     async def _make_graft_point(self, parent: Node, name: bytes, path: bytes, ctx: _Ctx) -> None:
         """mkdir ``name`` in ``parent`` for a graft; in the union's upper it is marked, its parent keeps its times."""
+        r = self.realms[parent.realm]
+        if parent.realm:  # inside a volume or bind: a plain directory of the host's, as Docker makes it
+            assert r.upper is not None
+            os.mkdir(name, 0o755, dir_fd=r.upper.layer.dirfd(parent.path))
+            return
         before = self._stat(parent)[0]
         await self.mkdir(parent.ino, name, stat.S_IFDIR | 0o755, ctx)  # type: ignore[arg-type]
-        if parent.realm or self.upper is None:
-            return  # inside a volume or bind: an ordinary directory, as Docker leaves it
+        if self.upper is None:
+            return
         os.setxattr(self.upper.layer.xpath(path), self.upper.dialect.graftpoint, b"1", follow_symlinks=False)
         # the parent keeps its times, so a graft point alone is no change of the container
         os.utime(
