@@ -14,8 +14,9 @@ Run as root (mounting overlayfs and dropping caches need it):
     .venv/bin/python perf/bench.py [--rounds 3] [--scale 1.0] [--only find,stat]
 
 ``--targets "unionmount;unionmount:writeback=0"`` puts variants of our mount side
-by side (each ``-o`` option a lever). ``--scale`` shrinks every data set (0.2 for a quick look); the README's sizes
-are at 1.0: 50k files in 2k dirs, a 1 GiB file, a 54 MB source tree.
+by side (each ``-o`` option a lever). ``--scale`` shrinks every data set (0.2 for
+a quick look); the README's sizes are at 1.0: 50k files in 2k dirs, a 1 GiB file,
+a 54 MB source tree.
 """
 
 from __future__ import annotations
