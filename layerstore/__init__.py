@@ -1,6 +1,7 @@
-"""The content-addressed layer store (images, layers, containers, volumes).
+"""The content-addressed layer store: images, layers, containers, volumes.
 
-Not built yet: the union daemon in :mod:`unionfs` currently stacks plain
-directories. The store will provide another kind of lower layer with the same
-surface as :class:`unionfs.layers.DirLayer` (stat, list, open, readlink, xattrs).
+Images come in from OCI layouts, ``docker save`` archives and registries
+(:mod:`layerstore.oci`, :mod:`layerstore.registry`); their files are kept once per
+content (:mod:`layerstore.blobs`) and their trees in lmdb (:mod:`layerstore.schema`).
+The union daemon in :mod:`unionfs` reads them as lower layers.
 """

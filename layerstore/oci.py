@@ -1,4 +1,5 @@
-"""Image sources in skopeo's transport syntax: ``oci:DIR[:REF]`` and ``docker-archive:FILE[:REF]``.
+"""Image sources in skopeo's transport syntax: ``oci:DIR[:REF]``, ``docker-archive:FILE[:REF]``
+and ``docker://REFERENCE`` (a registry, :mod:`layerstore.registry`).
 
 An :class:`ImageSource` names the image's config and its layers bottom first;
 :func:`open_layer` streams one layer's tar while checking both of its digests:
@@ -35,6 +36,10 @@ class LayerRef:
     open: Callable[[], BinaryIO]
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass(slots=True, frozen=True)
 class ImageSource:
     config: bytes
@@ -42,6 +47,17 @@ class ImageSource:
     manifest_digest: str
     layers: list[LayerRef]
     tags: list[str]
+    close: Callable[[], None] = _nothing  # releases what the source holds (a registry session)
+
+
+@dataclass(slots=True, frozen=True)
+class SourceOptions:
+    """How to read a source: the platform to pick from an index; a registry's login and TLS."""
+
+    platform: str | None = None  # OS/ARCH[/VARIANT]; default: this machine's
+    creds: str | None = None  # USER:PASS for a registry
+    tls_verify: bool = True
+    cert_dir: str | None = None
 
 
 class _Hashing(io.RawIOBase):
@@ -100,17 +116,40 @@ def open_layer(ref: LayerRef) -> Iterator[BinaryIO]:
         raw.close()
 
 
-def parse(spec: str) -> ImageSource:
-    """Open ``oci:DIR[:REF]`` or ``docker-archive:FILE[:REF]``."""
+def parse(spec: str, opts: SourceOptions | None = None) -> ImageSource:
+    """Open ``oci:DIR[:REF]``, ``docker-archive:FILE[:REF]`` or ``docker://REFERENCE``."""
+    opts = opts or SourceOptions()
     transport, _, rest = spec.partition(":")
     if not rest:
-        raise SourceError(f"'{spec}' is not TRANSPORT:PATH (oci:DIR[:REF] or docker-archive:FILE[:REF])")
-    path, ref = _split_ref(rest)
-    if transport == "oci":
-        return _oci(path, ref)
-    if transport == "docker-archive":
-        return _docker_archive(path, ref)
-    raise SourceError(f"unknown transport '{transport}' (use oci: or docker-archive:)")
+        raise SourceError(f"'{spec}' is not TRANSPORT:PATH (oci:DIR[:REF], docker-archive:FILE[:REF], docker://REF)")
+    if transport == "docker":
+        from .registry import open_registry
+
+        src = open_registry(rest, opts)
+    elif transport in ("oci", "docker-archive"):
+        path, ref = _split_ref(rest)
+        src = _oci(path, ref, opts) if transport == "oci" else _docker_archive(path, ref)
+    else:
+        raise SourceError(f"unknown transport '{transport}' (use oci:, docker-archive: or docker://)")
+    if opts.platform is not None:
+        try:
+            _check_platform(src.config, opts.platform)
+        except BaseException:
+            src.close()
+            raise
+    return src
+
+
+def _check_platform(config: bytes, want: str) -> None:
+    """Refuse an image whose config names another platform than ``want`` (as ``docker pull --platform``)."""
+    try:
+        cfg = json.loads(config)
+        have = [cfg.get("os"), cfg.get("architecture"), cfg.get("variant")]
+    except (ValueError, AttributeError):
+        raise SourceError("the image config is not a JSON object") from None
+    wanted = (want.split("/") + [None])[:3]
+    if any(h and w and h != w for h, w in zip(have, wanted, strict=True)):
+        raise SourceError(f"the image is for {'/'.join(filter(None, have))}, not {want}")
 
 
 def _split_ref(rest: str) -> tuple[str, str | None]:
@@ -126,7 +165,29 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _diff_ids(config: bytes) -> list[str]:
+def pick_platform(manifests: list[dict], want: str | None) -> dict:  # type: ignore[type-arg]
+    """The descriptor in an image index for ``want`` (OS/ARCH[/VARIANT]), default this machine (linux)."""
+    if want is None:
+        arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
+            platform.machine(), platform.machine()
+        )
+        want = f"linux/{arch}"
+    os_, _, rest = want.partition("/")
+    arch, _, variant = rest.partition("/")
+    for m in manifests:
+        p = m.get("platform", {}) if isinstance(m, dict) else {}
+        if p.get("os", "linux") == os_ and p.get("architecture") == arch and variant in ("", p.get("variant")):
+            if not isinstance(m.get("digest"), str):
+                break
+            return m
+    have = sorted(
+        "/".join(filter(None, (p.get("os"), p.get("architecture"), p.get("variant"))))
+        for p in (m.get("platform") or {} for m in manifests if isinstance(m, dict))
+    )
+    raise SourceError(f"no {want} image in the index (it has: {', '.join(have) or 'nothing'})")
+
+
+def diff_ids(config: bytes) -> list[str]:
     try:
         ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
@@ -139,7 +200,7 @@ def _diff_ids(config: bytes) -> list[str]:
 # -- OCI image layout -----------------------------------------------------------
 
 
-def _oci(root: str, ref: str | None) -> ImageSource:
+def _oci(root: str, ref: str | None, opts: SourceOptions) -> ImageSource:
     def blob(digest: str) -> str:
         algo, _, hexd = digest.partition(":")
         if algo != "sha256" or not hexd.isalnum():
@@ -170,25 +231,18 @@ def _oci(root: str, ref: str | None) -> ImageSource:
         raise SourceError(f"{root} holds {len(manifests)} images: name one as oci:{root}:REF")
     desc = manifests[0]
     manifest = json.loads(read_verified(desc["digest"]))
-    if "manifests" in manifest:  # an image index: pick this machine's platform
-        arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-        for m in manifest["manifests"]:
-            p = m.get("platform", {})
-            if p.get("os", "linux") == "linux" and p.get("architecture") == arch:
-                desc = m
-                manifest = json.loads(read_verified(m["digest"]))
-                break
-        else:
-            raise SourceError(f"no linux/{arch} image in the index")
+    if "manifests" in manifest:  # an image index: pick the platform
+        desc = pick_platform(manifest["manifests"], opts.platform)
+        manifest = json.loads(read_verified(desc["digest"]))
     config_digest = manifest["config"]["digest"]
     config = read_verified(config_digest)
-    diff_ids = _diff_ids(config)
+    ids = diff_ids(config)
     blobs = manifest.get("layers", [])
-    if len(blobs) != len(diff_ids):
+    if len(blobs) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
     layers = [
         LayerRef(d, b["digest"], (lambda p=blob(b["digest"]): open(p, "rb")))  # type: ignore[misc]
-        for d, b in zip(diff_ids, blobs, strict=True)
+        for d, b in zip(ids, blobs, strict=True)
     ]
     name = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
     return ImageSource(config, config_digest, desc["digest"], layers, [name] if name else [])
@@ -224,8 +278,8 @@ def _docker_archive(path: str, ref: str | None) -> ImageSource:
 
     config = member(entry["Config"]).read()
     config_digest = _sha(config)
-    diff_ids = _diff_ids(config)
-    if len(entry["Layers"]) != len(diff_ids):
+    ids = diff_ids(config)
+    if len(entry["Layers"]) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
-    layers = [LayerRef(d, None, (lambda n=n: member(n))) for d, n in zip(diff_ids, entry["Layers"], strict=True)]
+    layers = [LayerRef(d, None, (lambda n=n: member(n))) for d, n in zip(ids, entry["Layers"], strict=True)]
     return ImageSource(config, config_digest, config_digest, layers, list(entry.get("RepoTags") or []))

@@ -30,7 +30,7 @@ import msgpack
 from .blobs import BlobStore
 from .entry import Entry
 from .flatten import Tree
-from .oci import ImageSource, LayerRef, open_layer, parse
+from .oci import ImageSource, LayerRef, SourceOptions, open_layer, parse
 from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
 from .tarlayer import read_layer
 
@@ -131,10 +131,22 @@ class Store:
 
     # -- import ---------------------------------------------------------------------
     def import_image(
-        self, spec: str, tag: str | None = None, progress: Callable[[int, int], None] | None = None
+        self,
+        spec: str,
+        tag: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        opts: SourceOptions | None = None,
     ) -> tuple[str, str]:
         """Import ``spec``; returns (name:tag, image id)."""
-        src = parse(spec)
+        src = parse(spec, opts)
+        try:
+            return self._import(src, tag, progress)
+        finally:
+            src.close()
+
+    def _import(
+        self, src: ImageSource, tag: str | None, progress: Callable[[int, int], None] | None
+    ) -> tuple[str, str]:
         name = valid_name(tag) if tag else normalize_name(src.tags[0] if src.tags else src.config_digest[7:19])
         assert self.blobs is not None
         new_blobs: list[bytes] = []

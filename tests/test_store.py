@@ -273,7 +273,7 @@ def test_unknown_source_and_image_errors(image: Path, tmp_path: Path) -> None:
     for args, needle in (
         (("import", f"oci:{image}/img:t", "--tag", "Bad:Name"), "invalid image name 'Bad:Name'"),
         (("import", "oci:/nonexistent"), "does not exist"),
-        (("import", "ftp:x"), "'x' does not exist"),
+        (("import", "ftp:x"), "unknown transport 'ftp'"),
         (("import", f"oci:{tmp_path}"), "not an OCI image layout"),
         (("inspect", "nope"), "no image 'nope'"),
         (("rm", "nope"), "no image 'nope'"),

@@ -30,6 +30,7 @@ examples:
   mount -t fuse.unionmount unionmount /mnt/root -o lowerdir=/a,upperdir=/u,workdir=/w
   unionmount umount /mnt/root
   unionmount image import oci:/images/debian:12 --tag debian:12
+  unionmount image pull registry.example:5000/team/app:1
   unionmount mount --image debian:12 --name web1 /mnt/web1   # container layer kept in the store
 """
 
@@ -116,9 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     im = sub.add_parser("image", help="import, list, inspect and remove images")
     im.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
     isub = im.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
-    imp = isub.add_parser("import", help="import oci:DIR[:REF] or docker-archive:FILE[:REF]")
+    imp = isub.add_parser("import", help="import oci:DIR[:REF], docker-archive:FILE[:REF] or docker://REFERENCE")
     imp.add_argument("source", metavar="SOURCE")
-    imp.add_argument("--tag", metavar="NAME:TAG")
+    _source_options(imp)
+    pl = isub.add_parser("pull", help="import [HOST[:PORT]/]NAME[:TAG|@DIGEST] from a registry, as docker pull")
+    pl.add_argument("source", metavar="REFERENCE")
+    _source_options(pl)
     ls = isub.add_parser("ls", help="list images")
     ls.add_argument("--format", choices=("table", "json"), default="table")
     isub.add_parser("inspect", help="an image's config as JSON").add_argument("name", metavar="NAME")
@@ -295,9 +299,46 @@ def _stats(mnt: str, fmt: str) -> int:
     return 0
 
 
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tag", metavar="NAME:TAG", help="the name to give the image (default: the source's)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="the image to take from a multi-platform index")
+    p.add_argument("--creds", metavar="USER[:PASS]", help="registry login (default: podman's and docker's auth files)")
+    p.add_argument(
+        "--tls-verify",
+        type=_boolean,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="false: allow plain HTTP and unverified TLS (loopback registries may use HTTP anyway)",
+    )
+    p.add_argument(
+        "--cert-dir", metavar="DIR", help="the registry's CA as *.crt (default /etc/containers/certs.d/HOST)"
+    )
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"'{text}' is not true or false")
+
+
 def _image(ns: argparse.Namespace) -> int:
-    if ns.image_cmd == "import":
-        return commands.image_import(ns.root, ns.source, ns.tag)
+    if ns.image_cmd in ("import", "pull"):
+        source = ns.source
+        if ns.image_cmd == "pull" and not source.startswith("docker://"):
+            source = "docker://" + source
+        return commands.image_import(
+            ns.root,
+            source,
+            ns.tag,
+            platform=ns.platform,
+            creds=ns.creds,
+            tls_verify=ns.tls_verify,
+            cert_dir=ns.cert_dir,
+        )
     if ns.image_cmd == "ls":
         return commands.image_ls(ns.root, ns.format)
     if ns.image_cmd == "inspect":

@@ -5,8 +5,10 @@ Every store failure becomes a :class:`~unionfs.config.UsageError` with one line.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 
 from layerstore import maintenance
 from layerstore.blobs import CollisionError
-from layerstore.oci import SourceError
+from layerstore.oci import SourceError, SourceOptions
 from layerstore.store import Store, StoreError, default_root
 from layerstore.tarlayer import LayerError
 
@@ -41,10 +43,26 @@ def open_store(root: str | None, *, readonly: bool = False, create: bool = False
         store.close()
 
 
-def image_import(root: str | None, source: str, tag: str | None) -> int:
+def image_import(
+    root: str | None,
+    source: str,
+    tag: str | None,
+    *,
+    platform: str | None = None,
+    creds: str | None = None,
+    tls_verify: bool = True,
+    cert_dir: str | None = None,
+) -> int:
+    if platform is not None and not re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$", platform):
+        raise UsageError(f"--platform '{platform}' is not OS/ARCH[/VARIANT] (e.g. linux/arm64/v8)")
+    if creds is not None and ":" not in creds:
+        if not sys.stdin.isatty():
+            raise UsageError("--creds is USER:PASS (the password is asked for only on a terminal)")
+        creds = f"{creds}:{getpass.getpass(f'password for {creds}: ')}"
+    opts = SourceOptions(platform=platform, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
     start = time.monotonic()
     with open_store(root, create=True) as store, _progress() as progress:
-        name, image_id = store.import_image(source, tag, progress)
+        name, image_id = store.import_image(source, tag, progress, opts)
     print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
     return 0
 

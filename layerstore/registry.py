@@ -1,0 +1,377 @@
+"""Images from a registry: ``docker://[HOST[:PORT]/]NAME[:TAG|@sha256:HEX]``, as ``docker pull`` reads them.
+
+Speaks the OCI distribution API (``/v2/``) over httpx. Guarantees:
+
+* names are Docker's: ``alpine`` is ``docker.io/library/alpine:latest``; a first
+  component with a dot or a port, or ``localhost``, names the registry;
+* every manifest and the config are checked against their sha256 before use, a
+  tag's manifest against the ``Docker-Content-Digest`` the registry sends, and
+  layers while they stream (by :func:`layerstore.oci.open_layer`); a manifest or
+  config larger than :data:`MAX_DOCUMENT` is refused unread;
+* a layer is downloaded only when read: the store never reads one it already has;
+* ``Bearer`` (token) and ``Basic`` challenges are answered with ``creds`` or the
+  auth files podman and docker write; credentials go only to the registry's own
+  origin and its token realm, never along a redirect to another host;
+* HTTPS is verified against the system's CAs plus ``*.crt`` in the certificate
+  directory (``cert_dir``, else ``/etc/containers/certs.d/HOST`` and
+  ``/etc/docker/certs.d/HOST``); plain HTTP is tried only for loopback hosts (Docker's
+  default insecure registries) or with ``tls_verify=False``.
+
+Every failure is a :class:`~layerstore.oci.SourceError` with one line.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import re
+import ssl
+from dataclasses import dataclass
+
+import httpx
+
+from .oci import ImageSource, LayerRef, SourceError, SourceOptions, diff_ids, pick_platform
+
+MAX_DOCUMENT = 4 << 20  # manifests and configs; containerd's limit for manifests
+
+_INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+_MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+_ACCEPT = ", ".join(_MANIFEST_TYPES + _INDEX_TYPES)
+_DOCKER_HUB = "docker.io"
+_CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+
+
+@dataclass(slots=True, frozen=True)
+class Reference:
+    """A parsed image reference; ``host`` is as named (``docker.io`` for Docker Hub)."""
+
+    host: str
+    repo: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def ref(self) -> str:
+        """What to ask ``/manifests/`` for: the digest if there is one, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def name(self) -> str | None:
+        """``host/repo:tag`` for a tagged reference, None for a digest alone."""
+        return f"{self.host}/{self.repo}:{self.tag}" if self.tag else None
+
+
+def parse_reference(text: str) -> Reference:
+    """Docker's reference grammar and normalisation (``ubuntu`` → ``docker.io/library/ubuntu:latest``)."""
+    rest, digest = text, None
+    if "@" in rest:
+        rest, _, digest = rest.partition("@")
+        if not _DIGEST_RE.match(digest):
+            raise SourceError(f"'{text}': a digest is sha256: and 64 lower-case hex digits")
+    tag = None
+    last = rest.rsplit("/", 1)[-1]
+    if ":" in last:
+        rest, _, tag = rest.rpartition(":")
+        if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", tag):
+            raise SourceError(f"'{text}': invalid tag '{tag}'")
+    first, sep, path = rest.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        host = first
+    else:
+        host, path = _DOCKER_HUB, rest
+    if host == _DOCKER_HUB and "/" not in path:
+        path = "library/" + path
+    if not path or not all(_COMPONENT_RE.match(c) for c in path.split("/")):
+        raise SourceError(f"'{text}' is not an image reference ([HOST[:PORT]/]NAME[:TAG|@DIGEST], lower-case name)")
+    return Reference(host, path, tag if tag or digest else "latest", digest)
+
+
+def open_registry(text: str, opts: SourceOptions) -> ImageSource:
+    """The image ``text`` names (skopeo's ``//`` after ``docker:`` may stay); its ``close`` ends the session."""
+    ref = parse_reference(text.removeprefix("//"))
+    s = _Session(ref.host, opts)
+    try:
+        manifest, digest = s.manifest(ref.repo, ref.ref, expect=ref.digest)
+        if _media_type(manifest) in _INDEX_TYPES:
+            desc = pick_platform(manifest.get("manifests") or [], opts.platform)
+            manifest, digest = s.manifest(ref.repo, desc["digest"], expect=desc["digest"])
+        if _media_type(manifest) not in _MANIFEST_TYPES:
+            raise SourceError(f"{text}: not a container image (manifest type {_media_type(manifest) or 'unknown'})")
+        try:
+            config_digest = manifest["config"]["digest"]
+            blobs = [b["digest"] for b in manifest.get("layers") or []]
+        except (KeyError, TypeError):
+            raise SourceError(f"{text}: the manifest has no config or malformed layers") from None
+        if not all(isinstance(b, str) and _DIGEST_RE.match(b) for b in [config_digest, *blobs]):
+            raise SourceError(f"{text}: the manifest names a digest that is not sha256")
+        config = s.document(f"{ref.repo}/blobs/{config_digest}", f"{ref.repo}@{config_digest}", config_digest)
+        ids = diff_ids(config)
+        if len(ids) != len(blobs):
+            raise SourceError("manifest and config disagree on the number of layers")
+    except BaseException:
+        s.close()
+        raise
+    layers = [
+        LayerRef(d, b, (lambda b=b: s.blob(f"{ref.repo}/blobs/{b}")))  # type: ignore[misc]
+        for d, b in zip(ids, blobs, strict=True)
+    ]
+    return ImageSource(config, config_digest, digest, layers, [ref.name] if ref.name else [], s.close)
+
+
+def _media_type(doc: dict) -> str | None:  # type: ignore[type-arg]
+    """A manifest's type; an OCI document may leave it out (``manifests`` then marks an index)."""
+    mt = doc.get("mediaType")
+    if mt is None and doc.get("schemaVersion") == 2:
+        return _INDEX_TYPES[0] if "manifests" in doc else _MANIFEST_TYPES[0]
+    if doc.get("schemaVersion") == 1:
+        raise SourceError("schema 1 manifests are not supported (push the image again with a current client)")
+    return mt
+
+
+class _Session:
+    """One HTTP client for one registry: scheme, certificates and authorization."""
+
+    def __init__(self, host: str, opts: SourceOptions) -> None:
+        self.host = host
+        self.api = "registry-1.docker.io" if host == _DOCKER_HUB else host
+        self.opts = opts
+        self.creds = _credentials(host, opts.creds)
+        self.authorization: str | None = None
+        self.client = httpx.Client(
+            verify=_tls_context(host, opts),
+            timeout=httpx.Timeout(60.0, connect=15.0),
+            follow_redirects=True,
+            headers={"User-Agent": "unionmount"},
+        )
+        try:
+            self.base = self._probe()
+        except BaseException:
+            self.client.close()
+            raise
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _probe(self) -> str:
+        """``https://HOST/v2/``, or ``http://`` where plain HTTP is allowed and HTTPS is not served."""
+        schemes = ["https"]
+        if not self.opts.tls_verify or _is_loopback(self.api):
+            schemes.append("http")
+        first: Exception | None = None
+        for scheme in schemes:
+            base = f"{scheme}://{self.api}/v2/"
+            try:
+                r = self.client.get(base)
+            except httpx.HTTPError as e:
+                first = first or e
+                continue
+            if r.status_code in (200, 401):
+                return base
+            if first is None:
+                raise SourceError(f"{self.host} does not look like a registry ({base} answered {r.status_code})")
+            # HTTPS failed and plain HTTP is not a registry either: the HTTPS failure is the story
+        raise SourceError(f"cannot reach registry {self.host}: {_reason(first)}")
+
+    def _get(self, path: str, accept: str | None = None) -> httpx.Response:
+        """GET ``base + path`` as a stream, answering one authorization challenge."""
+        for attempt in (1, 2):
+            headers = {"Accept": accept} if accept else {}
+            if self.authorization:
+                headers["Authorization"] = self.authorization
+            try:
+                r = self.client.send(self.client.build_request("GET", self.base + path, headers=headers), stream=True)
+            except httpx.HTTPError as e:
+                raise SourceError(f"registry {self.host}: {_reason(e)}") from None
+            if r.status_code != 401 or attempt == 2:
+                return r
+            challenge = r.headers.get("www-authenticate", "")
+            r.close()
+            self.authorization = self._authorize(challenge)
+        raise AssertionError("unreachable")
+
+    def _authorize(self, challenge: str) -> str:
+        scheme, _, params_text = challenge.partition(" ")
+        params = dict(_CHALLENGE_RE.findall(params_text))
+        if scheme.lower() == "basic":
+            if self.creds is None:
+                raise SourceError(f"registry {self.host} wants a login: pass --creds USER:PASS, or podman/docker login")
+            return "Basic " + base64.b64encode(f"{self.creds[0]}:{self.creds[1]}".encode()).decode()
+        if scheme.lower() != "bearer" or "realm" not in params:
+            raise SourceError(f"registry {self.host} asks for an unknown kind of login: {challenge[:60]!r}")
+        query = {k: params[k] for k in ("service", "scope") if k in params}
+        auth = httpx.BasicAuth(*self.creds) if self.creds else None
+        try:
+            r = self.client.get(params["realm"], params=query, auth=auth)
+        except httpx.HTTPError as e:
+            raise SourceError(f"cannot get a token for {self.host}: {_reason(e)}") from None
+        if r.status_code != 200:
+            raise SourceError(f"the token service of {self.host} refused: {r.status_code} (check the credentials)")
+        try:
+            body = r.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise SourceError(f"the token service of {self.host} sent no token")
+        return "Bearer " + token
+
+    def _check(self, r: httpx.Response, what: str) -> None:
+        if r.status_code == 200:
+            return
+        r.close()
+        why = {
+            401: "access refused (check the credentials)",
+            403: "access denied",
+            404: "not found",
+            429: "too many requests (rate limited), try again later",
+        }.get(r.status_code, f"HTTP {r.status_code}")
+        raise SourceError(f"{self.host}/{what}: {why}")
+
+    def document(self, path: str, what: str, expect: str | None, accept: str | None = None) -> bytes:
+        """A manifest or config, at most MAX_DOCUMENT bytes, checked against ``expect`` (or the registry's digest)."""
+        r = self._get(path, accept)
+        try:
+            self._check(r, what)
+            body = bytearray()
+            for chunk in r.iter_raw():
+                body += chunk
+                if len(body) > MAX_DOCUMENT:
+                    raise SourceError(f"{self.host}/{what}: larger than {MAX_DOCUMENT >> 20} MiB, refused")
+        except httpx.HTTPError as e:
+            raise SourceError(f"registry {self.host}: {_reason(e)}") from None
+        finally:
+            r.close()
+        named = expect or r.headers.get("docker-content-digest")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if named is not None and digest != named:
+            raise SourceError(f"{self.host}/{what}: content does not match its digest {named[:19]}")
+        return bytes(body)
+
+    def manifest(self, repo: str, ref: str, expect: str | None) -> tuple[dict, str]:  # type: ignore[type-arg]
+        what = f"{repo}{'@' if ref.startswith('sha256:') else ':'}{ref}"
+        body = self.document(f"{repo}/manifests/{ref}", what, expect, _ACCEPT)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise SourceError(f"{self.host}/{what}: the manifest is not JSON") from None
+        if not isinstance(doc, dict):
+            raise SourceError(f"{self.host}/{what}: the manifest is not a JSON object")
+        return doc, "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def blob(self, path: str) -> _Body:
+        """A layer blob as a stream; the caller checks its digest."""
+        r = self._get(path)
+        self._check(r, path.replace("/blobs/", "@"))
+        return _Body(r, self.host)
+
+
+class _Body(io.RawIOBase):
+    """A streaming HTTP body as a file; transport errors become SourceError."""
+
+    def __init__(self, response: httpx.Response, host: str) -> None:
+        self._r = response
+        self._host = host
+        self._chunks = response.iter_raw(1 << 20)
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            try:
+                self._buf = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+            except httpx.HTTPError as e:
+                raise SourceError(f"download from {self._host} broke off: {_reason(e)}") from None
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._r.close()
+        super().close()
+
+
+def _reason(e: Exception | None) -> str:
+    """An httpx error as a short phrase (the innermost cause, without a traceback)."""
+    while e is not None and e.__cause__ is not None and str(e.__cause__):
+        e = e.__cause__  # type: ignore[assignment]
+    text = str(e) if e is not None else "no answer"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_loopback(api: str) -> bool:
+    host = api.rsplit(":", 1)[0] if not api.endswith("]") else api
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls_context(host: str, opts: SourceOptions) -> ssl.SSLContext | bool:
+    """The system's CAs plus the registry's own (``*.crt`` in its certs.d directory)."""
+    if not opts.tls_verify:
+        return False
+    ctx = ssl.create_default_context()
+    dirs = [opts.cert_dir] if opts.cert_dir else [f"/etc/containers/certs.d/{host}", f"/etc/docker/certs.d/{host}"]
+    for d in dirs:
+        for crt in sorted(glob.glob(os.path.join(glob.escape(d), "*.crt"))):
+            try:
+                ctx.load_verify_locations(crt)
+            except (OSError, ssl.SSLError) as e:
+                raise SourceError(f"cannot load the certificate {crt}: {e}") from None
+    return ctx
+
+
+def _credentials(host: str, creds: str | None) -> tuple[str, str] | None:
+    """``USER:PASS`` as given, else the entry for ``host`` in the auth files podman and docker write."""
+    if creds is not None:
+        user, sep, password = creds.partition(":")
+        if not sep or not user:
+            raise SourceError("--creds is USER:PASS")
+        return user, password
+    home = os.path.expanduser("~")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    files = [
+        os.environ.get("REGISTRY_AUTH_FILE"),
+        os.path.join(runtime, "containers/auth.json") if runtime else None,
+        os.path.join(home, ".config/containers/auth.json"),
+        os.path.join(os.environ.get("DOCKER_CONFIG") or os.path.join(home, ".docker"), "config.json"),
+    ]
+    keys = {host, f"https://{host}", f"http://{host}"}
+    if host == _DOCKER_HUB:
+        keys |= {"https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"}
+    for path in filter(None, files):
+        try:
+            with open(path, "rb") as f:
+                auths = json.load(f).get("auths") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for key, entry in auths.items() if isinstance(auths, dict) else ():
+            if key.rstrip("/") in keys or key in keys:
+                try:
+                    user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+                except (KeyError, TypeError, ValueError):
+                    continue
+                return user, password
+    return None

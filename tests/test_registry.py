@@ -1,0 +1,219 @@
+"""Pulling from a real registry (distribution's ``docker-registry``), pushed to by skopeo.
+
+Covers what ``docker pull`` users rely on: tags and digests, multi-platform indexes,
+the three ways registries ask for a login (htpasswd, TLS with a private CA, tokens),
+layers the store already has never downloaded again, and a registry that serves
+damaged content refused with one line and nothing recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from .images import image_mount, sh, um
+from .registry import PASSWORD, USER, auth_file, registry
+from .tree import snapshot
+
+
+def _one_line_error(r, needle: str) -> None:  # noqa: ANN001
+    assert r.returncode != 0 and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def _images(store: Path) -> list[str]:
+    r = um("image", "--root", store, "ls", "--format", "json")
+    return sorted(i["Name"] for i in json.loads(r.stdout)) if r.returncode == 0 else []
+
+
+def test_pull_by_tag_and_digest_then_mount(image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    with registry(tmp_path / "reg") as reg:
+        digest = reg.push(f"oci:{image}/img:t", "team/app:1")
+        r = um("image", "--root", store, "pull", f"{reg.host}/team/app:1")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"{reg.host}/team/app:1 ")
+        info = json.loads(um("image", "--root", store, "inspect", f"{reg.host}/team/app:1").stdout)
+        assert info["Manifest"] == digest and len(info["Layers"]) == 3 and info["Volumes"] == {"/data": {}}
+        with image_mount(store, f"{reg.host}/team/app:1", "c1", mnt):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+
+        # skopeo's transport syntax and a digest reference give the same image
+        r = um("image", "--root", store, "import", f"docker://{reg.host}/team/app@{digest}", "--tag", "pinned:1")
+        assert r.returncode == 0, r.stderr
+        pinned = json.loads(um("image", "--root", store, "inspect", "pinned:1").stdout)
+        assert pinned["Id"] == info["Id"]
+
+        # the store has every layer: a new tag pulls with the registry's layer blobs gone
+        reg.push(f"oci:{image}/img:t", "team/app:2")  # the same manifest under another tag
+        manifest = json.loads(reg.blob_file(digest).read_bytes())
+        for layer in manifest["layers"]:
+            reg.blob_file(layer["digest"]).unlink()
+        r = um("image", "--root", store, "pull", f"{reg.host}/team/app:2")
+        assert r.returncode == 0, r.stderr
+        # a fresh store needs them, and says what is missing
+        r = um("image", "--root", tmp_path / "fresh", "pull", f"{reg.host}/team/app:2")
+        _one_line_error(r, f"{reg.host}/team/app@sha256:")
+        assert _images(tmp_path / "fresh") == []
+
+
+def test_pull_refuses_what_the_registry_damaged(image: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with registry(tmp_path / "reg") as reg:
+        digest = reg.push(f"oci:{image}/img:t", "app:1")
+        manifest = json.loads(reg.blob_file(digest).read_bytes())
+        biggest = max(manifest["layers"], key=lambda b: b["size"])["digest"]
+        victim = reg.blob_file(biggest)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        r = um("image", "--root", store, "pull", f"{reg.host}/app:1")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "corrupt" in r.stderr or "cannot read layer" in r.stderr, r.stderr
+        assert _images(store) == []
+        assert not [p for p in (store / "blobs").rglob("*") if p.is_file()], "a refused pull left blobs"
+        assert um("store", "--root", store, "check").returncode == 0
+
+        # a manifest changed under its digest
+        raw = reg.blob_file(digest)
+        raw.write_bytes(raw.read_bytes().replace(b'"schemaVersion":2', b'"schemaVersion": 2'))
+        _one_line_error(um("image", "--root", store, "pull", f"{reg.host}/app:1"), "does not match its digest")
+        _one_line_error(um("image", "--root", store, "pull", f"{reg.host}/app@{digest}"), "does not match its digest")
+        assert _images(store) == []
+
+
+def _multi_platform_layout(base: Path) -> Path:
+    """An OCI layout whose ``multi`` is an index of a linux/amd64 and a linux/arm64/v8 image."""
+    sh(
+        """
+        umoci init --layout l
+        umoci new --image l:amd
+        umoci unpack --image l:amd b; echo amd64 > b/rootfs/arch; umoci repack --image l:amd b; rm -rf b
+        umoci new --image l:arm
+        umoci unpack --image l:arm b; echo arm64 > b/rootfs/arch; umoci repack --image l:arm b; rm -rf b
+        umoci config --image l:arm --architecture arm64
+        """,
+        base,
+    )
+    layout = base / "l"
+    index = json.loads((layout / "index.json").read_text())
+    entries = []
+    for m in index["manifests"]:
+        ref = m["annotations"]["org.opencontainers.image.ref.name"]
+        platform = {"os": "linux", "architecture": "amd64"} if ref == "amd" else {
+            "os": "linux", "architecture": "arm64", "variant": "v8"}  # fmt: skip
+        entries.append({k: m[k] for k in ("mediaType", "digest", "size")} | {"platform": platform})
+    blob = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": entries}).encode()  # fmt: skip
+    digest = hashlib.sha256(blob).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(blob)
+    ref = {"org.opencontainers.image.ref.name": "multi"}
+    index["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": f"sha256:{digest}",
+                               "size": len(blob), "annotations": ref})  # fmt: skip
+    (layout / "index.json").write_text(json.dumps(index))
+    return layout
+
+
+def test_multi_platform_index(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    layout = _multi_platform_layout(tmp_path)
+    with registry(tmp_path / "reg") as reg:
+        reg.push(f"oci:{layout}:multi", "multi:1", "--all")
+        assert um("image", "--root", store, "pull", f"{reg.host}/multi:1").returncode == 0
+        with image_mount(store, f"{reg.host}/multi:1", "c1", mnt):
+            assert (mnt / "arch").read_text() == "amd64\n"  # this machine's
+        r = um("image", "--root", store, "pull", "--platform", "linux/arm64", f"{reg.host}/multi:1", "--tag", "m:arm")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(um("image", "--root", store, "inspect", "m:arm").stdout)["Config"]["architecture"] == "arm64"
+        _one_line_error(
+            um("image", "--root", store, "pull", "--platform", "linux/s390x", f"{reg.host}/multi:1"),
+            "no linux/s390x image in the index (it has: linux/amd64, linux/arm64/v8)",
+        )
+        # a single-platform image is checked against --platform too, as docker pull does
+        reg.push(f"oci:{layout}:amd", "amd:1")
+        _one_line_error(
+            um("image", "--root", store, "pull", "--platform", "linux/arm64", f"{reg.host}/amd:1"),
+            "the image is for linux/amd64, not linux/arm64",
+        )
+        # the same index read from the layout directly
+        r = um("image", "--root", store, "import", "--platform", "linux/arm64/v8", f"oci:{layout}:multi", "--tag", "a")
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("auth", ["htpasswd", "token"])
+def test_logins(auth: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    layout = _multi_platform_layout(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no auth file of this machine's user
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    with registry(tmp_path / "reg", auth) as reg:
+        reg.push(f"oci:{layout}:amd", "app:1")
+        ref = f"{reg.host}/app:1"
+        if auth == "htpasswd":
+            _one_line_error(um("image", "--root", store, "pull", ref), "wants a login: pass --creds")
+        else:
+            _one_line_error(um("image", "--root", store, "pull", ref), "token service")
+        _one_line_error(um("image", "--root", store, "pull", "--creds", f"{USER}:wrong", ref), "check the credentials")
+        assert _images(store) == []
+        r = um("image", "--root", store, "pull", "--creds", f"{USER}:{PASSWORD}", ref)
+        assert r.returncode == 0, r.stderr
+        # podman login's file, found where podman keeps it
+        auth_dir = tmp_path / "home" / ".config" / "containers"
+        auth_dir.mkdir(parents=True)
+        auth_file(auth_dir / "auth.json", reg.host)
+        assert um("image", "--root", store, "pull", ref, "--tag", "via-file:1").returncode == 0
+        if reg.tokens is not None:  # the token service saw the password, the registry only tokens
+            assert any(c.startswith("Basic ") for c in reg.tokens.calls)
+    assert _images(store) == [f"{reg.host}/app:1", "via-file:1"]
+
+
+def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    layout = _multi_platform_layout(tmp_path)
+    with registry(tmp_path / "reg", "tls") as reg:
+        assert reg.certs is not None
+        reg.push(f"oci:{layout}:amd", "app:1")
+        ref = f"{reg.host}/app:1"
+        _one_line_error(um("image", "--root", store, "pull", ref), "certificate verify failed")
+        assert um("image", "--root", store, "pull", "--cert-dir", reg.certs, ref).returncode == 0
+        r = um("image", "--root", store, "pull", "--tls-verify=false", ref, "--tag", "insecure:1")
+        assert r.returncode == 0, r.stderr
+
+
+def test_bad_references_and_unreachable_registries(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    for args, needle in (
+        (("pull", "Bad Name"), "is not an image reference"),
+        (("pull", "app@sha256:123"), "a digest is sha256: and 64"),
+        (("pull", "127.0.0.1:1/app:1"), "cannot reach registry 127.0.0.1:1"),
+        (("pull", "--platform", "amd64", "app"), "is not OS/ARCH"),
+        (("pull", "--tls-verify=maybe", "app"), "is not true or false"),
+        (("import", "docker://127.0.0.1:1/app"), "cannot reach registry"),
+    ):
+        _one_line_error(um("image", "--root", store, *args), needle)
+    with registry(tmp_path / "reg") as reg:
+        _one_line_error(um("image", "--root", store, "pull", f"{reg.host}/nothere:1"), "nothere:1: not found")
+    assert _images(store) == []
+
+
+def test_reference_normalisation() -> None:
+    from layerstore.registry import parse_reference
+
+    for text, want in (
+        ("alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("docker.io/library/alpine:3", ("docker.io", "library/alpine", "3", None)),
+        ("me/tool", ("docker.io", "me/tool", "latest", None)),
+        ("localhost/app", ("localhost", "app", "latest", None)),
+        ("localhost:5000/a/b:v1", ("localhost:5000", "a/b", "v1", None)),
+        ("quay.io/x/y@sha256:" + "a" * 64, ("quay.io", "x/y", None, "sha256:" + "a" * 64)),
+        ("ghcr.io/o/r:t@sha256:" + "b" * 64, ("ghcr.io", "o/r", "t", "sha256:" + "b" * 64)),
+    ):
+        r = parse_reference(text)
+        assert (r.host, r.repo, r.tag, r.digest) == want, text
+
