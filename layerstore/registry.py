@@ -1,4 +1,4 @@
-"""Images from a registry: ``docker://[HOST[:PORT]/]NAME[:TAG|@sha256:HEX]``, as ``docker pull`` reads them.
+"""Images from and to a registry: ``docker://[HOST[:PORT]/]NAME[:TAG|@sha256:HEX]``, as docker pull/push.
 
 Speaks the OCI distribution API (``/v2/``) over httpx. Guarantees:
 
@@ -31,6 +31,7 @@ import json
 import os
 import re
 import ssl
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -131,6 +132,38 @@ def open_registry(text: str, opts: SourceOptions) -> ImageSource:
     return ImageSource(config, config_digest, digest, layers, [ref.name] if ref.name else [], s.close)
 
 
+class Destination:
+    """A tag in a registry that ``image push`` writes; blobs first, the manifest last.
+
+    A reader of the tag never sees a manifest whose blobs are missing: the registry
+    refuses such a manifest, and we send it only after every blob is there.
+    """
+
+    def __init__(self, text: str, opts: SourceOptions) -> None:
+        self.ref = parse_reference(text.removeprefix("//"))
+        if self.ref.digest is not None:
+            raise SourceError(f"'{text}': push to a tag, not a digest")
+        self._s = _Session(self.ref.host, opts)
+
+    @property
+    def name(self) -> str:
+        return f"{self.ref.host}/{self.ref.repo}:{self.ref.tag}"
+
+    def put_blob(self, digest: str, size: int, path: str) -> bool:
+        """Upload the blob in ``path`` unless the repository has it; True if it was uploaded."""
+        if self._s.has_blob(self.ref.repo, digest):
+            return False
+        self._s.upload(self.ref.repo, digest, size, path)
+        return True
+
+    def put_manifest(self, media_type: str, raw: bytes) -> str:
+        """Tag ``raw``; returns its digest."""
+        return self._s.put_manifest(self.ref.repo, self.ref.tag or "latest", media_type, raw)
+
+    def close(self) -> None:
+        self._s.close()
+
+
 def _media_type(doc: dict) -> str | None:  # type: ignore[type-arg]
     """A manifest's type; an OCI document may leave it out (``manifests`` then marks an index)."""
     mt = doc.get("mediaType")
@@ -187,12 +220,23 @@ class _Session:
 
     def _get(self, path: str, accept: str | None = None) -> httpx.Response:
         """GET ``base + path`` as a stream, answering one authorization challenge."""
+        return self._send("GET", self.base + path, {"Accept": accept} if accept else {})
+
+    def _send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: dict[str, str],
+        body: Callable[[], Iterator[bytes]] | bytes | None = None,
+    ) -> httpx.Response:
+        """A request (its response streamed), answering one authorization challenge; ``body`` is made per try."""
         for attempt in (1, 2):
-            headers = {"Accept": accept} if accept else {}
             if self.authorization:
-                headers["Authorization"] = self.authorization
+                headers = headers | {"Authorization": self.authorization}
+            content = body() if callable(body) else body
             try:
-                r = self.client.send(self.client.build_request("GET", self.base + path, headers=headers), stream=True)
+                request = self.client.build_request(method, url, headers=headers, content=content)
+                r = self.client.send(request, stream=True)
             except httpx.HTTPError as e:
                 raise SourceError(f"registry {self.host}: {_reason(e)}") from None
             if r.status_code != 401 or attempt == 2:
@@ -228,16 +272,23 @@ class _Session:
             raise SourceError(f"the token service of {self.host} sent no token")
         return "Bearer " + token
 
-    def _check(self, r: httpx.Response, what: str) -> None:
-        if r.status_code == 200:
+    def _check(self, r: httpx.Response, what: str, ok: tuple[int, ...] = (200,)) -> None:
+        if r.status_code in ok:
             return
-        r.close()
         why = {
             401: "access refused (check the credentials)",
             403: "access denied",
             404: "not found",
             429: "too many requests (rate limited), try again later",
         }.get(r.status_code, f"HTTP {r.status_code}")
+        try:  # a registry's own words, where it gives them (OCI distribution's error body)
+            r.read()
+            errors = r.json().get("errors") or []
+            why += "".join(f"; {e['code']}: {e.get('message', '')}" for e in errors[:1])
+        except (httpx.HTTPError, ValueError, AttributeError, KeyError, TypeError):
+            pass
+        finally:
+            r.close()
         raise SourceError(f"{self.host}/{what}: {why}")
 
     def document(self, path: str, what: str, expect: str | None, accept: str | None = None) -> bytes:
@@ -276,6 +327,38 @@ class _Session:
         r = self._get(path)
         self._check(r, path.replace("/blobs/", "@"))
         return _Body(r, self.host)
+
+    def has_blob(self, repo: str, digest: str) -> bool:
+        r = self._send("HEAD", f"{self.base}{repo}/blobs/{digest}", {})
+        self._check(r, f"{repo}@{digest}", (200, 404))
+        r.close()
+        return r.status_code == 200
+
+    def upload(self, repo: str, digest: str, size: int, path: str) -> None:
+        """Upload the blob in file ``path`` (one monolithic PUT, as skopeo does for small registries)."""
+        r = self._send("POST", f"{self.base}{repo}/blobs/uploads/", {"Content-Length": "0"})
+        self._check(r, f"{repo} (starting an upload)", (202,))
+        r.close()
+        location = r.headers.get("location")
+        if not location:
+            raise SourceError(f"registry {self.host} started an upload without a Location")
+        url = httpx.URL(self.base).join(location).copy_merge_params({"digest": digest})
+
+        def chunks() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                while data := f.read(1 << 20):
+                    yield data
+
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        r = self._send("PUT", url, headers, chunks)
+        self._check(r, f"{repo}@{digest}", (201,))
+        r.close()
+
+    def put_manifest(self, repo: str, ref: str, media_type: str, raw: bytes) -> str:
+        r = self._send("PUT", f"{self.base}{repo}/manifests/{ref}", {"Content-Type": media_type}, raw)
+        self._check(r, f"{repo}:{ref}", (201,))
+        r.close()
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 class _Body(io.RawIOBase):

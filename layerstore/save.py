@@ -1,8 +1,10 @@
-"""Writing an image out: ``oci:DIR[:REF]`` (an OCI image layout) and ``docker-archive:FILE[:NAME:TAG]``.
+"""Writing an image out: ``oci:DIR[:REF]`` (an OCI image layout), ``docker-archive:FILE[:NAME:TAG]``
+and ``docker://REF`` (a registry, :func:`push`).
 
 Each layer's tar is written again from the store's record of it (the entries,
 with whiteouts and opaque markers in the OCI form, hard links as links, file
-data from the blobs), uncompressed. Its digest is computed as it is written, and
+data from the blobs), uncompressed (gzip with mtime 0 for a registry, so the same
+image pushed again has the same blobs). Its digest is computed as it is written, and
 the image's config gets these digests as its ``rootfs.diff_ids``; the layers'
 contents are exactly the imported ones, but their tar bytes (and so the image
 id) may differ from the original archive's. What ``skopeo``, ``umoci`` and
@@ -11,11 +13,13 @@ id) may differ from the original archive's. What ``skopeo``, ``umoci`` and
 Guarantees: an OCI layout is written blobs first, ``index.json`` last (through a
 rename), so a reader never sees a manifest whose blobs are missing; other images
 already in the layout are kept. A docker archive is written to ``FILE.part``
-and renamed into place.
+and renamed into place. A push sends the manifest after every blob, so the tag
+never names an image the registry cannot serve whole.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -31,6 +35,7 @@ from typing import BinaryIO
 
 from . import tarwrite
 from .entry import Entry
+from .oci import SourceOptions
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
 from .store import Store, StoreError
 
@@ -44,6 +49,7 @@ class _Blob:
     digest: str
     size: int
     path: str  # a temporary file holding it
+    diff_id: str = ""  # a layer's uncompressed digest (its digest, unless compressed)
 
 
 class _HashWriter:
@@ -106,18 +112,26 @@ def _blob_fd(store: Store, digest: bytes) -> int:
 
 
 @contextmanager
-def _image_blobs(store: Store, image_id: bytes, tmpdir: str) -> Iterator[tuple[_Blob, list[_Blob]]]:
-    """(config blob, layer blobs) of an image, as temporary files."""
+def _image_blobs(
+    store: Store, image_id: bytes, tmpdir: str, *, compress: bool = False
+) -> Iterator[tuple[_Blob, list[_Blob]]]:
+    """(config blob, layer blobs) of an image, as temporary files; ``compress``: gzip layers (mtime 0)."""
     cfg = store.config(image_id)
     layers = []
     for d in cfg["layers"]:
         fd, path = tempfile.mkstemp(dir=tmpdir)
         with os.fdopen(fd, "wb") as f:
-            w = _HashWriter(f)
-            write_layer_tar(store, d.encode(), w)  # type: ignore[arg-type]
-        layers.append(_Blob("sha256:" + w.h.hexdigest(), w.n, path))
+            outer = _HashWriter(f)
+            if compress:
+                with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0) as gz:  # type: ignore[arg-type]
+                    inner = _HashWriter(gz)  # type: ignore[arg-type]
+                    write_layer_tar(store, d.encode(), inner)  # type: ignore[arg-type]
+            else:
+                inner = outer
+                write_layer_tar(store, d.encode(), inner)  # type: ignore[arg-type]
+        layers.append(_Blob("sha256:" + outer.h.hexdigest(), outer.n, path, "sha256:" + inner.h.hexdigest()))
     config = dict(cfg["config"])
-    config["rootfs"] = {"type": "layers", "diff_ids": [b.digest for b in layers]}
+    config["rootfs"] = {"type": "layers", "diff_ids": [b.diff_id for b in layers]}
     raw = json.dumps(config, separators=(",", ":")).encode()
     fd, path = tempfile.mkstemp(dir=tmpdir)
     with os.fdopen(fd, "wb") as f:
@@ -125,8 +139,8 @@ def _image_blobs(store: Store, image_id: bytes, tmpdir: str) -> Iterator[tuple[_
     yield _Blob("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw), path), layers
 
 
-def save(store: Store, name: str, dest: str) -> str:
-    """Write image ``name`` to ``dest`` (``oci:DIR[:REF]`` or ``docker-archive:FILE[:NAME:TAG]``)."""
+def save(store: Store, name: str, dest: str, opts: SourceOptions | None = None) -> str:
+    """Write image ``name`` to ``dest`` (``oci:DIR[:REF]``, ``docker-archive:FILE[:NAME:TAG]``, ``docker://REF``)."""
     image_id = store.resolve(name)
     full = next((i.name for i in store.images() if i.image_id == image_id.decode() and i.name == name), None)
     full = full or next((i.name for i in store.images() if i.image_id == image_id.decode()), name)
@@ -139,7 +153,38 @@ def save(store: Store, name: str, dest: str) -> str:
     if transport == "docker-archive":
         path, _, ref = rest.partition(":")
         return _save_docker(store, image_id, path, ref or full)
-    raise StoreError(f"unknown transport '{transport}' (use oci: or docker-archive:)")
+    if transport == "docker":
+        return push(store, name, rest, opts)[0]
+    raise StoreError(f"unknown transport '{transport}' (use oci:, docker-archive: or docker://)")
+
+
+def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -> tuple[str, int, int]:
+    """Push image ``name`` to the registry tag ``ref`` (``docker push``): layers gzipped, the blobs the
+    repository lacks uploaded, then the manifest. Returns (manifest digest, blobs uploaded, blobs)."""
+    from .registry import Destination
+
+    image_id = store.resolve(name)
+    dest = Destination(ref, opts or SourceOptions())
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="unionmount-push-") as tmp,
+            _image_blobs(store, image_id, tmp, compress=True) as (cfg, layers),
+        ):
+            uploaded = sum(dest.put_blob(b.digest, b.size, b.path) for b in [*layers, cfg])
+            digest = dest.put_manifest(MANIFEST_TYPE, _manifest(cfg, layers, LAYER_TYPE + "+gzip"))
+    finally:
+        dest.close()
+    return digest, uploaded, len(layers) + 1
+
+
+def _manifest(cfg: _Blob, layers: list[_Blob], layer_type: str = LAYER_TYPE) -> bytes:
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": CONFIG_TYPE, "digest": cfg.digest, "size": cfg.size},
+        "layers": [{"mediaType": layer_type, "digest": b.digest, "size": b.size} for b in layers],
+    }
+    return json.dumps(manifest, separators=(",", ":")).encode()
 
 
 def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
@@ -159,13 +204,7 @@ def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
             layers,
         ),
     ):
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": MANIFEST_TYPE,
-            "config": {"mediaType": CONFIG_TYPE, "digest": cfg.digest, "size": cfg.size},
-            "layers": [{"mediaType": LAYER_TYPE, "digest": b.digest, "size": b.size} for b in layers],
-        }
-        raw = json.dumps(manifest, separators=(",", ":")).encode()
+        raw = _manifest(cfg, layers)
         mdigest = "sha256:" + hashlib.sha256(raw).hexdigest()
         for b in [*layers, cfg]:
             os.replace(b.path, os.path.join(blobs_dir, b.digest[7:]))

@@ -27,14 +27,7 @@ from unionfs import containers
 
 from .images import image_mount, sh, um
 from .mounts import daemon_pid, force_unmount, is_mounted
-from .tree import snapshot
-
-
-def view(root: Path) -> dict[str, tuple[Any, ...]]:
-    """:func:`snapshot` without directory link counts (a merged directory reports 1, as overlayfs does)."""
-    return {
-        k: (v[:3] + (None,) + v[4:] if v[0].startswith("0o40") else v) for k, v in snapshot(root).items()
-    }  # fmt: skip
+from .tree import view
 
 
 def state(root: Path) -> dict[str, tuple[Any, ...]]:

@@ -1,4 +1,4 @@
-"""Pulling from a real registry (distribution's ``docker-registry``), pushed to by skopeo.
+"""Pulling from and pushing to a real registry (distribution's ``docker-registry``); skopeo is the other side.
 
 Covers what ``docker pull`` users rely on: tags and digests, multi-platform indexes,
 the three ways registries ask for a login (htpasswd, TLS with a private CA, tokens),
@@ -16,7 +16,7 @@ import pytest
 
 from .images import image_mount, sh, um
 from .registry import PASSWORD, USER, auth_file, registry
-from .tree import snapshot
+from .tree import snapshot, view
 
 
 def _one_line_error(r, needle: str) -> None:  # noqa: ANN001
@@ -217,3 +217,50 @@ def test_reference_normalisation() -> None:
         r = parse_reference(text)
         assert (r.host, r.repo, r.tag, r.digest) == want, text
 
+
+
+@pytest.mark.parametrize("auth", ["htpasswd", "token"])
+def test_commit_push_and_pull_back(auth: str, image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "base").returncode == 0
+    with image_mount(store, "base", "c1", mnt):
+        (mnt / "etc" / "motd").write_text("changed\n")
+        (mnt / "new").mkdir()
+        (mnt / "new" / "file").write_bytes(b"x" * 100_000)
+        (mnt / "d" / "keep").unlink()
+        seen = view(mnt)
+    assert um("commit", "--root", store, "c1", "--tag", "app:2").returncode == 0
+    with registry(tmp_path / "reg", auth) as reg:
+        creds = ["--creds", f"{USER}:{PASSWORD}"]
+        login = "wants a login" if auth == "htpasswd" else "token service"
+        _one_line_error(um("image", "--root", store, "push", "app:2", f"{reg.host}/app:2"), login)
+        r = um("image", "--root", store, "push", "app:2", f"{reg.host}/team/app:2", *creds)
+        assert r.returncode == 0, r.stderr
+        assert "(5 of 5 blobs uploaded" in r.stdout, r.stdout  # four layers and the config
+        digest = r.stdout.split()[1]
+        # skopeo reads it back, umoci unpacks what the container showed
+        out = tmp_path / "out"
+        sh(f"skopeo copy --src-tls-verify=false --src-creds {USER}:{PASSWORD} "
+           f"docker://{reg.host}/team/app:2 oci:{out}:x --digestfile {tmp_path}/d && umoci unpack --image {out}:x u",
+           tmp_path)  # fmt: skip
+        assert (tmp_path / "d").read_text().strip() == digest
+        assert view(tmp_path / "u" / "rootfs") == seen
+        # pushed again (another tag): the registry has every blob, the layers are byte-identical
+        r = um("image", "--root", store, "push", "app:2", f"{reg.host}/team/app:again", *creds)
+        assert r.returncode == 0 and "(0 of 5 blobs uploaded" in r.stdout, r.stdout + r.stderr
+        assert r.stdout.split()[1] == digest
+        # and a fresh store pulls it, mounted it is the container's tree
+        fresh = tmp_path / "fresh"
+        assert um("image", "--root", fresh, "pull", f"{reg.host}/team/app:2", *creds).returncode == 0
+        with image_mount(fresh, f"{reg.host}/team/app:2", "c2", mnt):
+            assert view(mnt) == seen
+        # push's default destination is the image's own name
+        assert um("image", "--root", store, "tag", "app:2", f"{reg.host}/mine:1").returncode == 0
+        r = um("image", "--root", store, "push", f"{reg.host}/mine:1", *creds)
+        assert r.returncode == 0 and r.stdout.startswith(f"{reg.host}/mine:1 "), r.stdout + r.stderr
+        _one_line_error(
+            um("image", "--root", store, "push", "app:2", f"{reg.host}/app@sha256:{'a' * 64}", *creds),
+            "push to a tag, not a digest",
+        )
+        _one_line_error(um("image", "--root", store, "push", "nope:1", f"{reg.host}/x:1"), "no image 'nope:1'")

@@ -119,6 +119,13 @@ class Recorder:
             return None
 
 
+def view(root: Path) -> dict[str, tuple[Any, ...]]:
+    """:func:`snapshot` without directory link counts (a merged directory reports 1, as overlayfs does)."""
+    return {
+        k: (v[:3] + (None,) + v[4:] if v[0].startswith("0o40") else v) for k, v in snapshot(root).items()
+    }  # fmt: skip
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, os.stat_result):
         return (oct(v.st_mode), v.st_nlink, v.st_size, v.st_uid, v.st_gid)

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any
 
 from . import commands, grafts
 from .config import MountConfig, UsageError, parse_o, validate
@@ -127,9 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--format", choices=("table", "json"), default="table")
     isub.add_parser("inspect", help="an image's config as JSON").add_argument("name", metavar="NAME")
     isub.add_parser("rm", help="remove an image name").add_argument("name", metavar="NAME")
-    sv = isub.add_parser("save", help="write an image as oci:DIR[:REF] or docker-archive:FILE[:NAME:TAG]")
+    sv = isub.add_parser("save", help="write an image as oci:DIR[:REF], docker-archive:FILE[:NAME:TAG], docker://REF")
     sv.add_argument("name", metavar="NAME")
     sv.add_argument("dest", metavar="DEST")
+    _registry_options(sv)
+    ps = isub.add_parser("push", help="push an image to a registry, as docker push (DEST default: NAME)")
+    ps.add_argument("name", metavar="NAME")
+    ps.add_argument("dest", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG]")
+    _registry_options(ps)
     tg = isub.add_parser("tag", help="give an image another name")
     tg.add_argument("name", metavar="NAME")
     tg.add_argument("new", metavar="NEW:TAG")
@@ -302,6 +308,10 @@ def _stats(mnt: str, fmt: str) -> int:
 def _source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag", metavar="NAME:TAG", help="the name to give the image (default: the source's)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="the image to take from a multi-platform index")
+    _registry_options(p)
+
+
+def _registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--creds", metavar="USER[:PASS]", help="registry login (default: podman's and docker's auth files)")
     p.add_argument(
         "--tls-verify",
@@ -317,6 +327,10 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _registry(ns: argparse.Namespace) -> dict[str, Any]:
+    return {"creds": ns.creds, "tls_verify": ns.tls_verify, "cert_dir": ns.cert_dir}
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("true", "1", "yes"):
         return True
@@ -330,21 +344,15 @@ def _image(ns: argparse.Namespace) -> int:
         source = ns.source
         if ns.image_cmd == "pull" and not source.startswith("docker://"):
             source = "docker://" + source
-        return commands.image_import(
-            ns.root,
-            source,
-            ns.tag,
-            platform=ns.platform,
-            creds=ns.creds,
-            tls_verify=ns.tls_verify,
-            cert_dir=ns.cert_dir,
-        )
+        return commands.image_import(ns.root, source, ns.tag, platform=ns.platform, **_registry(ns))
     if ns.image_cmd == "ls":
         return commands.image_ls(ns.root, ns.format)
     if ns.image_cmd == "inspect":
         return commands.image_inspect(ns.root, ns.name)
     if ns.image_cmd == "save":
-        return commands.image_save(ns.root, ns.name, ns.dest)
+        return commands.image_save(ns.root, ns.name, ns.dest, **_registry(ns))
+    if ns.image_cmd == "push":
+        return commands.image_push(ns.root, ns.name, ns.dest, **_registry(ns))
     if ns.image_cmd == "tag":
         return commands.image_tag(ns.root, ns.name, ns.new)
     return commands.image_rm(ns.root, ns.name)

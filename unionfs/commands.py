@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from layerstore import maintenance
 from layerstore.blobs import CollisionError
@@ -53,18 +54,25 @@ def image_import(
     tls_verify: bool = True,
     cert_dir: str | None = None,
 ) -> int:
+    opts = _source_options(platform=platform, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
+    start = time.monotonic()
+    with open_store(root, create=True) as store, _progress() as progress:
+        name, image_id = store.import_image(source, tag, progress, opts)
+    print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
+    return 0
+
+
+def _source_options(
+    platform: str | None = None, creds: str | None = None, tls_verify: bool = True, cert_dir: str | None = None
+) -> SourceOptions:
+    """The options as given, checked; a password left out of ``--creds USER`` is asked for on a terminal."""
     if platform is not None and not re.match(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$", platform):
         raise UsageError(f"--platform '{platform}' is not OS/ARCH[/VARIANT] (e.g. linux/arm64/v8)")
     if creds is not None and ":" not in creds:
         if not sys.stdin.isatty():
             raise UsageError("--creds is USER:PASS (the password is asked for only on a terminal)")
         creds = f"{creds}:{getpass.getpass(f'password for {creds}: ')}"
-    opts = SourceOptions(platform=platform, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
-    start = time.monotonic()
-    with open_store(root, create=True) as store, _progress() as progress:
-        name, image_id = store.import_image(source, tag, progress, opts)
-    print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
-    return 0
+    return SourceOptions(platform=platform, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
 
 
 @contextmanager
@@ -84,13 +92,29 @@ def _progress() -> Iterator[Callable[[int, int], None] | None]:
         yield update
 
 
-def image_save(root: str | None, name: str, dest: str) -> int:
+def image_save(root: str | None, name: str, dest: str, **registry: Any) -> int:
     from layerstore.save import save
 
+    opts = _source_options(**registry)
     start = time.monotonic()
     with open_store(root, readonly=True) as store:
-        digest = save(store, name, dest)
+        digest = save(store, name, dest, opts)
     print(f"{dest} {digest[7:19]} ({time.monotonic() - start:.1f}s)")
+    return 0
+
+
+def image_push(root: str | None, name: str, dest: str | None, **registry: Any) -> int:
+    """``docker push``: to ``dest``, else to the registry and repository ``name`` names."""
+    from layerstore.save import push
+
+    opts = _source_options(**registry)
+    start = time.monotonic()
+    with open_store(root, readonly=True) as store:
+        if dest is None:
+            dest = next((i.name for i in store.images() if i.name == name or i.name == name + ":latest"), name)
+        digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts)
+    took = time.monotonic() - start
+    print(f"{dest} {digest} ({uploaded} of {total} blobs uploaded, {took:.1f}s)")
     return 0
 
 
