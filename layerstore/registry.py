@@ -281,10 +281,11 @@ class _Session:
             404: "not found",
             429: "too many requests (rate limited), try again later",
         }.get(r.status_code, f"HTTP {r.status_code}")
-        try:  # a registry's own words, where it gives them (OCI distribution's error body)
-            r.read()
-            errors = r.json().get("errors") or []
-            why += "".join(f"; {e['code']}: {e.get('message', '')}" for e in errors[:1])
+        try:  # a registry's own words, where they add to the status (OCI distribution's error body)
+            if r.status_code != 404:
+                r.read()
+                errors = r.json().get("errors") or []
+                why += "".join(f"; {e['code']}: {e.get('message', '')}" for e in errors[:1])
         except (httpx.HTTPError, ValueError, AttributeError, KeyError, TypeError):
             pass
         finally:

@@ -264,3 +264,34 @@ def test_commit_push_and_pull_back(auth: str, image: Path, tmp_path: Path) -> No
             "push to a tag, not a digest",
         )
         _one_line_error(um("image", "--root", store, "push", "nope:1", f"{reg.host}/x:1"), "no image 'nope:1'")
+
+
+def test_mount_pulls_a_missing_image(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    layout = _multi_platform_layout(tmp_path)
+    with registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/app:1"
+        reg.push(f"oci:{layout}:amd", "app:1")
+        args = ("mount", "--root", store, "--image", ref, "--image-volumes", "ignore")
+        r = um(*args, "--name", "c1", mnt)  # --pull missing, as docker run
+        assert r.returncode == 0 and f"pulled {ref} " in r.stderr, r.stderr
+        try:
+            assert (mnt / "arch").read_text() == "amd64\n"
+        finally:
+            assert um("umount", mnt).returncode == 0
+        # --pull always follows a tag that moved
+        reg.push(f"oci:{layout}:arm", "app:1")
+        r = um(*args, "--name", "c2", "--pull", "always", mnt)
+        assert r.returncode == 0, r.stderr
+        try:
+            assert (mnt / "arch").read_text() == "arm64\n"
+        finally:
+            assert um("umount", mnt).returncode == 0
+        reg.push(f"oci:{layout}:amd", "other:1")
+        _one_line_error(um("mount", "--root", store, "--image", f"{reg.host}/other:1", "--pull", "never", mnt),
+                        f"no image '{reg.host}/other:1' in the store")  # fmt: skip
+        _one_line_error(
+            um("mount", "--root", store, "--image", f"{reg.host}/no:1", mnt),
+            f"no image '{reg.host}/no:1' in the store, and pulling it failed: {reg.host}/no:1: not found",
+        )

@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--image", metavar="NAME[:TAG]", help="mount an imported image (with a container layer)")
     layers.add_argument("--name", metavar="CONTAINER", help="the container layer to use (new name: a new layer)")
     layers.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
+    pg = m.add_argument_group("pulling the image (as docker run)")
+    pg.add_argument(
+        "--pull",
+        choices=("missing", "always", "never"),
+        default="missing",
+        help="pull --image from its registry when the store lacks it (default), every time, or never",
+    )
+    _registry_options(pg)
     vg = m.add_argument_group("volumes and id maps")
     vg.add_argument(
         "-v",
@@ -311,7 +319,7 @@ def _source_options(p: argparse.ArgumentParser) -> None:
     _registry_options(p)
 
 
-def _registry_options(p: argparse.ArgumentParser) -> None:
+def _registry_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--creds", metavar="USER[:PASS]", help="registry login (default: podman's and docker's auth files)")
     p.add_argument(
         "--tls-verify",
@@ -445,7 +453,8 @@ def _main(args: list[str]) -> int:
         cfg.gidmap_specs += ns.gidmap
         root = ns.root
         if ns.image:
-            container = commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name)
+            pull = (ns.pull, _registry(ns))
+            container = commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name, pull)
             validate(cfg)
             assert cfg.image is not None
             grafts.resolve(cfg, root, container, cfg.image[1])

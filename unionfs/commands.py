@@ -205,12 +205,23 @@ def image_rm(root: str | None, name: str) -> int:
     return 0
 
 
-def prepare_image_mount(cfg: MountConfig, root: str | None, image: str, container: str | None) -> str:
-    """Point ``cfg`` at an image and its container layer (created when new)."""
+def prepare_image_mount(
+    cfg: MountConfig,
+    root: str | None,
+    image: str,
+    container: str | None,
+    pull: tuple[str, dict[str, Any]] = ("never", {}),
+) -> str:
+    """Point ``cfg`` at an image and its container layer (created when new).
+
+    ``pull`` is (policy, registry options): ``missing`` pulls an image the store lacks,
+    ``always`` pulls first (a moved tag is followed), ``never`` does not.
+    """
     if cfg.upper or cfg.work:
         raise UsageError("--image brings its own container layer: drop --upper/--work")
-    with open_store(root) as store:
-        image_id = store.resolve(image)
+    policy, registry = pull
+    with open_store(root, create=policy != "never") as store:
+        image_id = _image_or_pull(store, image, policy, _source_options(**registry))
         fresh = container is None or not _exists(store, container)
         name, upper, work = store.container(container, image_id)
         cfg.hold_fds.append(store.lock_container(name))
@@ -222,6 +233,24 @@ def prepare_image_mount(cfg: MountConfig, root: str | None, image: str, containe
     if container is None:
         print(name)  # the generated container name, for the next mount or rm
     return name
+
+
+def _image_or_pull(store: Store, image: str, policy: str, opts: SourceOptions) -> bytes:
+    """The image id of ``image``, pulled first as ``policy`` says (one-line error naming both failures)."""
+    if policy == "missing":
+        try:
+            return store.resolve(image)
+        except StoreError:
+            pass
+    elif policy == "never":
+        return store.resolve(image)
+    try:
+        name, image_id = store.import_image(f"docker://{image}", None, None, opts)
+    except (SourceError, LayerError, CollisionError) as e:
+        why = "and pulling it failed" if policy == "missing" else "pulling it failed"
+        raise UsageError(f"no image '{image}' in the store, {why}: {e}") from None
+    print(f"pulled {name} {image_id[7:19]}", file=sys.stderr)
+    return store.resolve(name)
 
 
 def _exists(store: Store, name: str) -> bool:
