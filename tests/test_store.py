@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -147,8 +148,10 @@ def _member(name: str, data: bytes = b"x", **kw: object) -> tuple[tarfile.TarInf
     return info, None
 
 
-def make_oci(root: Path, layers: list[bytes], *, corrupt: bool = False) -> Path:
-    """An OCI layout holding ``layers`` (uncompressed tars; gzipped every other one)."""
+def make_oci(
+    root: Path, layers: list[bytes], *, corrupt: bool = False, gz: Callable[[bytes], bytes] = gzip.compress
+) -> Path:
+    """An OCI layout holding ``layers`` (uncompressed tars; every other one compressed by ``gz``)."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -160,7 +163,7 @@ def make_oci(root: Path, layers: list[bytes], *, corrupt: bool = False) -> Path:
     descs, diff_ids = [], []
     for i, tar in enumerate(layers):
         diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
-        blob = gzip.compress(tar) if i % 2 else tar
+        blob = gz(tar) if i % 2 else tar
         d = put(blob)
         if corrupt:
             (blobs / d[7:]).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
@@ -222,6 +225,31 @@ def test_bad_layers_are_refused_and_change_nothing(case: str, image: Path, tmp_p
     names = [i["Name"] for i in json.loads(um("image", "--root", store, "ls", "--format", "json").stdout)]
     assert names == ["good:latest"]
     assert not (tmp_path / "escape").exists() and not Path("/tmp/evil").exists()
+
+
+def _gzip_tool(data: bytes) -> bytes:
+    return subprocess.run(["gzip", "-c"], input=data, capture_output=True, check=True).stdout
+
+
+def test_gzip_members_padding_and_truncation(tmp_path: Path) -> None:
+    """Layers as ``gzip -d`` reads them: several members, zero padding after them; a truncated one is refused."""
+    store = tmp_path / "store"
+    l1 = _tar([_member("base", b"b")])
+    l2 = _tar([_member(f"f{i}", os.urandom(300_000)) for i in range(8)])
+
+    def members(tar: bytes) -> bytes:  # two gzip runs concatenated, then padding
+        half = len(tar) // 2
+        return _gzip_tool(tar[:half]) + _gzip_tool(tar[half:]) + b"\0" * 4096
+
+    layout = make_oci(tmp_path / "multi", [l1, l2], gz=members)
+    r = um("image", "--root", store, "import", f"oci:{layout}:t", "--tag", "multi")
+    assert r.returncode == 0, r.stderr
+    layout = make_oci(tmp_path / "cut", [l1, l2], gz=lambda t: _gzip_tool(t)[:-20_000])
+    store = tmp_path / "fresh"  # (the first store has this layer: it would not read it again)
+    r = um("image", "--root", store, "import", f"oci:{layout}:t", "--tag", "cut")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "ended before the end of its gzip stream" in r.stderr, r.stderr
+    assert json.loads(um("image", "--root", store, "ls", "--format", "json").stdout) == []
 
 
 def test_handmade_layers_follow_oci_rules(tmp_path: Path) -> None:

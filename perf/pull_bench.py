@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Pull benchmark: ``unionmount image pull`` vs ``podman pull`` vs ``skopeo copy``, one registry, one image.
+
+Builds a five-layer image with umoci from host directories (Python's stdlib,
+perl, gconv, docs, locales: about 12k files, 150 MB compressed), pushes it
+to a local ``docker-registry`` with skopeo, then times, interleaved and with
+caches dropped before each run:
+
+* ``unionmount image pull`` into a fresh store (fetch, check, unpack, deduplicate);
+* ``podman pull`` into a fresh overlay storage (fetch, check, unpack to disk);
+* ``skopeo copy docker://... oci:DIR`` (fetch and check only: the floor).
+
+Writes a Markdown table of medians to perf/RESULTS-pull.md (or ``--out``). Run as root:
+
+    .venv/bin/python perf/pull_bench.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from perf.bench import release_fs, scratch_fs  # noqa: E402  (the bench's own ext4, no discard)
+from tests.registry import registry  # noqa: E402  (the same real registry the tests use)
+
+UM = str(Path(sys.executable).parent / "unionmount")
+LAYERS = ["/usr/lib/python3.11", "/usr/lib/x86_64-linux-gnu/perl-base", "/usr/lib/x86_64-linux-gnu/gconv",
+          "/usr/share/doc", "/usr/share/locale"]  # fmt: skip
+
+
+def sh(cmd: str, cwd: Path) -> None:
+    subprocess.run(["bash", "-ec", cmd], cwd=cwd, check=True, capture_output=True)
+
+
+def build(base: Path) -> Path:
+    sh("umoci init --layout l && umoci new --image l:t", base)
+    for src in filter(os.path.isdir, LAYERS):
+        parent = os.path.dirname(src)
+        sh(f"umoci unpack --image l:t b && mkdir -p b/rootfs{parent} && cp -a {src} b/rootfs{parent}/ "
+           "&& umoci repack --image l:t b && rm -rf b", base)  # fmt: skip
+    return base / "l"
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    start = time.monotonic()
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    took = time.monotonic() - start
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    return took
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=str(HERE / "RESULTS-pull.md"))
+    ap.add_argument("--data", default="/var/tmp/unionmount-bench", help="where bench.py keeps its ext4 image")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("pull_bench: run as root (drop_caches, podman's overlay storage)")
+    fs = scratch_fs(Path(args.data))
+    base = fs / "pull"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    layout = build(base)
+    packed = sum(f.stat().st_size for f in (layout / "blobs" / "sha256").iterdir())
+    times: dict[str, list[float]] = {"unionmount": [], "podman": [], "skopeo": []}
+    with registry(base / "reg") as reg, tempfile.TemporaryDirectory(dir=base) as tmp:
+        ref = f"{reg.host}/bench:1"
+        reg.push(f"oci:{layout}:t", "bench:1")
+        work = Path(tmp)
+        podman = ["podman", "--root", str(work / "p"), "--runroot", str(work / "pr"), "--storage-driver", "overlay"]
+        runs = {
+            "unionmount": [UM, "image", "--root", str(work / "s"), "pull", ref],
+            "podman": [*podman, "pull", "-q", "--tls-verify=false", ref],
+            "skopeo": ["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"oci:{work / 'o'}:t"],
+        }
+        for rnd in range(args.rounds):
+            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+            for name in order:
+                times[name].append(timed(runs[name], work))
+                if name == "podman":
+                    subprocess.run([*podman, "system", "reset", "-f"], capture_output=True)
+                for d in ("s", "p", "pr", "o"):
+                    shutil.rmtree(work / d, ignore_errors=True)
+            print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    podman_v = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Pull: unionmount vs podman vs skopeo",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, "
+        f"{podman_v}; `perf/pull_bench.py --rounds {args.rounds}`.",
+        f"Image: {len(LAYERS)} layers from host directories, {packed / 2**20:.0f} MiB compressed (gzip), "
+        "served by a local docker-registry over HTTP. Every store on bench.py's scratch ext4 (no discard); "
+        "caches dropped before each run; medians.",
+        "",
+        "| | seconds | ratio to unionmount |",
+        "|---|--:|--:|",
+    ]
+    for name, label in (("unionmount", "unionmount image pull (fetch, check, unpack into the store)"),
+                        ("podman", "podman pull (fetch, check, unpack into overlay storage)"),
+                        ("skopeo", "skopeo copy to an OCI layout (fetch and check only)")):  # fmt: skip
+        lines.append(f"| {label} | {med[name]:.2f} | {med[name] / med['unionmount']:.2f} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    shutil.rmtree(base, ignore_errors=True)
+    release_fs(fs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
