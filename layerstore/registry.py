@@ -31,6 +31,7 @@ import json
 import os
 import re
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ import httpx
 from .oci import ImageSource, LayerRef, SourceError, SourceOptions, diff_ids, pick_platform
 
 MAX_DOCUMENT = 4 << 20  # manifests and configs; containerd's limit for manifests
+RETRIES = 3  # a broken connection or a 502/503/504 on a GET, as docker pull retries
 
 _INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -229,22 +231,36 @@ class _Session:
         headers: dict[str, str],
         body: Callable[[], Iterator[bytes]] | bytes | None = None,
     ) -> httpx.Response:
-        """A request (its response streamed), answering one authorization challenge; ``body`` is made per try."""
-        for attempt in (1, 2):
-            if self.authorization:
-                headers = headers | {"Authorization": self.authorization}
+        """A request, its response streamed. Answers one authorization challenge; a GET or HEAD that
+        meets a broken connection or a 502/503/504 is tried again, RETRIES times, backing off."""
+        idempotent = method in ("GET", "HEAD")
+        transient = 0
+        authorized = False
+        while True:
+            h = headers | {"Authorization": self.authorization} if self.authorization else headers
             content = body() if callable(body) else body
             try:
-                request = self.client.build_request(method, url, headers=headers, content=content)
-                r = self.client.send(request, stream=True)
+                r = self.client.send(self.client.build_request(method, url, headers=h, content=content), stream=True)
+            except httpx.TransportError as e:
+                if idempotent and transient < RETRIES:
+                    transient += 1
+                    time.sleep(_backoff(transient))
+                    continue
+                raise SourceError(f"registry {self.host}: {_reason(e)}") from None
             except httpx.HTTPError as e:
                 raise SourceError(f"registry {self.host}: {_reason(e)}") from None
-            if r.status_code != 401 or attempt == 2:
-                return r
-            challenge = r.headers.get("www-authenticate", "")
-            r.close()
-            self.authorization = self._authorize(challenge)
-        raise AssertionError("unreachable")
+            if r.status_code in (502, 503, 504) and idempotent and transient < RETRIES:
+                r.close()
+                transient += 1
+                time.sleep(_backoff(transient))
+                continue
+            if r.status_code == 401 and not authorized:
+                challenge = r.headers.get("www-authenticate", "")
+                r.close()
+                self.authorization = self._authorize(challenge)
+                authorized = True
+                continue
+            return r
 
     def _authorize(self, challenge: str) -> str:
         scheme, _, params_text = challenge.partition(" ")
@@ -324,10 +340,8 @@ class _Session:
         return doc, "sha256:" + hashlib.sha256(body).hexdigest()
 
     def blob(self, path: str) -> _Body:
-        """A layer blob as a stream; the caller checks its digest."""
-        r = self._get(path)
-        self._check(r, path.replace("/blobs/", "@"))
-        return _Body(r, self.host)
+        """A layer blob as a stream, resumed where a broken download stopped; the caller checks its digest."""
+        return _Body(self, path)
 
     def has_blob(self, repo: str, digest: str) -> bool:
         r = self._send("HEAD", f"{self.base}{repo}/blobs/{digest}", {})
@@ -363,13 +377,33 @@ class _Session:
 
 
 class _Body(io.RawIOBase):
-    """A streaming HTTP body as a file; transport errors become SourceError."""
+    """A blob's HTTP body as a file. A download that breaks off is resumed from the byte it reached
+    (``Range``; a registry that ignores it sends the whole blob again, and what we have is skipped),
+    RETRIES times; then, and on any other failure, SourceError."""
 
-    def __init__(self, response: httpx.Response, host: str) -> None:
-        self._r = response
-        self._host = host
-        self._chunks = response.iter_raw(1 << 20)
+    def __init__(self, session: _Session, path: str) -> None:
+        self._s = session
+        self._path = path
+        self._received = 0  # bytes of the blob taken from the network
+        self._breaks = 0
         self._buf = memoryview(b"")
+        self._open()
+
+    def _open(self) -> None:
+        what = self._path.replace("/blobs/", "@")
+        headers = {"Range": f"bytes={self._received}-"} if self._received else {}
+        r = self._s._send("GET", self._s.base + self._path, headers)
+        self._skip = 0
+        if self._received and r.status_code == 206:
+            if not r.headers.get("content-range", "").startswith(f"bytes {self._received}-"):
+                r.close()
+                raise SourceError(f"{self._s.host}/{what}: the registry resumed the download at the wrong place")
+        elif self._received and r.status_code == 200:
+            self._skip = self._received
+        else:
+            self._s._check(r, what)
+        self._r = r
+        self._chunks = r.iter_raw(1 << 20)
 
     def readable(self) -> bool:
         return True
@@ -377,11 +411,25 @@ class _Body(io.RawIOBase):
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._buf:
             try:
-                self._buf = memoryview(next(self._chunks))
+                chunk = next(self._chunks)
             except StopIteration:
                 return 0
+            except httpx.TransportError as e:
+                self._r.close()
+                self._breaks += 1
+                if self._breaks > RETRIES:
+                    raise SourceError(f"download from {self._s.host} broke off: {_reason(e)}") from None
+                time.sleep(_backoff(self._breaks))
+                self._open()
+                continue
             except httpx.HTTPError as e:
-                raise SourceError(f"download from {self._host} broke off: {_reason(e)}") from None
+                raise SourceError(f"download from {self._s.host} broke off: {_reason(e)}") from None
+            if self._skip:
+                drop = min(self._skip, len(chunk))
+                self._skip -= drop
+                chunk = chunk[drop:]
+            self._received += len(chunk)
+            self._buf = memoryview(chunk)
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
@@ -391,6 +439,10 @@ class _Body(io.RawIOBase):
         if not self.closed:
             self._r.close()
         super().close()
+
+
+def _backoff(attempt: int) -> float:
+    return 0.5 * 2 ** (attempt - 1)
 
 
 def _reason(e: Exception | None) -> str:

@@ -129,6 +129,58 @@ class TokenService:
         return Handler
 
 
+class CuttingProxy:
+    """A TCP proxy to ``target`` that breaks a connection once ``cut_after`` bytes went back to the
+    client, ``cuts`` times in all (what a flaky network does to a long download)."""
+
+    def __init__(self, target: str, cut_after: int, cuts: int) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cut_after = cut_after
+        self.cuts_left = cuts
+        self.cut = 0
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if downstream and sent + len(data) > self.cut_after:
+                    with self.lock:
+                        cut = self.cuts_left > 0
+                        self.cuts_left -= cut
+                        self.cut += cut
+                    if cut:
+                        dst.sendall(data[: self.cut_after - sent])
+                        break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
 @contextmanager
 def registry(base: Path, auth: str | None = None) -> Iterator[Registry]:
     """A registry serving from ``base/data``; ``auth`` is None, ``"htpasswd"``, ``"tls"`` or ``"token"``."""

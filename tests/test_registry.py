@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .images import image_mount, sh, um
-from .registry import PASSWORD, USER, auth_file, registry
+from .registry import PASSWORD, USER, CuttingProxy, auth_file, registry
 from .tree import snapshot, view
 
 
@@ -295,3 +295,27 @@ def test_mount_pulls_a_missing_image(tmp_path: Path) -> None:
             um("mount", "--root", store, "--image", f"{reg.host}/no:1", mnt),
             f"no image '{reg.host}/no:1' in the store, and pulling it failed: {reg.host}/no:1: not found",
         )
+
+
+def test_broken_downloads_resume(image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    with registry(tmp_path / "reg") as reg:
+        reg.push(f"oci:{image}/img:t", "app:1")
+        proxy = CuttingProxy(reg.host, cut_after=64 * 1024, cuts=2)  # in the middle of the largest layer
+        try:
+            r = um("image", "--root", store, "pull", f"{proxy.host}/app:1")
+            assert r.returncode == 0, r.stderr
+            assert proxy.cut == 2
+            with image_mount(store, f"{proxy.host}/app:1", "c1", mnt):
+                assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+        finally:
+            proxy.close()
+        # a network that keeps breaking: given up after a few tries, one line, nothing kept
+        proxy = CuttingProxy(reg.host, cut_after=64 * 1024, cuts=100)
+        try:
+            r = um("image", "--root", tmp_path / "s2", "pull", f"{proxy.host}/app:1")
+        finally:
+            proxy.close()
+        _one_line_error(r, "broke off")
+        assert _images(tmp_path / "s2") == []
