@@ -31,6 +31,7 @@ import json
 import os
 import re
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -480,7 +481,12 @@ def _tls_context(host: str, opts: SourceOptions) -> ssl.SSLContext | bool:
 
 
 def _credentials(host: str, creds: str | None) -> tuple[str, str] | None:
-    """``USER:PASS`` as given, else the entry for ``host`` in the auth files podman and docker write."""
+    """``USER:PASS`` as given, else what the auth files podman and docker write hold for ``host``.
+
+    In each file, as docker reads it: the host's credential helper (``credHelpers``), else
+    the ``auths`` entry, else the default helper (``credsStore``). A helper is
+    ``docker-credential-NAME get`` on ``$PATH``; one that fails or knows nothing is passed over.
+    """
     if creds is not None:
         user, sep, password = creds.partition(":")
         if not sep or not user:
@@ -497,17 +503,45 @@ def _credentials(host: str, creds: str | None) -> tuple[str, str] | None:
     keys = {host, f"https://{host}", f"http://{host}"}
     if host == _DOCKER_HUB:
         keys |= {"https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"}
+    server = "https://index.docker.io/v1/" if host == _DOCKER_HUB else host
     for path in filter(None, files):
         try:
             with open(path, "rb") as f:
-                auths = json.load(f).get("auths") or {}
-        except (OSError, ValueError, AttributeError):
+                doc = json.load(f)
+        except (OSError, ValueError):
             continue
-        for key, entry in auths.items() if isinstance(auths, dict) else ():
+        if not isinstance(doc, dict):
+            continue
+        helpers = doc.get("credHelpers") if isinstance(doc.get("credHelpers"), dict) else {}
+        helper = next((h for k, h in helpers.items() if k in keys), None)
+        if isinstance(helper, str) and (found := _from_helper(helper, server)):
+            return found
+        auths = doc.get("auths") if isinstance(doc.get("auths"), dict) else {}
+        for key, entry in auths.items():
             if key.rstrip("/") in keys or key in keys:
                 try:
                     user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
                 except (KeyError, TypeError, ValueError):
                     continue
                 return user, password
+        store = doc.get("credsStore")
+        if isinstance(store, str) and (found := _from_helper(store, server)):
+            return found
     return None
+
+
+def _from_helper(name: str, server: str) -> tuple[str, str] | None:
+    """``docker-credential-NAME get`` (docker's credential helper protocol), or None."""
+    if not re.match(r"^[A-Za-z0-9._-]+$", name):
+        return None
+    try:
+        r = subprocess.run(
+            [f"docker-credential-{name}", "get"], input=server, capture_output=True, text=True, timeout=60
+        )
+        answer = json.loads(r.stdout) if r.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    user, secret = (answer.get("Username"), answer.get("Secret")) if isinstance(answer, dict) else (None, None)
+    if not isinstance(user, str) or not isinstance(secret, str) or not user or user == "<token>":
+        return None  # an identity token (docker login to an OAuth registry) is not a password
+    return user, secret

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -168,9 +169,25 @@ def test_logins(auth: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         auth_dir.mkdir(parents=True)
         auth_file(auth_dir / "auth.json", reg.host)
         assert um("image", "--root", store, "pull", ref, "--tag", "via-file:1").returncode == 0
+        # docker's credential helpers (credHelpers for the host, else credsStore), found on $PATH
+        (auth_dir / "auth.json").unlink()
+        bin_dir, docker_dir = tmp_path / "bin", tmp_path / "home" / ".docker"
+        bin_dir.mkdir()
+        docker_dir.mkdir()
+        helper = bin_dir / "docker-credential-test"
+        helper.write_text(f"#!/bin/sh\nread host; [ \"$host\" = {reg.host} ] || exit 1\n"
+                          f'echo \'{{"ServerURL": "{reg.host}", "Username": "{USER}", "Secret": "{PASSWORD}"}}\'\n')
+        helper.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        for config in ({"credHelpers": {reg.host: "test"}}, {"credsStore": "test"}):
+            (docker_dir / "config.json").write_text(json.dumps(config))
+            r = um("image", "--root", store, "pull", ref, "--tag", "via-helper:1")
+            assert r.returncode == 0, r.stderr
+        (docker_dir / "config.json").write_text(json.dumps({"credHelpers": {reg.host: "missing"}}))
+        _one_line_error(um("image", "--root", store, "pull", ref), "wants a login" if auth == "htpasswd" else "token")
         if reg.tokens is not None:  # the token service saw the password, the registry only tokens
             assert any(c.startswith("Basic ") for c in reg.tokens.calls)
-    assert _images(store) == [f"{reg.host}/app:1", "via-file:1"]
+    assert _images(store) == [f"{reg.host}/app:1", "via-file:1", "via-helper:1"]
 
 
 def test_tls_with_a_private_ca(tmp_path: Path) -> None:
