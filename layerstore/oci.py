@@ -36,6 +36,7 @@ class LayerRef:
     diff_id: str  # sha256:... of the uncompressed tar (from the config)
     digest: str | None  # sha256:... of the blob as stored, when the source names it
     open: Callable[[], BinaryIO]
+    size: int | None = None  # the blob's size, when the source names it (for progress)
 
 
 def _nothing() -> None:
@@ -65,10 +66,11 @@ class SourceOptions:
 class _Hashing(io.RawIOBase):
     """A read-only stream that hashes what passes through it."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None = None) -> None:
         self.raw = raw
         self.h = hashlib.sha256()
         self.n = 0
+        self.on_read = on_read  # called with the bytes read so far
 
     def readable(self) -> bool:
         return True
@@ -79,6 +81,8 @@ class _Hashing(io.RawIOBase):
         b[:n] = data
         self.h.update(data)
         self.n += n
+        if self.on_read is not None:
+            self.on_read(self.n)
         return n
 
     def drain(self) -> None:
@@ -196,11 +200,14 @@ class _Gunzip(io.RawIOBase):
 
 
 @contextmanager
-def open_layer(ref: LayerRef) -> Iterator[BinaryIO]:
-    """The layer's uncompressed tar stream; digests are verified when the block ends."""
+def open_layer(ref: LayerRef, on_read: Callable[[int], None] | None = None) -> Iterator[BinaryIO]:
+    """The layer's uncompressed tar stream; digests are verified when the block ends.
+
+    ``on_read`` is told how many bytes of the blob were read so far (from another thread).
+    """
     raw = ref.open()
     try:
-        outer = _Hashing(raw)
+        outer = _Hashing(raw, on_read)
         buffered = io.BufferedReader(outer, 1 << 20)
         magic = buffered.peek(4)[:4]
         if magic[:2] == b"\x1f\x8b":
@@ -353,7 +360,7 @@ def _oci(root: str, ref: str | None, opts: SourceOptions) -> ImageSource:
     if len(blobs) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
     layers = [
-        LayerRef(d, b["digest"], (lambda p=blob(b["digest"]): open(p, "rb")))  # type: ignore[misc]
+        LayerRef(d, b["digest"], (lambda p=blob(b["digest"]): open(p, "rb")), b.get("size"))  # type: ignore[misc]
         for d, b in zip(ids, blobs, strict=True)
     ]
     name = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")

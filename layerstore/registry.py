@@ -117,6 +117,7 @@ def open_registry(text: str, opts: SourceOptions) -> ImageSource:
         try:
             config_digest = manifest["config"]["digest"]
             blobs = [b["digest"] for b in manifest.get("layers") or []]
+            sizes = [b.get("size") if isinstance(b.get("size"), int) else None for b in manifest.get("layers") or []]
         except (KeyError, TypeError):
             raise SourceError(f"{text}: the manifest has no config or malformed layers") from None
         if not all(isinstance(b, str) and _DIGEST_RE.match(b) for b in [config_digest, *blobs]):
@@ -129,8 +130,8 @@ def open_registry(text: str, opts: SourceOptions) -> ImageSource:
         s.close()
         raise
     layers = [
-        LayerRef(d, b, (lambda b=b: s.blob(f"{ref.repo}/blobs/{b}")))  # type: ignore[misc]
-        for d, b in zip(ids, blobs, strict=True)
+        LayerRef(d, b, (lambda b=b: s.blob(f"{ref.repo}/blobs/{b}")), size)  # type: ignore[misc]
+        for d, b, size in zip(ids, blobs, sizes, strict=True)
     ]
     return ImageSource(config, config_digest, digest, layers, [ref.name] if ref.name else [], s.close)
 

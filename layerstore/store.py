@@ -13,6 +13,7 @@ Guarantees:
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,12 @@ from .flatten import Tree
 from .oci import ImageSource, LayerRef, SourceOptions, open_layer, parse
 from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
 from .tarlayer import read_layer
+
+Progress = Callable[[int, int, int, int | None], None]  # (layer, layers, bytes read, blob size)
+
+
+def _progress_of(progress: Progress, i: int, n: int, size: int | None, done: int) -> None:
+    progress(i, n, done, size)
 
 
 class StoreError(Exception):
@@ -134,10 +141,11 @@ class Store:
         self,
         spec: str,
         tag: str | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
         opts: SourceOptions | None = None,
     ) -> tuple[str, str]:
-        """Import ``spec``; returns (name:tag, image id)."""
+        """Import ``spec``; returns (name:tag, image id). ``progress(i, n, done, size)`` hears of layer
+        ``i`` of ``n`` at its start and as its blob is read (``done`` bytes of ``size``, if known)."""
         src = parse(spec, opts)
         try:
             return self._import(src, tag, progress)
@@ -145,7 +153,7 @@ class Store:
             src.close()
 
     def _import(
-        self, src: ImageSource, tag: str | None, progress: Callable[[int, int], None] | None
+        self, src: ImageSource, tag: str | None, progress: Progress | None
     ) -> tuple[str, str]:
         name = valid_name(tag) if tag else normalize_name(src.tags[0] if src.tags else src.config_digest[7:19])
         assert self.blobs is not None
@@ -153,10 +161,12 @@ class Store:
         with self.env.begin(write=True) as txn:
             try:
                 for i, layer in enumerate(src.layers):
+                    on_read = None
                     if progress:
-                        progress(i, len(src.layers))
+                        progress(i, len(src.layers), 0, layer.size)
+                        on_read = functools.partial(_progress_of, progress, i, len(src.layers), layer.size)
                     if txn.get(layer.diff_id.encode(), db=self.db["layers"]) is None:
-                        self._import_layer(txn, layer, src.layers[:i], new_blobs)
+                        self._import_layer(txn, layer, src.layers[:i], new_blobs, on_read)
                 self._record_image(txn, src, name)
                 if new_blobs:
                     self.blobs.sync()  # blobs on disk before the index that names them
@@ -167,7 +177,9 @@ class Store:
                 raise
         return name, src.config_digest
 
-    def _import_layer(self, txn: lmdb.Transaction, layer, below, new_blobs: list[bytes]) -> None:  # noqa: ANN001
+    def _import_layer(  # noqa: ANN001
+        self, txn: lmdb.Transaction, layer, below, new_blobs: list[bytes], on_read: Callable[[int], None] | None
+    ) -> None:
         diff = layer.diff_id.encode()
         lower_ids = [b.diff_id.encode() for b in below]
 
@@ -178,7 +190,7 @@ class Store:
         whiteouts: set[bytes] = set()
         opaque: set[bytes] = set()
         assert self.blobs is not None
-        with open_layer(layer) as stream:
+        with open_layer(layer, on_read) as stream:
             for path, e in read_layer(stream, self.blobs, exists_below, new_blobs.append):
                 if e.kind == KIND_WHITEOUT:
                     whiteouts.add(path)

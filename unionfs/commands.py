@@ -76,18 +76,22 @@ def _source_options(
 
 
 @contextmanager
-def _progress() -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on a terminal (rate-limited by rich), nothing otherwise."""
+def _progress() -> Iterator[Callable[[int, int, int, int | None], None] | None]:
+    """A rich progress bar on a terminal (layer i/n, bytes of its blob), nothing otherwise.
+
+    Updates may come from the layer's reader thread; rich locks and rate-limits them.
+    """
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import Progress
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("importing layers", total=None)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("layers", total=None)
 
-        def update(i: int, n: int) -> None:
-            bar.update(task, completed=i, total=n, description=f"importing layer {i + 1}/{n}")
+        def update(i: int, n: int, done: int, size: int | None) -> None:
+            bar.update(task, completed=done, total=size, description=f"layer {i + 1}/{n}")
 
         yield update
 
