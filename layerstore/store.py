@@ -178,7 +178,7 @@ class Store:
         return name, src.config_digest
 
     def _import_layer(  # noqa: ANN001
-        self, txn: lmdb.Transaction, layer, below, new_blobs: list[bytes], on_read: Callable[[int], None] | None
+        self, txn: lmdb.Transaction, layer, below, new_blobs: list[bytes], on_read: Callable[[int], None] | None = None
     ) -> None:
         diff = layer.diff_id.encode()
         lower_ids = [b.diff_id.encode() for b in below]
