@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,52 @@ def test_runc_runs_a_container_on_an_image_mount(runtime_image: Path, tmp_path: 
         if um("umount", mnt).returncode != 0:
             force_unmount(mnt)
     shutil.rmtree(tmp_path / "bundle", ignore_errors=True)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+@pytest.fixture
+def podman():  # noqa: ANN201
+    """podman with private storage whose overlay driver mounts through unionmount (fuse-overlayfs' role).
+
+    Explicit ulimits: podman's defaults raise limits, which needs CAP_SYS_RESOURCE (this VM's root lacks it).
+    """
+    base = Path(tempfile.mkdtemp(prefix="um-podman-", dir="/tmp"))  # podman wants a runroot under 50 characters
+    cmd = ["podman", "--root", str(base / "root"), "--runroot", str(base / "run"),
+           "--storage-driver", "overlay", "--storage-opt", f"overlay.mount_program={shutil.which('unionmount')}",
+           "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "none"]  # fmt: skip
+    try:
+        yield cmd
+    finally:
+        subprocess.run([*cmd, "rm", "-af"], capture_output=True, timeout=120)
+        subprocess.run([*cmd, "system", "reset", "-f"], capture_output=True, timeout=120)
+        for m in reversed(_mounts_below(base)):
+            force_unmount(Path(m))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_podman_uses_unionmount_as_its_mount_program(runtime_image: Path, podman: list[str]) -> None:
+    def p(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*podman, *args], capture_output=True, text=True, timeout=120)
+
+    assert shutil.which("unionmount"), "setup links unionmount into /usr/local/bin"
+    r = p("pull", "-q", f"oci:{runtime_image}/img:t")
+    assert r.returncode == 0, r.stderr
+    image = r.stdout.strip()
+    run = ["run", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000"]
+    r = p(*run, "--name", "c1", image, "sh", "-c",
+          "cat /proc/mounts; echo written > /tmp/new; rm /etc/gone; echo more >> /etc/motd; cat /etc/motd")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    root = r.stdout.splitlines()[0].split()
+    assert root[1:3] == ["/", "fuse.unionmount"], r.stdout  # the container's root is our mount
+    assert r.stdout.endswith("hello\nmore\n")
+    diff = p("diff", "c1")
+    assert diff.returncode == 0 and {"A /tmp/new", "D /etc/gone", "C /etc/motd"} <= set(diff.stdout.splitlines())
+    # what we wrote in the upper layer is what podman's overlay driver reads: commit, run the new image
+    assert p("commit", "-q", "c1", "localhost/next:1").returncode == 0
+    r = p(*run, "--rm", "localhost/next:1", "sh", "-c", "cat /tmp/new /etc/motd; ls /etc")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["written", "hello", "more"] and "gone" not in r.stdout, r.stdout
