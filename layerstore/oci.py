@@ -2,29 +2,22 @@
 and ``docker://REFERENCE`` (a registry, :mod:`layerstore.registry`).
 
 An :class:`ImageSource` names the image's config and its layers bottom first;
-:func:`open_layer` streams one layer's tar while checking both of its digests:
-the blob's (sha256 of what is on disk, where the source names it) and its
-``diff_id`` (sha256 of the uncompressed tar, from the config). A mismatch
-raises :class:`SourceError` once the stream has been read to its end.
+:func:`layerstore.layerstream.open_layer` streams one layer's tar while checking
+both of its digests: the blob's (sha256 of what is on disk, where the source names
+it) and its ``diff_id`` (sha256 of the uncompressed tar, from the config). A
+mismatch raises :class:`SourceError` once the stream has been read to its end.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import platform
-import queue
 import tarfile
-import threading
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
-
-import zstandard
 
 
 class SourceError(Exception):
@@ -61,178 +54,6 @@ class SourceOptions:
     creds: str | None = None  # USER:PASS for a registry
     tls_verify: bool = True
     cert_dir: str | None = None
-
-
-class _Hashing(io.RawIOBase):
-    """A read-only stream that hashes what passes through it."""
-
-    def __init__(self, raw: BinaryIO, on_read: Callable[[int], None] | None = None) -> None:
-        self.raw = raw
-        self.h = hashlib.sha256()
-        self.n = 0
-        self.on_read = on_read  # called with the bytes read so far
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.h.update(data)
-        self.n += n
-        if self.on_read is not None:
-            self.on_read(self.n)
-        return n
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def digest(self) -> str:
-        return "sha256:" + self.h.hexdigest()
-
-
-class _ReadAhead(io.RawIOBase):
-    """Reads ``source`` in a thread, up to ``depth`` chunks ahead of the consumer.
-
-    Fetching, decompressing and hashing a layer (zlib, zstd and sha256 release the
-    GIL) then overlap with the consumer's tar parsing and blob writing. An error in
-    the thread is raised to the consumer where it reached; :meth:`close` stops the
-    thread and waits for it.
-    """
-
-    def __init__(self, source: BinaryIO, chunk: int = 1 << 20, depth: int = 8) -> None:
-        self._q: queue.Queue[bytes | BaseException] = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._buf = memoryview(b"")
-        self._eof = False
-        self._thread = threading.Thread(target=self._run, args=(source, chunk), name="layer-read", daemon=True)
-        self._thread.start()
-
-    def _run(self, source: BinaryIO, chunk: int) -> None:
-        try:
-            while not self._stop.is_set():
-                data = source.read(chunk)
-                self._put(data)
-                if not data:
-                    return
-        except BaseException as e:  # handed to the consumer
-            self._put(e)
-
-    def _put(self, item: bytes | BaseException) -> None:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
-            if self._eof:
-                return 0
-            item = self._q.get()
-            if isinstance(item, BaseException):
-                self._eof = True
-                raise item
-            if not item:
-                self._eof = True
-                return 0
-            self._buf = memoryview(item)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        super().close()
-
-
-class _Gunzip(io.RawIOBase):
-    """gzip (all members, as ``gzip -d``) decompressed in 1 MiB input chunks.
-
-    ``gzip.GzipFile`` feeds zlib 8 KiB at a time through Python code, which
-    took a third of an import's time; this reads the same streams.
-    """
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self._z = zlib.decompressobj(wbits=31)
-        self._pending = b""  # input not yet given to zlib
-        self._out = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._out:
-            if self._z.eof:  # a member ended: zero padding may follow, then another member (as gzip -d reads)
-                rest = (self._z.unused_data + self._pending).lstrip(b"\0")
-                self._pending = b""
-                while not rest:
-                    more = self._raw.read(1 << 20)
-                    if not more:
-                        return 0
-                    rest = more.lstrip(b"\0")
-                self._z = zlib.decompressobj(wbits=31)
-                self._pending = rest
-            data = self._pending or self._raw.read(1 << 20)
-            self._pending = b""
-            if not data:
-                raise EOFError("compressed layer ended before the end of its gzip stream")
-            out = self._z.decompress(data, 4 << 20)
-            self._pending = self._z.unconsumed_tail
-            self._out = memoryview(out)
-        n = min(len(b), len(self._out))
-        b[:n] = self._out[:n]
-        self._out = self._out[n:]
-        return n
-
-
-@contextmanager
-def open_layer(ref: LayerRef, on_read: Callable[[int], None] | None = None) -> Iterator[BinaryIO]:
-    """The layer's uncompressed tar stream; digests are verified when the block ends.
-
-    ``on_read`` is told how many bytes of the blob were read so far (from another thread).
-    """
-    raw = ref.open()
-    try:
-        outer = _Hashing(raw, on_read)
-        buffered = io.BufferedReader(outer, 1 << 20)
-        magic = buffered.peek(4)[:4]
-        if magic[:2] == b"\x1f\x8b":
-            plain: BinaryIO = _Gunzip(buffered)  # type: ignore[assignment]
-        elif magic == b"\x28\xb5\x2f\xfd":
-            plain = zstandard.ZstdDecompressor().stream_reader(buffered)  # type: ignore[assignment]
-        else:
-            plain = buffered  # type: ignore[assignment]
-        inner = _Hashing(plain)
-        ahead = _ReadAhead(io.BufferedReader(inner, 1 << 20))
-        try:
-            yield io.BufferedReader(ahead, 1 << 20)  # type: ignore[misc]
-            ahead.drain()
-        finally:
-            ahead.close()  # the reader thread has ended: the hashes are ours again
-        inner.drain()
-        outer.drain()
-        if ref.digest is not None and outer.digest() != ref.digest:
-            raise SourceError(f"layer blob {ref.digest[:19]} is corrupt (sha256 {outer.digest()[:19]})")
-        if inner.digest() != ref.diff_id:
-            raise SourceError(f"layer {ref.diff_id[:19]} does not match its diff_id (got {inner.digest()[:19]})")
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
-        raise SourceError(f"cannot read layer {ref.diff_id[:19]}: {e}") from None
-    finally:
-        raw.close()
 
 
 def parse(spec: str, opts: SourceOptions | None = None) -> ImageSource:

@@ -6,7 +6,7 @@ Speaks the OCI distribution API (``/v2/``) over httpx. Guarantees:
   component with a dot or a port, or ``localhost``, names the registry;
 * every manifest and the config are checked against their sha256 before use, a
   tag's manifest against the ``Docker-Content-Digest`` the registry sends, and
-  layers while they stream (by :func:`layerstore.oci.open_layer`); a manifest or
+  layers while they stream (by :func:`layerstore.layerstream.open_layer`); a manifest or
   config larger than :data:`MAX_DOCUMENT` is refused unread;
 * a layer is downloaded only when read: the store never reads one it already has;
 * ``Bearer`` (token) and ``Basic`` challenges are answered with ``creds`` or the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import glob
 import hashlib
-import io
 import ipaddress
 import json
 import os
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from .layerstream import ChunkReader
 from .oci import ImageSource, LayerRef, SourceError, SourceOptions, diff_ids, pick_platform
 
 MAX_DOCUMENT = 4 << 20  # manifests and configs; containerd's limit for manifests
@@ -378,7 +378,7 @@ class _Session:
         return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-class _Body(io.RawIOBase):
+class _Body(ChunkReader):
     """A blob's HTTP body as a file. A download that breaks off is resumed from the byte it reached
     (``Range``; a registry that ignores it sends the whole blob again, and what we have is skipped),
     RETRIES times; then, and on any other failure, SourceError."""
@@ -388,7 +388,6 @@ class _Body(io.RawIOBase):
         self._path = path
         self._received = 0  # bytes of the blob taken from the network
         self._breaks = 0
-        self._buf = memoryview(b"")
         self._open()
 
     def _open(self) -> None:
@@ -407,15 +406,12 @@ class _Body(io.RawIOBase):
         self._r = r
         self._chunks = r.iter_raw(1 << 20)
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._buf:
+    def next_chunk(self) -> bytes:
+        while True:
             try:
                 chunk = next(self._chunks)
             except StopIteration:
-                return 0
+                return b""
             except httpx.TransportError as e:
                 self._r.close()
                 self._breaks += 1
@@ -431,11 +427,8 @@ class _Body(io.RawIOBase):
                 self._skip -= drop
                 chunk = chunk[drop:]
             self._received += len(chunk)
-            self._buf = memoryview(chunk)
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+            if chunk:
+                return chunk
 
     def close(self) -> None:
         if not self.closed:

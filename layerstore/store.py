@@ -31,7 +31,8 @@ import msgpack
 from .blobs import BlobStore
 from .entry import Entry
 from .flatten import Tree
-from .oci import ImageSource, LayerRef, SourceOptions, open_layer, parse
+from .layerstream import open_layer
+from .oci import ImageSource, LayerRef, SourceOptions, parse
 from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
 from .tarlayer import read_layer
 
