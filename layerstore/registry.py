@@ -15,7 +15,10 @@ Speaks the OCI distribution API (``/v2/``) over httpx. Guarantees:
 * HTTPS is verified against the system's CAs plus ``*.crt`` in the certificate
   directory (``cert_dir``, else ``/etc/containers/certs.d/HOST`` and
   ``/etc/docker/certs.d/HOST``); plain HTTP is tried only for loopback hosts (Docker's
-  default insecure registries) or with ``tls_verify=False``.
+  default insecure registries), with ``tls_verify=False`` or where registries.conf
+  says ``insecure``;
+* mirrors, location rewrites and blocked registries come from registries.conf
+  (:mod:`layerstore.registries_conf`).
 
 Every failure is a :class:`~layerstore.oci.SourceError` with one line.
 """
@@ -23,6 +26,7 @@ Every failure is a :class:`~layerstore.oci.SourceError` with one line.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import glob
 import hashlib
 import ipaddress
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from . import registries_conf
 from .layerstream import ChunkReader
 from .oci import ImageSource, LayerRef, SourceError, SourceOptions, diff_ids, pick_platform
 
@@ -104,14 +109,34 @@ def parse_reference(text: str) -> Reference:
 
 
 def open_registry(text: str, opts: SourceOptions) -> ImageSource:
-    """The image ``text`` names (skopeo's ``//`` after ``docker:`` may stay); its ``close`` ends the session."""
+    """The image ``text`` names (skopeo's ``//`` after ``docker:`` may stay); its ``close`` ends the session.
+
+    Asked where registries.conf says, in order (mirrors first); the first place that has
+    the image serves it all. The image keeps the name it was asked for.
+    """
     ref = parse_reference(text.removeprefix("//"))
-    s = _Session(ref.host, opts)
+    failures = []
+    places = registries_conf.endpoints(ref.host, ref.repo, ref.digest is not None)
+    for place in places:
+        try:
+            return _open_at(place, ref, text, opts)
+        except SourceError as e:
+            if place is places[-1]:
+                if failures:
+                    raise SourceError(f"{e} (and mirrors: {'; '.join(failures)})") from None
+                raise
+            failures.append(str(e))
+    raise AssertionError("unreachable")
+
+
+def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: SourceOptions) -> ImageSource:
+    s = _Session(place.host, dataclasses.replace(opts, tls_verify=False) if place.insecure else opts)
+    repo = place.repo
     try:
-        manifest, digest = s.manifest(ref.repo, ref.ref, expect=ref.digest)
+        manifest, digest = s.manifest(repo, ref.ref, expect=ref.digest)
         if _media_type(manifest) in _INDEX_TYPES:
             desc = pick_platform(manifest.get("manifests") or [], opts.platform)
-            manifest, digest = s.manifest(ref.repo, desc["digest"], expect=desc["digest"])
+            manifest, digest = s.manifest(repo, desc["digest"], expect=desc["digest"])
         if _media_type(manifest) not in _MANIFEST_TYPES:
             raise SourceError(f"{text}: not a container image (manifest type {_media_type(manifest) or 'unknown'})")
         try:
@@ -122,7 +147,7 @@ def open_registry(text: str, opts: SourceOptions) -> ImageSource:
             raise SourceError(f"{text}: the manifest has no config or malformed layers") from None
         if not all(isinstance(b, str) and _DIGEST_RE.match(b) for b in [config_digest, *blobs]):
             raise SourceError(f"{text}: the manifest names a digest that is not sha256")
-        config = s.document(f"{ref.repo}/blobs/{config_digest}", f"{ref.repo}@{config_digest}", config_digest)
+        config = s.document(f"{repo}/blobs/{config_digest}", f"{repo}@{config_digest}", config_digest)
         ids = diff_ids(config)
         if len(ids) != len(blobs):
             raise SourceError("manifest and config disagree on the number of layers")
@@ -130,7 +155,7 @@ def open_registry(text: str, opts: SourceOptions) -> ImageSource:
         s.close()
         raise
     layers = [
-        LayerRef(d, b, (lambda b=b: s.blob(f"{ref.repo}/blobs/{b}")), size)  # type: ignore[misc]
+        LayerRef(d, b, (lambda b=b: s.blob(f"{repo}/blobs/{b}")), size)  # type: ignore[misc]
         for d, b, size in zip(ids, blobs, sizes, strict=True)
     ]
     return ImageSource(config, config_digest, digest, layers, [ref.name] if ref.name else [], s.close)
@@ -144,10 +169,12 @@ class Destination:
     """
 
     def __init__(self, text: str, opts: SourceOptions) -> None:
-        self.ref = parse_reference(text.removeprefix("//"))
-        if self.ref.digest is not None:
+        ref = parse_reference(text.removeprefix("//"))
+        if ref.digest is not None:
             raise SourceError(f"'{text}': push to a tag, not a digest")
-        self._s = _Session(self.ref.host, opts)
+        place = registries_conf.endpoints(ref.host, ref.repo, False)[-1]  # no mirrors for a push
+        self.ref = Reference(place.host, place.repo, ref.tag, None)
+        self._s = _Session(place.host, dataclasses.replace(opts, tls_verify=False) if place.insecure else opts)
 
     @property
     def name(self) -> str:

@@ -336,3 +336,51 @@ def test_broken_downloads_resume(image: Path, tmp_path: Path) -> None:
             proxy.close()
         _one_line_error(r, "broke off")
         assert _images(tmp_path / "s2") == []
+
+
+def test_registries_conf_mirrors_insecure_and_blocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    layout = _multi_platform_layout(tmp_path)
+    conf = tmp_path / "registries.conf"
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    with (
+        registry(tmp_path / "mirror") as mirror,
+        registry(tmp_path / "origin") as origin,
+        registry(tmp_path / "tls", "tls") as tls,
+    ):
+        mirror.push(f"oci:{layout}:arm", "team/both:1")  # the mirror's copy differs: we can tell who answered
+        origin.push(f"oci:{layout}:amd", "team/both:1")
+        origin.push(f"oci:{layout}:amd", "team/origin-only:1")
+        tls.push(f"oci:{layout}:amd", "app:1")
+        conf.write_text(f"""
+[[registry]]
+prefix = "example.test/team"
+location = "{origin.host}/team"
+[[registry.mirror]]
+location = "{mirror.host}/team"
+
+[[registry]]
+location = "{tls.host}"
+insecure = true
+
+[[registry]]
+prefix = "blocked.test"
+blocked = true
+""")
+        ok = um("image", "--root", store, "pull", "--platform", "linux/arm64", "example.test/team/both:1")
+        assert ok.returncode == 0, ok.stderr  # from the mirror (the origin has only amd64 there)
+        # the mirror lacks it: the origin answers; the image keeps the name it was asked by
+        r = um("image", "--root", store, "pull", "example.test/team/origin-only:1")
+        assert r.returncode == 0, r.stderr
+        assert "example.test/team/origin-only:1" in _images(store)
+        # insecure = true: a self-signed registry without --tls-verify=false
+        assert um("image", "--root", store, "pull", f"{tls.host}/app:1").returncode == 0
+        _one_line_error(um("image", "--root", store, "pull", "blocked.test/x:1"), "is blocked by registries.conf")
+        _one_line_error(um("image", "--root", store, "pull", "example.test/team/nowhere:1"),
+                        "team/nowhere:1: not found (and mirrors:")  # fmt: skip
+        # a push goes to the rewritten location, never to a mirror
+        assert um("image", "--root", store, "push", "example.test/team/origin-only:1",
+                  "example.test/team/pushed:1").returncode == 0  # fmt: skip
+        assert um("image", "--root", tmp_path / "s2", "pull", f"{origin.host}/team/pushed:1").returncode == 0
+        conf.write_text("[[registry]\nbroken")
+        _one_line_error(um("image", "--root", store, "pull", "example.test/team/both:1"), "cannot read")
