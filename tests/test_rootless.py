@@ -131,3 +131,26 @@ def test_plain_user_copy_up_keeps_foreign_owner_in_override_xattr(home: Path) ->
     up = plain / "u" / "f"
     assert os.stat(up).st_uid == USER  # on disk the user's; the owner it should have is in the xattr
     assert os.getxattr(up, "user.containers.override_stat") == b"5:6:0666:file"
+
+
+def test_plain_user_pulls_with_podmans_login_file(image: Path, home: Path, tmp_path: Path) -> None:
+    """Rootless podman keeps its login in $XDG_RUNTIME_DIR/containers/auth.json; a pull finds it there."""
+    from .registry import auth_file, registry
+
+    with registry(tmp_path / "reg", "htpasswd") as reg:
+        reg.push(f"oci:{image}/img:t", "app:1")
+        (home / "containers").mkdir()
+        auth_file(home / "containers" / "auth.json", reg.host)
+        subprocess.run(["chown", "-R", f"{USER}:{USER}", str(home / "containers")], check=True)
+        r = as_user(home, "image", "--root", "store", "pull", f"{reg.host}/app:1")
+        assert r.returncode == 0, r.stderr
+    (home / "mnt").mkdir()
+    os.chown(home / "mnt", USER, USER)
+    r = as_user(home, "mount", "--root", "store", "--image", f"{reg.host}/app:1", "--image-volumes", "ignore", "mnt")
+    assert r.returncode == 0, r.stderr
+    try:
+        seen = user_run(home, "find", "mnt", "-printf", FIND).stdout
+        ref = subprocess.run(["find", str(image / "ref" / "rootfs"), "-printf", FIND], capture_output=True, text=True)
+        assert listing(seen, "d/sub/") == listing(ref.stdout, "d/sub/")  # (d/sub is 0700, root's)
+    finally:
+        as_user(home, "umount", "mnt")
