@@ -155,7 +155,7 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
         s.close()
         raise
     layers = [
-        LayerRef(d, b, (lambda b=b: s.blob(f"{repo}/blobs/{b}")), size)  # type: ignore[misc]
+        LayerRef(d, b, (lambda b=b, size=size: s.blob(f"{repo}/blobs/{b}", size)), size)  # type: ignore[misc]
         for d, b, size in zip(ids, blobs, sizes, strict=True)
     ]
     return ImageSource(config, config_digest, digest, layers, [ref.name] if ref.name else [], s.close)
@@ -368,9 +368,10 @@ class _Session:
             raise SourceError(f"{self.host}/{what}: the manifest is not a JSON object")
         return doc, "sha256:" + hashlib.sha256(body).hexdigest()
 
-    def blob(self, path: str) -> _Body:
-        """A layer blob as a stream, resumed where a broken download stopped; the caller checks its digest."""
-        return _Body(self, path)
+    def blob(self, path: str, size: int | None = None) -> _Body:
+        """A layer blob as a stream, resumed where a broken download stopped, never longer than ``size``
+        (the manifest's word); the caller checks its digest."""
+        return _Body(self, path, size)
 
     def has_blob(self, repo: str, digest: str) -> bool:
         r = self._send("HEAD", f"{self.base}{repo}/blobs/{digest}", {})
@@ -410,9 +411,10 @@ class _Body(ChunkReader):
     (``Range``; a registry that ignores it sends the whole blob again, and what we have is skipped),
     RETRIES times; then, and on any other failure, SourceError."""
 
-    def __init__(self, session: _Session, path: str) -> None:
+    def __init__(self, session: _Session, path: str, size: int | None = None) -> None:
         self._s = session
         self._path = path
+        self._size = size
         self._received = 0  # bytes of the blob taken from the network
         self._breaks = 0
         self._open()
@@ -454,6 +456,9 @@ class _Body(ChunkReader):
                 self._skip -= drop
                 chunk = chunk[drop:]
             self._received += len(chunk)
+            if self._size is not None and self._received > self._size:
+                raise SourceError(f"{self._s.host}/{self._path.replace('/blobs/', '@')}: "
+                                  f"longer than the {self._size} bytes its manifest says")  # fmt: skip
             if chunk:
                 return chunk
 

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .images import image_mount, sh, um
@@ -79,6 +80,17 @@ def test_pull_refuses_what_the_registry_damaged(image: Path, tmp_path: Path) -> 
         assert not [p for p in (store / "blobs").rglob("*") if p.is_file()], "a refused pull left blobs"
         assert um("store", "--root", store, "check").returncode == 0
 
+        # a manifest that understates a layer's size (the registry takes it): the download stops there
+        lying = json.loads(reg.blob_file(digest).read_bytes())
+        big = max(lying["layers"], key=lambda b: b["size"])
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))  # the layer is sound again: only its size is wrong
+        big["size"] = 1000
+        mt = lying.get("mediaType", "application/vnd.oci.image.manifest.v1+json")
+        put = httpx.put(f"http://{reg.host}/v2/app/manifests/small", content=json.dumps(lying),
+                        headers={"Content-Type": mt})  # fmt: skip
+        assert put.status_code == 201, put.text
+        _one_line_error(um("image", "--root", store, "pull", f"{reg.host}/app:small"), "longer than the 1000 bytes")
         # a manifest changed under its digest
         raw = reg.blob_file(digest)
         raw.write_bytes(raw.read_bytes().replace(b'"schemaVersion":2', b'"schemaVersion": 2'))
