@@ -22,6 +22,7 @@ import ctypes
 import errno
 import itertools
 import os
+import shutil
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -57,11 +58,15 @@ class BlobStore:
         os.close(self.fd)
 
     def clean_tmp(self) -> None:
-        """Remove temporaries of imports whose process is gone (named ``PID.N``)."""
+        """Remove temporaries of imports and pushes whose process is gone (named ``PID.*``)."""
         for name in os.listdir(self.tmp):
             pid = name.split(".", 1)[0]
             if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                _unlink_quiet(os.path.join(self.tmp, name))
+                path = os.path.join(self.tmp, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    _unlink_quiet(path)
 
     def path(self, digest: bytes) -> str:
         return os.path.join(self.blobs, hexname(digest))

@@ -167,7 +167,8 @@ def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -
     dest = Destination(ref, opts or SourceOptions())
     try:
         with (
-            tempfile.TemporaryDirectory(prefix="unionmount-push-") as tmp,
+            # in the store (not /tmp: layers are big); PID-named, so a later import cleans up after a kill
+            tempfile.TemporaryDirectory(dir=os.path.join(store.root, "tmp"), prefix=f"{os.getpid()}.push") as tmp,
             _image_blobs(store, image_id, tmp, compress=True) as (cfg, layers),
         ):
             uploaded = sum(dest.put_blob(b.digest, b.size, b.path) for b in [*layers, cfg])

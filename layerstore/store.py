@@ -36,11 +36,7 @@ from .oci import ImageSource, LayerRef, SourceOptions, parse
 from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
 from .tarlayer import read_layer
 
-Progress = Callable[[int, int, int, int | None], None]  # (layer, layers, bytes read, blob size)
-
-
-def _progress_of(progress: Progress, i: int, n: int, size: int | None, done: int) -> None:
-    progress(i, n, done, size)
+Progress = Callable[[int, int, int | None, int], None]  # (layer, layers, blob size, bytes read)
 
 
 class StoreError(Exception):
@@ -145,7 +141,7 @@ class Store:
         progress: Progress | None = None,
         opts: SourceOptions | None = None,
     ) -> tuple[str, str]:
-        """Import ``spec``; returns (name:tag, image id). ``progress(i, n, done, size)`` hears of layer
+        """Import ``spec``; returns (name:tag, image id). ``progress(i, n, size, done)`` hears of layer
         ``i`` of ``n`` at its start and as its blob is read (``done`` bytes of ``size``, if known)."""
         src = parse(spec, opts)
         try:
@@ -164,8 +160,8 @@ class Store:
                 for i, layer in enumerate(src.layers):
                     on_read = None
                     if progress:
-                        progress(i, len(src.layers), 0, layer.size)
-                        on_read = functools.partial(_progress_of, progress, i, len(src.layers), layer.size)
+                        on_read = functools.partial(progress, i, len(src.layers), layer.size)
+                        on_read(0)
                     if txn.get(layer.diff_id.encode(), db=self.db["layers"]) is None:
                         self._import_layer(txn, layer, src.layers[:i], new_blobs, on_read)
                 self._record_image(txn, src, name)

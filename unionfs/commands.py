@@ -18,7 +18,7 @@ from typing import Any
 from layerstore import maintenance
 from layerstore.blobs import CollisionError
 from layerstore.oci import SourceError, SourceOptions
-from layerstore.store import Store, StoreError, default_root
+from layerstore.store import Store, StoreError, default_root, normalize_name
 from layerstore.tarlayer import LayerError
 
 from .config import MountConfig, UsageError
@@ -44,17 +44,9 @@ def open_store(root: str | None, *, readonly: bool = False, create: bool = False
         store.close()
 
 
-def image_import(
-    root: str | None,
-    source: str,
-    tag: str | None,
-    *,
-    platform: str | None = None,
-    creds: str | None = None,
-    tls_verify: bool = True,
-    cert_dir: str | None = None,
-) -> int:
-    opts = _source_options(platform=platform, creds=creds, tls_verify=tls_verify, cert_dir=cert_dir)
+def image_import(root: str | None, source: str, tag: str | None, **options: Any) -> int:
+    """``options``: those of :func:`_source_options`."""
+    opts = _source_options(**options)
     start = time.monotonic()
     with open_store(root, create=True) as store, _progress() as progress:
         name, image_id = store.import_image(source, tag, progress, opts)
@@ -76,7 +68,7 @@ def _source_options(
 
 
 @contextmanager
-def _progress() -> Iterator[Callable[[int, int, int, int | None], None] | None]:
+def _progress() -> Iterator[Callable[[int, int, int | None, int], None] | None]:
     """A rich progress bar on a terminal (layer i/n, bytes of its blob), nothing otherwise.
 
     Updates may come from the layer's reader thread; rich locks and rate-limits them.
@@ -90,7 +82,7 @@ def _progress() -> Iterator[Callable[[int, int, int, int | None], None] | None]:
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task("layers", total=None)
 
-        def update(i: int, n: int, done: int, size: int | None) -> None:
+        def update(i: int, n: int, size: int | None, done: int) -> None:
             bar.update(task, completed=done, total=size, description=f"layer {i + 1}/{n}")
 
         yield update
@@ -114,8 +106,7 @@ def image_push(root: str | None, name: str, dest: str | None, **registry: Any) -
     opts = _source_options(**registry)
     start = time.monotonic()
     with open_store(root, readonly=True) as store:
-        if dest is None:
-            dest = next((i.name for i in store.images() if i.name == name or i.name == name + ":latest"), name)
+        dest = dest or normalize_name(name)
         digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts)
     took = time.monotonic() - start
     print(f"{dest} {digest} ({uploaded} of {total} blobs uploaded, {took:.1f}s)")
