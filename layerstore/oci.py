@@ -44,6 +44,7 @@ class ImageSource:
     layers: list[LayerRef]
     tags: list[str]
     close: Callable[[], None] = _nothing  # releases what the source holds (a registry session)
+    repo_digests: tuple[str, ...] = ()  # REPO@sha256:... a registry knows it by
 
 
 @dataclass(slots=True, frozen=True)

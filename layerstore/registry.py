@@ -134,6 +134,7 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
     repo = place.repo
     try:
         manifest, digest = s.manifest(repo, ref.ref, expect=ref.digest)
+        repo_digest = f"{ref.host}/{ref.repo}@{digest}"  # what the tag names: for a multi-platform image, the index
         if _media_type(manifest) in _INDEX_TYPES:
             desc = pick_platform(manifest.get("manifests") or [], opts.platform)
             manifest, digest = s.manifest(repo, desc["digest"], expect=desc["digest"])
@@ -158,7 +159,8 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
         LayerRef(d, b, (lambda b=b, size=size: s.blob(f"{repo}/blobs/{b}", size)), size)  # type: ignore[misc]
         for d, b, size in zip(ids, blobs, sizes, strict=True)
     ]
-    return ImageSource(config, config_digest, digest, layers, [ref.name] if ref.name else [], s.close)
+    tags = [ref.name] if ref.name else []
+    return ImageSource(config, config_digest, digest, layers, tags, s.close, (repo_digest,))
 
 
 class Destination:

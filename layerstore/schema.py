@@ -31,7 +31,9 @@ Sub-databases
              included), for flattening new images and for diffs.
 ``images``   key: ``b"name:tag"`` → image id (``b"sha256:<hex>"`` of the config)
 ``configs``  key: image id → ``{"config": raw config JSON, "manifest": manifest
-             digest, "layers": [diff_id, ...] bottom first, "created": unix seconds}``
+             digest, "layers": [diff_id, ...] bottom first, "created": unix seconds,
+             "repo_digests": ["REPO@sha256:...", ...]}`` (the last: registry digests it
+             was pulled by, Docker's RepoDigests; absent in stores made before it)
 ``merged``   key: 32-byte raw image id + parent path + ``b"\\0"`` + name → an
              :data:`ENTRY` record of the image's flattened tree (no whiteouts),
              with ``ino`` and ``nlink`` filled. The children of one directory are

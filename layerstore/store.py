@@ -32,7 +32,7 @@ from .blobs import BlobStore
 from .entry import Entry
 from .flatten import Tree
 from .layerstream import open_layer
-from .oci import ImageSource, LayerRef, SourceOptions, parse
+from .oci import ImageSource, LayerRef, SourceError, SourceOptions, parse
 from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
 from .tarlayer import read_layer
 
@@ -101,6 +101,23 @@ def normalize_name(name: str) -> str:
             name = name[len(prefix) :]
             break
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
+def normalize_digest_ref(ref: str) -> str:
+    """``[HOST/]REPO[:TAG]@sha256:...`` as ``REPO@sha256:...`` in Docker's familiar form
+    (``library/x``, ``docker.io/library/x`` and ``x`` are all ``x``)."""
+    from .registry import parse_reference
+
+    try:
+        r = parse_reference(ref)
+        repo, digest = f"{r.host}/{r.repo}", r.digest
+    except SourceError:
+        repo, _, digest = ref.partition("@")
+    for prefix in ("docker.io/library/", "docker.io/"):
+        if repo.startswith(prefix):
+            repo = repo[len(prefix) :]
+            break
+    return f"{repo}@{digest}"
 
 
 class Store:
@@ -229,7 +246,14 @@ class Store:
 
     def _record_image(self, txn: lmdb.Transaction, src: ImageSource, name: str) -> None:
         image_id = src.config_digest.encode()
-        if txn.get(image_id, db=self.db["configs"]) is None:
+        known = txn.get(image_id, db=self.db["configs"])
+        if known is not None and src.repo_digests:
+            cfg = _unpack(known)
+            digests = cfg.get("repo_digests", [])
+            new = [d for d in map(normalize_digest_ref, src.repo_digests) if d not in digests]
+            if new:
+                txn.put(image_id, _pack({**cfg, "repo_digests": digests + new}), db=self.db["configs"])
+        if known is None:
             tree = Tree()
             diff_ids = [layer.diff_id.encode() for layer in src.layers]
             for d in diff_ids:
@@ -242,14 +266,20 @@ class Store:
                 "manifest": src.manifest_digest,
                 "layers": [d.decode() for d in diff_ids],
                 "created": time.time(),
+                "repo_digests": [normalize_digest_ref(d) for d in src.repo_digests],
             }
             txn.put(image_id, _pack(cfg), db=self.db["configs"])
         txn.put(name.encode(), image_id, db=self.db["images"])
 
     # -- queries --------------------------------------------------------------------
     def resolve(self, name: str) -> bytes:
-        """The image id of ``name`` (``name:tag``, or an id or its prefix)."""
+        """The image id of ``name`` (``name:tag``, ``REPO@sha256:...`` it was pulled by, or an id or its prefix)."""
         with self.env.begin() as txn:
+            if "@sha256:" in name:
+                want = normalize_digest_ref(name)
+                for k, v in txn.cursor(db=self.db["configs"]):
+                    if want in _unpack(v).get("repo_digests", ()):
+                        return bytes(k)
             got = txn.get(normalize_name(name).encode(), db=self.db["images"])
             if got is not None:
                 return bytes(got)

@@ -49,6 +49,12 @@ def test_pull_by_tag_and_digest_then_mount(image: Path, tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         pinned = json.loads(um("image", "--root", store, "inspect", "pinned:1").stdout)
         assert pinned["Id"] == info["Id"]
+        # the digest it was pulled by names it from now on, as Docker's RepoDigests
+        assert pinned["RepoDigests"] == [f"{reg.host}/team/app@{digest}"]
+        by_digest = json.loads(um("image", "--root", store, "inspect", f"{reg.host}/team/app@{digest}").stdout)
+        assert by_digest["Id"] == info["Id"]
+        with image_mount(store, f"{reg.host}/team/app@{digest}", "c-pinned", mnt):  # (--pull never would do)
+            assert (mnt / "etc" / "motd").exists()
 
         # the store has every layer: a new tag pulls with the registry's layer blobs gone
         reg.push(f"oci:{image}/img:t", "team/app:2")  # the same manifest under another tag
@@ -142,7 +148,10 @@ def test_multi_platform_index(tmp_path: Path) -> None:
             assert (mnt / "arch").read_text() == "amd64\n"  # this machine's
         r = um("image", "--root", store, "pull", "--platform", "linux/arm64", f"{reg.host}/multi:1", "--tag", "m:arm")
         assert r.returncode == 0, r.stderr
-        assert json.loads(um("image", "--root", store, "inspect", "m:arm").stdout)["Config"]["architecture"] == "arm64"
+        arm = json.loads(um("image", "--root", store, "inspect", "m:arm").stdout)
+        assert arm["Config"]["architecture"] == "arm64"
+        index = json.loads(um("image", "--root", store, "inspect", f"{reg.host}/multi:1").stdout)["RepoDigests"]
+        assert arm["RepoDigests"] == index and arm["Manifest"] not in index[0]  # the index's digest, as Docker
         _one_line_error(
             um("image", "--root", store, "pull", "--platform", "linux/s390x", f"{reg.host}/multi:1"),
             "no linux/s390x image in the index (it has: linux/amd64, linux/arm64/v8)",

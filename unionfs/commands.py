@@ -177,6 +177,7 @@ def image_inspect(root: str | None, name: str) -> int:
             {
                 "Id": image_id.decode(),
                 "Manifest": cfg["manifest"],
+                "RepoDigests": cfg.get("repo_digests", []),
                 "Layers": cfg["layers"],
                 "Size": size,
                 "SharedSize": shared,
