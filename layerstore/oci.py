@@ -45,6 +45,8 @@ class ImageSource:
     tags: list[str]
     close: Callable[[], None] = _nothing  # releases what the source holds (a registry session)
     repo_digests: tuple[str, ...] = ()  # REPO@sha256:... a registry knows it by
+    # fetch these layers ahead (in parallel), temporaries in this directory; the store calls it, once
+    prefetch: Callable[[list[LayerRef], str], None] | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -26,6 +26,7 @@ Every failure is a :class:`~layerstore.oci.SourceError` with one line.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -35,9 +36,12 @@ import os
 import re
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import httpx
 
@@ -155,12 +159,127 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
     except BaseException:
         s.close()
         raise
+    fetch = _Fetcher(s, repo)
     layers = [
-        LayerRef(d, b, (lambda b=b, size=size: s.blob(f"{repo}/blobs/{b}", size)), size)  # type: ignore[misc]
+        LayerRef(d, b, (lambda b=b, size=size: fetch.open(b, size)), size)  # type: ignore[misc]
         for d, b, size in zip(ids, blobs, sizes, strict=True)
     ]
     tags = [ref.name] if ref.name else []
-    return ImageSource(config, config_digest, digest, layers, tags, s.close, (repo_digest,))
+    return ImageSource(config, config_digest, digest, layers, tags, fetch.close, (repo_digest,), fetch.start)
+
+
+class _Fetcher:
+    """Downloads an image's layers PARALLEL at a time (as docker pull does) into files the importer
+    reads while they grow; a layer it was not asked to fetch ahead is streamed when opened.
+    :meth:`close` stops the downloads, removes their files and ends the session."""
+
+    PARALLEL = 3
+
+    def __init__(self, session: _Session, repo: str) -> None:
+        self._s = session
+        self._repo = repo
+        self._files: dict[str, _Growing] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, layers: list[LayerRef], tmpdir: str) -> None:
+        self._pool = ThreadPoolExecutor(self.PARALLEL, thread_name_prefix="pull")
+        for ref in layers:
+            if ref.digest is None or ref.digest in self._files:
+                continue
+            path = os.path.join(tmpdir, f"{os.getpid()}.pull-{ref.digest[7:23]}")  # PID-named: swept after a kill
+            self._files[ref.digest] = g = _Growing(path)
+            self._pool.submit(self._download, ref.digest, ref.size, g)
+
+    def _download(self, digest: str, size: int | None, g: _Growing) -> None:
+        try:
+            body = self._s.blob(f"{self._repo}/blobs/{digest}", size)
+            try:
+                while chunk := body.next_chunk():
+                    g.append(chunk)
+            finally:
+                body.close()
+            g.finish(None)
+        except BaseException as e:  # the reader raises it
+            g.finish(e)
+
+    def open(self, digest: str, size: int | None) -> BinaryIO:
+        g = self._files.get(digest)
+        if g is None:
+            return self._s.blob(f"{self._repo}/blobs/{digest}", size)  # type: ignore[return-value]
+        return _GrowingReader(g)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for g in self._files.values():
+            g.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for g in self._files.values():
+            g.finish(SourceError("download cancelled"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(g.path)
+        self._s.close()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Growing:
+    """A file one thread appends to while others read it (:class:`_GrowingReader`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by finish()
+        self._cond = threading.Condition()
+        self.size = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._cancelled = False
+
+    def append(self, data: bytes) -> None:
+        if self._cancelled:
+            raise _Cancelled
+        self._f.write(data)
+        self._f.flush()
+        with self._cond:
+            self.size += len(data)
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        self._f.close()
+        with self._cond:
+            if not self.done:
+                self.done, self.error = True, error
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def wait_beyond(self, pos: int) -> int:
+        """The size once it exceeds ``pos`` or the download ended; raises the download's error at its end."""
+        with self._cond:
+            while self.size <= pos and not self.done:
+                self._cond.wait()
+            if self.size <= pos and self.error is not None:
+                raise self.error
+            return self.size
+
+
+class _GrowingReader(ChunkReader):
+    def __init__(self, g: _Growing) -> None:
+        self._g = g
+        self._f = open(g.path, "rb")  # noqa: SIM115 - closed by close()
+        self._pos = 0
+
+    def next_chunk(self) -> bytes:
+        end = self._g.wait_beyond(self._pos)
+        data = self._f.read(min(end - self._pos, 1 << 20))
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 class Destination:

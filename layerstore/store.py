@@ -174,6 +174,9 @@ class Store:
         new_blobs: list[bytes] = []
         with self.env.begin(write=True) as txn:
             try:
+                missing = [la for la in src.layers if txn.get(la.diff_id.encode(), db=self.db["layers"]) is None]
+                if missing and src.prefetch is not None:
+                    src.prefetch(missing, os.path.join(self.root, "tmp"))
                 for i, layer in enumerate(src.layers):
                     on_read = None
                     if progress:

@@ -10,9 +10,11 @@ caches dropped before each run:
 * ``podman pull`` into a fresh overlay storage (fetch, check, unpack to disk);
 * ``skopeo copy docker://... oci:DIR`` (fetch and check only: the floor).
 
+``--rate MB/S`` puts a proxy in front of the registry that allows each connection
+that many MB/s (as a CDN does), where fetching layers in parallel pays.
 Writes a Markdown table of medians to perf/RESULTS-pull.md (or ``--out``). Run as root:
 
-    .venv/bin/python perf/pull_bench.py [--rounds 5]
+    .venv/bin/python perf/pull_bench.py [--rounds 5] [--rate 20]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from perf.bench import release_fs, scratch_fs  # noqa: E402  (the bench's own ext4, no discard)
-from tests.registry import registry  # noqa: E402  (the same real registry the tests use)
+from tests.registry import CuttingProxy, registry  # noqa: E402  (the same real registry the tests use)
 
 UM = str(Path(sys.executable).parent / "unionmount")
 LAYERS = ["/usr/lib/python3.11", "/usr/lib/x86_64-linux-gnu/perl-base", "/usr/lib/x86_64-linux-gnu/gconv",
@@ -66,6 +68,7 @@ def timed(cmd: list[str], cwd: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rate", type=float, help="MB/s per connection (a proxy in front of the registry), as a CDN")
     ap.add_argument("--out", default=str(HERE / "RESULTS-pull.md"))
     ap.add_argument("--data", default="/var/tmp/unionmount-bench", help="where bench.py keeps its ext4 image")
     args = ap.parse_args()
@@ -79,8 +82,9 @@ def main() -> int:
     packed = sum(f.stat().st_size for f in (layout / "blobs" / "sha256").iterdir())
     times: dict[str, list[float]] = {"unionmount": [], "podman": [], "skopeo": []}
     with registry(base / "reg") as reg, tempfile.TemporaryDirectory(dir=base) as tmp:
-        ref = f"{reg.host}/bench:1"
         reg.push(f"oci:{layout}:t", "bench:1")
+        proxy = CuttingProxy(reg.host, rate=args.rate * 1e6) if args.rate else None
+        ref = f"{proxy.host if proxy else reg.host}/bench:1"
         work = Path(tmp)
         podman = ["podman", "--root", str(work / "p"), "--runroot", str(work / "pr"), "--storage-driver", "overlay"]
         runs = {
@@ -97,15 +101,19 @@ def main() -> int:
                 for d in ("s", "p", "pr", "o"):
                     shutil.rmtree(work / d, ignore_errors=True)
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), file=sys.stderr)
+        if proxy:
+            proxy.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     podman_v = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Pull: unionmount vs podman vs skopeo",
         "",
         f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, "
-        f"{podman_v}; `perf/pull_bench.py --rounds {args.rounds}`.",
+        f"{podman_v}; `perf/pull_bench.py --rounds {args.rounds}{f' --rate {args.rate:g}' if args.rate else ''}`.",
         f"Image: {len(LAYERS)} layers from host directories, {packed / 2**20:.0f} MiB compressed (gzip), "
-        "served by a local docker-registry over HTTP. Every store on bench.py's scratch ext4 (no discard); "
+        "served by a local docker-registry over HTTP"
+        + (f", through a proxy allowing {args.rate:g} MB/s per connection" if args.rate else "")
+        + ". Every store on bench.py's scratch ext4 (no discard); "
         "caches dropped before each run; medians.",
         "",
         "| | seconds | ratio to unionmount |",

@@ -131,14 +131,18 @@ class TokenService:
 
 class CuttingProxy:
     """A TCP proxy to ``target`` that breaks a connection once ``cut_after`` bytes went back to the
-    client, ``cuts`` times in all (what a flaky network does to a long download)."""
+    client, ``cuts`` times in all (what a flaky network does to a long download); ``rate`` limits
+    each connection to that many bytes a second downstream (what a CDN does per connection)."""
 
-    def __init__(self, target: str, cut_after: int, cuts: int) -> None:
+    def __init__(self, target: str, cut_after: int = 1 << 62, cuts: int = 0, rate: float | None = None) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.cut_after = cut_after
+        self.rate = rate
         self.cuts_left = cuts
         self.cut = 0
+        self.active = 0
+        self.max_active = 0  # the most connections open at once
         self.lock = threading.Lock()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
@@ -154,13 +158,20 @@ class CuttingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
             threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
         sent = 0
+        due = time.monotonic()  # when the bytes sent so far may have gone at ``rate`` (no credit for idle time)
         try:
             while data := src.recv(65536):
+                if downstream and self.rate:
+                    due = max(due, time.monotonic()) + len(data) / self.rate
+                    time.sleep(max(0.0, due - time.monotonic()))
                 if downstream and sent + len(data) > self.cut_after:
                     with self.lock:
                         cut = self.cuts_left > 0
@@ -179,6 +190,9 @@ class CuttingProxy:
             except OSError:
                 pass
             s.close()
+        if downstream:
+            with self.lock:
+                self.active -= 1
 
 
 @contextmanager

@@ -349,6 +349,15 @@ def test_broken_downloads_resume(image: Path, tmp_path: Path) -> None:
                 assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
         finally:
             proxy.close()
+        # layers are fetched several at a time, each through its own connection (as docker pull does)
+        proxy = CuttingProxy(reg.host, rate=2_000_000)
+        try:
+            r = um("image", "--root", tmp_path / "s3", "pull", f"{proxy.host}/app:1")
+            assert r.returncode == 0, r.stderr
+            assert proxy.max_active >= 3, proxy.max_active
+        finally:
+            proxy.close()
+        assert not list((tmp_path / "s3" / "tmp").iterdir()), "downloads left behind"
         # a network that keeps breaking: given up after a few tries, one line, nothing kept
         proxy = CuttingProxy(reg.host, cut_after=64 * 1024, cuts=100)
         try:
