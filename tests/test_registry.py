@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from .images import image_mount, sh, um
+from .mounts import COMMAND
 from .registry import PASSWORD, USER, CuttingProxy, auth_file, registry
 from .tree import snapshot, view
 
@@ -414,3 +417,34 @@ blocked = true
         assert um("image", "--root", tmp_path / "s2", "pull", f"{origin.host}/team/pushed:1").returncode == 0
         conf.write_text("[[registry]\nbroken")
         _one_line_error(um("image", "--root", store, "pull", "example.test/team/both:1"), "cannot read")
+
+
+def test_kill_during_pull_then_pull_again(image: Path, tmp_path: Path) -> None:
+    """kill -9 in the middle of a (slow) pull: the store stays consistent, the next pull completes and
+    sweeps the dead pull's downloads."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    with registry(tmp_path / "reg") as reg:
+        reg.push(f"oci:{image}/img:t", "app:1")
+        proxy = CuttingProxy(reg.host, rate=200_000)
+        try:
+            proc = subprocess.Popen([*COMMAND, "image", "--root", str(store), "pull", f"{proxy.host}/app:1"],
+                                    stderr=subprocess.DEVNULL)  # fmt: skip
+            for _ in range(200):  # until the downloads are under way
+                if (store / "tmp").is_dir() and any(p.stat().st_size for p in (store / "tmp").iterdir()):
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the pull never started downloading")
+            proc.kill()
+            proc.wait()
+        finally:
+            proxy.close()
+        assert any((store / "tmp").iterdir())  # the dead pull's files are there...
+        assert um("store", "--root", store, "check").returncode == 0
+        assert _images(store) == []
+        r = um("image", "--root", store, "pull", f"{reg.host}/app:1")
+        assert r.returncode == 0, r.stderr
+        assert not list((store / "tmp").iterdir())  # ...and swept by the next one
+        with image_mount(store, f"{reg.host}/app:1", "c1", mnt):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
