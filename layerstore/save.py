@@ -3,8 +3,8 @@ and ``docker://REF`` (a registry, :func:`push`).
 
 Each layer's tar is written again from the store's record of it (the entries,
 with whiteouts and opaque markers in the OCI form, hard links as links, file
-data from the blobs), uncompressed (gzip with mtime 0 for a registry, so the same
-image pushed again has the same blobs). Its digest is computed as it is written, and
+data from the blobs), uncompressed (gzip level 1 with mtime 0 for a registry, so the
+same image pushed again has the same blobs). Its digest is computed as it is written, and
 the image's config gets these digests as its ``rootfs.diff_ids``; the layers'
 contents are exactly the imported ones, but their tar bytes (and so the image
 id) may differ from the original archive's. What ``skopeo``, ``umoci`` and
@@ -29,6 +29,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -42,6 +43,7 @@ from .store import Store, StoreError
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+PUSH_PARALLEL = 3
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,32 +113,40 @@ def _blob_fd(store: Store, digest: bytes) -> int:
     return os.open(f"{h[:2]}/{h}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.blob_fd)
 
 
-@contextmanager
-def _image_blobs(
-    store: Store, image_id: bytes, tmpdir: str, *, compress: bool = False
-) -> Iterator[tuple[_Blob, list[_Blob]]]:
-    """(config blob, layer blobs) of an image, as temporary files; ``compress``: gzip layers (mtime 0)."""
-    cfg = store.config(image_id)
-    layers = []
-    for d in cfg["layers"]:
-        fd, path = tempfile.mkstemp(dir=tmpdir)
-        with os.fdopen(fd, "wb") as f:
-            outer = _HashWriter(f)
-            if compress:
-                with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0) as gz:  # type: ignore[arg-type]
-                    inner = _HashWriter(gz)  # type: ignore[arg-type]
-                    write_layer_tar(store, d.encode(), inner)  # type: ignore[arg-type]
-            else:
-                inner = outer
-                write_layer_tar(store, d.encode(), inner)  # type: ignore[arg-type]
-        layers.append(_Blob("sha256:" + outer.h.hexdigest(), outer.n, path, "sha256:" + inner.h.hexdigest()))
-    config = dict(cfg["config"])
+def _layer_blob(store: Store, diff_id: str, tmpdir: str, *, compress: bool = False) -> _Blob:
+    """A layer's tar as a temporary file; ``compress``: gzip (level 1, mtime 0: fast and reproducible).
+
+    Safe to call from several threads at once (each reads in its own lmdb transaction).
+    """
+    fd, path = tempfile.mkstemp(dir=tmpdir)
+    with os.fdopen(fd, "wb") as f:
+        outer = _HashWriter(f)
+        if compress:
+            with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0, compresslevel=1) as gz:  # type: ignore[arg-type]
+                inner = _HashWriter(gz)  # type: ignore[arg-type]
+                write_layer_tar(store, diff_id.encode(), inner)  # type: ignore[arg-type]
+        else:
+            inner = outer
+            write_layer_tar(store, diff_id.encode(), inner)  # type: ignore[arg-type]
+    return _Blob("sha256:" + outer.h.hexdigest(), outer.n, path, "sha256:" + inner.h.hexdigest())
+
+
+def _config_blob(store: Store, image_id: bytes, layers: list[_Blob], tmpdir: str) -> _Blob:
+    """The image's config with these layers' digests as its ``rootfs.diff_ids``, as a temporary file."""
+    config = dict(store.config(image_id)["config"])
     config["rootfs"] = {"type": "layers", "diff_ids": [b.diff_id for b in layers]}
     raw = json.dumps(config, separators=(",", ":")).encode()
     fd, path = tempfile.mkstemp(dir=tmpdir)
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
-    yield _Blob("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw), path), layers
+    return _Blob("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw), path)
+
+
+@contextmanager
+def _image_blobs(store: Store, image_id: bytes, tmpdir: str) -> Iterator[tuple[_Blob, list[_Blob]]]:
+    """(config blob, layer blobs) of an image, uncompressed, as temporary files."""
+    layers = [_layer_blob(store, d, tmpdir) for d in store.config(image_id)["layers"]]
+    yield _config_blob(store, image_id, layers, tmpdir), layers
 
 
 def save(store: Store, name: str, dest: str, opts: SourceOptions | None = None) -> str:
@@ -159,19 +169,29 @@ def save(store: Store, name: str, dest: str, opts: SourceOptions | None = None) 
 
 
 def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -> tuple[str, int, int]:
-    """Push image ``name`` to the registry tag ``ref`` (``docker push``): layers gzipped, the blobs the
-    repository lacks uploaded, then the manifest. Returns (manifest digest, blobs uploaded, blobs)."""
+    """Push image ``name`` to the registry tag ``ref`` (``docker push``). Returns (manifest digest, blobs
+    uploaded, blobs). Layers are gzipped and uploaded PUSH_PARALLEL at a time (zlib releases the GIL), each
+    only if the repository lacks it; then the config, then the manifest."""
     from .registry import Destination
 
     image_id = store.resolve(name)
     dest = Destination(ref, opts or SourceOptions())
+
+    def layer(diff_id: str) -> tuple[_Blob, bool]:
+        b = _layer_blob(store, diff_id, tmp, compress=True)
+        try:
+            return b, dest.put_blob(b.digest, b.size, b.path)
+        finally:
+            os.unlink(b.path)
+
     try:
-        with (
-            # in the store (not /tmp: layers are big); PID-named, so a later import cleans up after a kill
-            tempfile.TemporaryDirectory(dir=os.path.join(store.root, "tmp"), prefix=f"{os.getpid()}.push") as tmp,
-            _image_blobs(store, image_id, tmp, compress=True) as (cfg, layers),
-        ):
-            uploaded = sum(dest.put_blob(b.digest, b.size, b.path) for b in [*layers, cfg])
+        # in the store (not /tmp: layers are big); PID-named, so a later import cleans up after a kill
+        with tempfile.TemporaryDirectory(dir=os.path.join(store.root, "tmp"), prefix=f"{os.getpid()}.push") as tmp:
+            with ThreadPoolExecutor(PUSH_PARALLEL, thread_name_prefix="push") as pool:
+                done = list(pool.map(layer, store.config(image_id)["layers"]))
+            layers = [b for b, _ in done]
+            cfg = _config_blob(store, image_id, layers, tmp)
+            uploaded = sum(up for _, up in done) + dest.put_blob(cfg.digest, cfg.size, cfg.path)
             digest = dest.put_manifest(MANIFEST_TYPE, _manifest(cfg, layers, LAYER_TYPE + "+gzip"))
     finally:
         dest.close()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pull benchmark: ``unionmount image pull`` vs ``podman pull`` vs ``skopeo copy``, one registry, one image.
+"""Pull and push benchmark: unionmount vs podman (and ``skopeo copy``), one registry, one image.
 
 Builds a five-layer image with umoci from host directories (Python's stdlib,
 perl, gconv, docs, locales: about 12k files, 150 MB compressed), pushes it
@@ -8,7 +8,9 @@ caches dropped before each run:
 
 * ``unionmount image pull`` into a fresh store (fetch, check, unpack, deduplicate);
 * ``podman pull`` into a fresh overlay storage (fetch, check, unpack to disk);
-* ``skopeo copy docker://... oci:DIR`` (fetch and check only: the floor).
+* ``skopeo copy docker://... oci:DIR`` (fetch and check only: the floor);
+* then ``unionmount image push`` and ``podman push`` of what each pulled, to a fresh
+  registry every round (every blob uploaded; both build and gzip the layers).
 
 ``--rate MB/S`` puts a proxy in front of the registry that allows each connection
 that many MB/s (as a CDN does), where fetching layers in parallel pays.
@@ -80,7 +82,7 @@ def main() -> int:
     base.mkdir(parents=True)
     layout = build(base)
     packed = sum(f.stat().st_size for f in (layout / "blobs" / "sha256").iterdir())
-    times: dict[str, list[float]] = {"unionmount": [], "podman": [], "skopeo": []}
+    times: dict[str, list[float]] = {k: [] for k in ("unionmount", "podman", "skopeo", "um push", "podman push")}
     with registry(base / "reg") as reg, tempfile.TemporaryDirectory(dir=base) as tmp:
         reg.push(f"oci:{layout}:t", "bench:1")
         proxy = CuttingProxy(reg.host, rate=args.rate * 1e6) if args.rate else None
@@ -100,13 +102,28 @@ def main() -> int:
                     subprocess.run([*podman, "system", "reset", "-f"], capture_output=True)
                 for d in ("s", "p", "pr", "o"):
                     shutil.rmtree(work / d, ignore_errors=True)
-            print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), file=sys.stderr)
+            print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v),
+                  file=sys.stderr)  # fmt: skip
+        # push: each tool sends the image it pulled to a fresh registry every round (podman remembers
+        # where it has put blobs, and would mount them from there instead of uploading them)
+        subprocess.run(runs["unionmount"], check=True, capture_output=True)
+        subprocess.run(runs["podman"], check=True, capture_output=True)
+        for rnd in range(args.rounds):
+            with registry(base / f"push{rnd}") as reg2:
+                pushes = {
+                    "um push": [UM, "image", "--root", str(work / "s"), "push", ref, f"{reg2.host}/um:1"],
+                    "podman push": [*podman, "push", "-q", "--tls-verify=false", ref, f"docker://{reg2.host}/pm:1"],
+                }
+                for name in pushes if rnd % 2 == 0 else reversed(pushes):
+                    times[name].append(timed(pushes[name], work))
+            shutil.rmtree(base / f"push{rnd}", ignore_errors=True)
+        subprocess.run([*podman, "system", "reset", "-f"], capture_output=True)
         if proxy:
             proxy.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     podman_v = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
     lines = [
-        "# Pull: unionmount vs podman vs skopeo",
+        "# Pull and push: unionmount vs podman (vs skopeo)",
         "",
         f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, "
         f"{podman_v}; `perf/pull_bench.py --rounds {args.rounds}{f' --rate {args.rate:g}' if args.rate else ''}`.",
@@ -123,6 +140,9 @@ def main() -> int:
                         ("podman", "podman pull (fetch, check, unpack into overlay storage)"),
                         ("skopeo", "skopeo copy to an OCI layout (fetch and check only)")):  # fmt: skip
         lines.append(f"| {label} | {med[name]:.2f} | {med[name] / med['unionmount']:.2f} |")
+    lines.append(f"| unionmount image push (tar, gzip, upload) | {med['um push']:.2f} | 1.00 |")
+    lines.append(f"| podman push (tar, gzip, upload) | {med['podman push']:.2f} | "
+                 f"{med['podman push'] / med['um push']:.2f} |")  # fmt: skip
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(base, ignore_errors=True)
