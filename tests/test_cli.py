@@ -194,3 +194,14 @@ def test_stats_counts_requests(dirs: dict[str, Path]) -> None:
         assert "create" in table and "MEAN" in table
     r = run([*COMMAND, "stats", str(dirs["mnt"])], check=False)
     assert r.returncode != 0 and "no unionmount daemon serves" in r.stderr
+
+
+def test_root_before_or_after_the_action(image: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    r = run([*COMMAND, "image", "import", f"oci:{image}/img:t", "--tag", "a:1", "--root", str(store)], check=False)
+    assert r.returncode == 0, r.stderr
+    after = run([*COMMAND, "image", "ls", "--root", str(store), "--format", "json"], check=False)
+    before = run([*COMMAND, "image", "--root", str(store), "ls", "--format", "json"], check=False)
+    assert after.returncode == 0 and after.stdout == before.stdout and '"a:1"' in after.stdout
+    for cmd in (["container", "ls", "--root", str(store)], ["volume", "ls", "--root", str(store)]):
+        assert run([*COMMAND, *cmd], check=False).returncode == 0

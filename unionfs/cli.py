@@ -197,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount a union (the daemon exits 0)")
     u.add_argument("mountpoint", metavar="MNT")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+    for actions in (isub, csub, vsub):  # `image pull --root DIR` as well as `image --root DIR pull`
+        for leaf in actions.choices.values():
+            leaf.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
     return p
 
 
