@@ -386,8 +386,10 @@ class _Session:
         idempotent = method in ("GET", "HEAD")
         transient = 0
         authorized = False
+        target = httpx.URL(url)
+        ours = self.base.startswith(f"{target.scheme}://{target.netloc.decode()}/")  # an upload URL may be elsewhere
         while True:
-            h = headers | {"Authorization": self.authorization} if self.authorization else headers
+            h = headers | {"Authorization": self.authorization} if self.authorization and ours else headers
             content = body() if callable(body) else body
             try:
                 r = self.client.send(self.client.build_request(method, url, headers=h, content=content), stream=True)
