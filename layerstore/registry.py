@@ -398,7 +398,7 @@ class _Session:
                     transient += 1
                     time.sleep(_backoff(transient))
                     continue
-                raise SourceError(f"registry {self.host}: {_reason(e)}") from None
+                raise _Transient(f"registry {self.host}: {_reason(e)}") from None
             except httpx.HTTPError as e:
                 raise SourceError(f"registry {self.host}: {_reason(e)}") from None
             if r.status_code in (502, 503, 504) and idempotent and transient < RETRIES:
@@ -503,7 +503,17 @@ class _Session:
         return r.status_code == 200
 
     def upload(self, repo: str, digest: str, size: int, path: str) -> None:
-        """Upload the blob in file ``path`` (one monolithic PUT, as skopeo does for small registries)."""
+        """Upload the blob in file ``path``; an upload the network broke is started over, RETRIES times."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return self._upload_once(repo, digest, size, path)
+            except _Transient:
+                if attempt == RETRIES:
+                    raise
+                time.sleep(_backoff(attempt + 1))
+
+    def _upload_once(self, repo: str, digest: str, size: int, path: str) -> None:
+        """One monolithic upload: POST for a session, then PUT of the whole blob (as skopeo does)."""
         r = self._send("POST", f"{self.base}{repo}/blobs/uploads/", {"Content-Length": "0"})
         self._check(r, f"{repo} (starting an upload)", (202,))
         r.close()
@@ -519,6 +529,9 @@ class _Session:
 
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         r = self._send("PUT", url, headers, chunks)
+        if r.status_code in (502, 503, 504):
+            r.close()
+            raise _Transient(f"registry {self.host}/{repo}@{digest}: HTTP {r.status_code}")
         self._check(r, f"{repo}@{digest}", (201,))
         r.close()
 
@@ -589,6 +602,10 @@ class _Body(ChunkReader):
         if not self.closed:
             self._r.close()
         super().close()
+
+
+class _Transient(SourceError):
+    """A failure that trying again may mend: the connection broke, or a 502/503/504."""
 
 
 def _backoff(attempt: int) -> float:

@@ -134,10 +134,13 @@ class CuttingProxy:
     client, ``cuts`` times in all (what a flaky network does to a long download); ``rate`` limits
     each connection to that many bytes a second downstream (what a CDN does per connection)."""
 
-    def __init__(self, target: str, cut_after: int = 1 << 62, cuts: int = 0, rate: float | None = None) -> None:
+    def __init__(
+        self, target: str, cut_after: int = 1 << 62, cuts: int = 0, rate: float | None = None, upstream: bool = False
+    ) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.cut_after = cut_after
+        self.cut_upstream = upstream  # count and cut what the client sends (an upload) instead
         self.rate = rate
         self.cuts_left = cuts
         self.cut = 0
@@ -172,7 +175,7 @@ class CuttingProxy:
                 if downstream and self.rate:
                     due = max(due, time.monotonic()) + len(data) / self.rate
                     time.sleep(max(0.0, due - time.monotonic()))
-                if downstream and sent + len(data) > self.cut_after:
+                if downstream != self.cut_upstream and sent + len(data) > self.cut_after:
                     with self.lock:
                         cut = self.cuts_left > 0
                         self.cuts_left -= cut

@@ -296,6 +296,14 @@ def test_commit_push_and_pull_back(auth: str, image: Path, tmp_path: Path) -> No
         assert um("image", "--root", fresh, "pull", f"{reg.host}/team/app:2", *creds).returncode == 0
         with image_mount(fresh, f"{reg.host}/team/app:2", "c2", mnt):
             assert view(mnt) == seen
+        # an upload the network breaks is started over
+        proxy = CuttingProxy(reg.host, cut_after=200_000, cuts=2, upstream=True)
+        try:
+            r = um("image", "--root", store, "push", "app:2", f"{proxy.host}/team/flaky:1", *creds)
+            assert r.returncode == 0, r.stderr
+            assert proxy.cut == 2
+        finally:
+            proxy.close()
         # push's default destination is the image's own name
         assert um("image", "--root", store, "tag", "app:2", f"{reg.host}/mine:1").returncode == 0
         r = um("image", "--root", store, "push", f"{reg.host}/mine:1", *creds)
