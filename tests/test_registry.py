@@ -365,7 +365,7 @@ def test_broken_downloads_resume(image: Path, tmp_path: Path) -> None:
         try:
             r = um("image", "--root", tmp_path / "s3", "pull", f"{proxy.host}/app:1")
             assert r.returncode == 0, r.stderr
-            assert proxy.max_active >= 3, proxy.max_active
+            assert proxy.max_active >= 2, proxy.max_active  # (one layer at a time would use one connection)
         finally:
             proxy.close()
         assert not list((tmp_path / "s3" / "tmp").iterdir()), "downloads left behind"
