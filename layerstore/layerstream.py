@@ -4,7 +4,8 @@
 ``digest``), sniffed and inflated (gzip, zstd or none), hashed again (its
 ``diff_id``), and read ahead in a thread, so fetching, inflating and hashing
 overlap with the consumer's work. :class:`ChunkReader` is the raw stream these
-pieces (and a registry download) are built on.
+pieces (and a registry download) are built on; :class:`Growing` is a file one
+thread downloads into while another reads it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,70 @@ class ChunkReader(io.RawIOBase):
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class Growing:
+    """A file one thread appends to while others read it (:class:`GrowingReader`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by finish()
+        self._cond = threading.Condition()
+        self.size = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._cancelled = False
+
+    def append(self, data: bytes) -> None:
+        if self._cancelled:
+            raise _Cancelled
+        self._f.write(data)
+        self._f.flush()
+        with self._cond:
+            self.size += len(data)
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        self._f.close()
+        with self._cond:
+            if not self.done:
+                self.done, self.error = True, error
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def wait_beyond(self, pos: int) -> int:
+        """The size once it exceeds ``pos`` or the download ended; raises the download's error at its end."""
+        with self._cond:
+            while self.size <= pos and not self.done:
+                self._cond.wait()
+            if self.size <= pos and self.error is not None:
+                raise self.error
+            return self.size
+
+
+class GrowingReader(ChunkReader):
+    """Reads a :class:`Growing` file from its start, waiting for what is not written yet."""
+
+    def __init__(self, g: Growing) -> None:
+        self._g = g
+        self._f = open(g.path, "rb")  # noqa: SIM115 - closed by close()
+        self._pos = 0
+
+    def next_chunk(self) -> bytes:
+        end = self._g.wait_beyond(self._pos)
+        data = self._f.read(min(end - self._pos, 1 << 20))
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 class _Hashing(ChunkReader):
