@@ -100,14 +100,21 @@ def open_registry(text: str, opts: SourceOptions) -> ImageSource:
     raise AssertionError("unreachable")
 
 
+def _session(place: registries_conf.Endpoint, opts: SourceOptions) -> Session:
+    """A session with ``place``; registries.conf's ``insecure`` there is ``--tls-verify=false``."""
+    return Session(place.host, dataclasses.replace(opts, tls_verify=False) if place.insecure else opts)
+
+
 def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: SourceOptions) -> ImageSource:
-    s = Session(place.host, dataclasses.replace(opts, tls_verify=False) if place.insecure else opts)
+    s = _session(place, opts)
     repo = place.repo
     try:
         manifest, digest = s.manifest(repo, ref.ref, expect=ref.digest)
         repo_digest = f"{ref.host}/{ref.repo}@{digest}"  # what the tag names: for a multi-platform image, the index
         if _media_type(manifest) in INDEX_TYPES:
             desc = pick_platform(manifest.get("manifests") or [], opts.platform)
+            if not _DIGEST_RE.match(desc["digest"]):
+                raise SourceError(f"{text}: the index names a digest that is not sha256")
             manifest, digest = s.manifest(repo, desc["digest"], expect=desc["digest"])
         if _media_type(manifest) not in MANIFEST_TYPES:
             raise SourceError(f"{text}: not a container image (manifest type {_media_type(manifest) or 'unknown'})")
@@ -200,11 +207,7 @@ class Destination:
             raise SourceError(f"'{text}': push to a tag, not a digest")
         place = registries_conf.endpoints(ref.host, ref.repo, False)[-1]  # no mirrors for a push
         self.ref = Reference(place.host, place.repo, ref.tag, None)
-        self._s = Session(place.host, dataclasses.replace(opts, tls_verify=False) if place.insecure else opts)
-
-    @property
-    def name(self) -> str:
-        return f"{self.ref.host}/{self.ref.repo}:{self.ref.tag}"
+        self._s = _session(place, opts)
 
     def put_blob(self, digest: str, size: int, path: str) -> bool:
         """Upload the blob in ``path`` unless the repository has it; True if it was uploaded."""
