@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import base64
+import functools
 import glob
 import hashlib
 import ipaddress
@@ -59,7 +60,7 @@ class Session:
         self.host = host
         self.api = "registry-1.docker.io" if host == DOCKER_HUB else host
         self.opts = opts
-        self.creds = _credentials(host, opts.creds)
+        self._creds = _parse_creds(opts.creds) if opts.creds is not None else None
         self.authorization: str | None = None
         self.client = httpx.Client(
             verify=_tls_context(host, opts),
@@ -72,6 +73,12 @@ class Session:
         except BaseException:
             self.client.close()
             raise
+
+    @functools.cached_property
+    def creds(self) -> tuple[str, str] | None:
+        """``--creds``, else the auth files' (and helpers') entry for this host: looked up only when
+        the registry asks for a login, so an anonymous pull runs no credential helper."""
+        return self._creds or _credentials(self.host)
 
     def close(self) -> None:
         self.client.close()
@@ -186,8 +193,9 @@ class Session:
             r.close()
         raise SourceError(f"{self.host}/{what}: {why}")
 
-    def document(self, path: str, what: str, expect: str | None, accept: str | None = None) -> bytes:
-        """A manifest or config, at most MAX_DOCUMENT bytes, checked against ``expect`` (or the registry's digest)."""
+    def document(self, path: str, what: str, expect: str | None, accept: str | None = None) -> tuple[bytes, str]:
+        """A manifest or config and its digest; at most MAX_DOCUMENT bytes, checked against ``expect``
+        (or the registry's digest)."""
         r = self._get(path, accept)
         try:
             self._check(r, what)
@@ -204,18 +212,18 @@ class Session:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if named is not None and digest != named:
             raise SourceError(f"{self.host}/{what}: content does not match its digest {named[:19]}")
-        return bytes(body)
+        return bytes(body), digest
 
     def manifest(self, repo: str, ref: str, expect: str | None) -> tuple[dict, str]:  # type: ignore[type-arg]
         what = f"{repo}{'@' if ref.startswith('sha256:') else ':'}{ref}"
-        body = self.document(f"{repo}/manifests/{ref}", what, expect, _ACCEPT)
+        body, digest = self.document(f"{repo}/manifests/{ref}", what, expect, _ACCEPT)
         try:
             doc = json.loads(body)
         except ValueError:
             raise SourceError(f"{self.host}/{what}: the manifest is not JSON") from None
         if not isinstance(doc, dict):
             raise SourceError(f"{self.host}/{what}: the manifest is not a JSON object")
-        return doc, "sha256:" + hashlib.sha256(body).hexdigest()
+        return doc, digest
 
     def blob(self, path: str, size: int | None = None) -> _Body:
         """A layer blob as a stream, resumed where a broken download stopped, never longer than ``size``
@@ -372,18 +380,20 @@ def _tls_context(host: str, opts: SourceOptions) -> ssl.SSLContext | bool:
     return ctx
 
 
-def _credentials(host: str, creds: str | None) -> tuple[str, str] | None:
-    """``USER:PASS`` as given, else what the auth files podman and docker write hold for ``host``.
+def _parse_creds(creds: str) -> tuple[str, str]:
+    user, sep, password = creds.partition(":")
+    if not sep or not user:
+        raise SourceError("--creds is USER:PASS")
+    return user, password
+
+
+def _credentials(host: str) -> tuple[str, str] | None:
+    """What the auth files podman and docker write hold for ``host``.
 
     In each file, as docker reads it: the host's credential helper (``credHelpers``), else
     the ``auths`` entry, else the default helper (``credsStore``). A helper is
     ``docker-credential-NAME get`` on ``$PATH``; one that fails or knows nothing is passed over.
     """
-    if creds is not None:
-        user, sep, password = creds.partition(":")
-        if not sep or not user:
-            raise SourceError("--creds is USER:PASS")
-        return user, password
     home = os.path.expanduser("~")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     files = [

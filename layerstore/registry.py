@@ -126,7 +126,7 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
             raise SourceError(f"{text}: the manifest has no config or malformed layers") from None
         if not all(isinstance(b, str) and _DIGEST_RE.match(b) for b in [config_digest, *blobs]):
             raise SourceError(f"{text}: the manifest names a digest that is not sha256")
-        config = s.document(f"{repo}/blobs/{config_digest}", f"{repo}@{config_digest}", config_digest)
+        config, _ = s.document(f"{repo}/blobs/{config_digest}", f"{repo}@{config_digest}", config_digest)
         ids = diff_ids(config)
         if len(ids) != len(blobs):
             raise SourceError("manifest and config disagree on the number of layers")

@@ -94,12 +94,17 @@ def valid_name(name: str) -> str:
     return normalize_name(name)
 
 
-def normalize_name(name: str) -> str:
-    """Docker's familiar form: ``docker.io/library/x`` is ``x``, and the tag defaults to ``latest``."""
+def _familiar(name: str) -> str:
+    """Docker's familiar form of a repository: ``docker.io/library/x`` is ``x``, ``docker.io/me/x`` is ``me/x``."""
     for prefix in ("docker.io/library/", "docker.io/"):
         if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
+            return name[len(prefix) :]
+    return name
+
+
+def normalize_name(name: str) -> str:
+    """Docker's familiar form, and the tag defaults to ``latest``."""
+    name = _familiar(name)
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
@@ -113,11 +118,7 @@ def normalize_digest_ref(ref: str) -> str:
         repo, digest = f"{r.host}/{r.repo}", r.digest
     except SourceError:
         repo, _, digest = ref.partition("@")
-    for prefix in ("docker.io/library/", "docker.io/"):
-        if repo.startswith(prefix):
-            repo = repo[len(prefix) :]
-            break
-    return f"{repo}@{digest}"
+    return f"{_familiar(repo)}@{digest}"
 
 
 class Store:
@@ -250,13 +251,13 @@ class Store:
     def _record_image(self, txn: lmdb.Transaction, src: ImageSource, name: str) -> None:
         image_id = src.config_digest.encode()
         known = txn.get(image_id, db=self.db["configs"])
-        if known is not None and src.repo_digests:
+        if known is not None:  # the image is there: only a digest it is now also known by is new
             cfg = _unpack(known)
             digests = cfg.get("repo_digests", [])
             new = [d for d in map(normalize_digest_ref, src.repo_digests) if d not in digests]
             if new:
                 txn.put(image_id, _pack({**cfg, "repo_digests": digests + new}), db=self.db["configs"])
-        if known is None:
+        else:
             tree = Tree()
             diff_ids = [layer.diff_id.encode() for layer in src.layers]
             for d in diff_ids:
