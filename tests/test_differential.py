@@ -204,6 +204,39 @@ def sc_umask_zero(r: Recorder, m: Path) -> None:
     r("stat", lambda: [oct(os.stat(m / p).st_mode) for p in ("suid", "open", "open/fifo", "d/new")])
 
 
+def sc_listings_follow_changes(r: Recorder, m: Path) -> None:
+    """Each directory is listed before and after every change: a listing the kernel keeps must not go stale."""
+
+    def ls(*dirs: str) -> tuple[list[str], ...]:
+        out = []
+        for d in dirs:
+            with os.scandir(m / d) as it:  # opendir, read to the end, closedir: what ls and find do
+                out.append([(e.name, e.inode() > 0) for e in it])
+        return tuple(out)
+
+    steps: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
+        ("create", lambda: write(m / "d" / "c1", "c\n"), ("d",)),
+        ("unlink lower", lambda: os.unlink(m / "d" / "x"), ("d",)),
+        ("mkdir", lambda: os.mkdir(m / "d" / "m1"), ("d", "d/m1")),
+        ("mknod", lambda: os.mkfifo(m / "d" / "m1" / "p"), ("d/m1",)),
+        ("symlink", lambda: os.symlink("x", m / "d" / "s1"), ("d",)),
+        ("link", lambda: os.link(m / "a", m / "d" / "a1"), (".", "d")),
+        ("rename within", lambda: os.rename(m / "d" / "c1", m / "d" / "c2"), ("d",)),
+        ("rename across", lambda: os.rename(m / "d" / "c2", m / "lowdir" / "c3"), ("d", "lowdir")),
+        ("rename dir", lambda: os.rename(m / "lowdir", m / "ld2"), (".", "ld2", "ld2/inner")),
+        ("exchange", lambda: rename2(m / "d" / "m1", m / "ld2", RENAME_EXCHANGE), (".", "d", "ld2", "d/m1")),
+        ("rmdir", lambda: os.rmdir(m / "empty"), (".",)),
+        ("unlink in moved", lambda: os.unlink(m / "d" / "m1" / "f1"), ("d/m1",)),
+        ("replace dir", lambda: (os.unlink(m / "ld2" / "p"), os.rmdir(m / "ld2"), os.mkdir(m / "ld2")), (".", "ld2")),
+    ]
+    r("first", lambda: ls(".", "d", "d/sub", "lowdir", "lowdir/inner", "opq", "empty"))
+    r("again", lambda: ls(".", "d", "d/sub", "lowdir", "lowdir/inner", "opq", "empty"))
+    for label, change, dirs in steps:
+        r(f"before {label}", lambda dirs=dirs: ls(*[d for d in dirs if (m / d).is_dir()]))
+        r(label, change)
+        r(f"after {label}", lambda dirs=dirs: ls(*dirs))
+
+
 SCENARIOS: dict[str, Scenario] = {
     name[3:]: fn for name, fn in dict(globals()).items() if name.startswith("sc_") and callable(fn)
 }

@@ -246,9 +246,13 @@ def test_reads_ahead_a_mebibyte_at_a_time(layers: dict[str, Path]) -> None:
         assert bdi.read_text().strip() == "1024"
 
 
-def _lookups(mnt: Path) -> int:
+def _requests(mnt: Path, op: str) -> int:
     r = subprocess.run([*COMMAND, "stats", str(mnt), "--format", "json"], capture_output=True, text=True, check=True)
-    return json.loads(r.stdout)["ops"].get("lookup", {}).get("count", 0)
+    return json.loads(r.stdout)["ops"].get(op, {}).get("count", 0)
+
+
+def _lookups(mnt: Path) -> int:
+    return _requests(mnt, "lookup")
 
 
 def test_missing_names_are_asked_once(layers: dict[str, Path]) -> None:
@@ -271,6 +275,24 @@ def test_missing_names_are_asked_once(layers: dict[str, Path]) -> None:
         for _ in range(5):
             assert not (m / "missing").exists()
         assert _lookups(m) - before == 5
+
+
+def test_the_kernel_keeps_listings_until_they_change(layers: dict[str, Path]) -> None:
+    """A directory read once is listed again from the kernel's cache; a change through the mount drops it."""
+    with mount(layers) as m:
+        first = sorted(os.listdir(m / "d"))
+        before = _requests(m, "readdir")
+        for _ in range(3):
+            assert sorted(os.listdir(m / "d")) == first
+        assert _requests(m, "readdir") == before
+        (m / "d" / "new").touch()
+        assert sorted(os.listdir(m / "d")) == sorted([*first, "new"])
+        assert _requests(m, "readdir") > before
+    with union(layers["m"], [layers["l1"], layers["l2"]], extra=["-o", "dircache=0"]) as m:
+        os.listdir(m / "d")
+        before = _requests(m, "readdir")
+        os.listdir(m / "d")
+        assert _requests(m, "readdir") > before
 
 
 def test_one_device_and_statfs(layers: dict[str, Path]) -> None:

@@ -195,7 +195,9 @@ def test_two_mounts_share_a_volume(store: Path, tmp_path: Path) -> None:
         mounted("--root", store, "--image", "base", "--name", "cb", "-v", "shared:/shared", b),
     ):
         assert not (b / "shared" / "f").exists()  # a graft's missing names are not cached: the other may make them
+        assert os.listdir(b / "shared") == [] and os.listdir(b / "shared") == []  # read twice: a listing is not kept
         (a / "shared" / "f").write_text("one\n")
+        assert os.listdir(b / "shared") == ["f"]
         assert (b / "shared" / "f").read_text() == "one\n"
         (b / "shared" / "f").write_text("two, longer\n")
         assert (a / "shared" / "f").read_text() == "two, longer\n"  # the next open sees the other's write

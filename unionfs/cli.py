@@ -310,6 +310,9 @@ def _stats(mnt: str, fmt: str) -> int:
         f"pid {data['pid']}  up {data['uptime_s']:.0f}s  cpu {data['cpu_user_s'] + data['cpu_system_s']:.2f}s  "
         f"peak rss {data['max_rss_kb'] / 1024:.0f} MiB"
     )
+    settings = data.get("settings", {})
+    if settings:
+        print("  ".join(f"{k} {'on' if v is True else 'off' if v is False else v}" for k, v in settings.items()))
     print(f"{'OPERATION':<14} {'REQUESTS':>10} {'MEAN µs':>10} {'TOTAL s':>9} {'ERRORS':>8}")
     for name, o in sorted(data["ops"].items(), key=lambda kv: -kv[1]["total_s"]):
         print(f"{name:<14} {o['count']:>10} {o['mean_us']:>10.1f} {o['total_s']:>9.3f} {o['errors']:>8}")

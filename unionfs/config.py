@@ -131,6 +131,7 @@ class MountConfig:
     cleanup: list[str] = field(default_factory=list)  # directories removed when the daemon exits (tmpfs)
     writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
     timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
+    dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -154,6 +155,10 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': writeback takes 0 or 1")
                 cfg.writeback = value == "1"
+            elif key == "dircache":
+                if value not in ("0", "1"):
+                    raise UsageError(f"'{item}': dircache takes 0 or 1")
+                cfg.dircache = value == "1"
             elif key == "timeout":
                 try:
                     cfg.timeout = float(value)

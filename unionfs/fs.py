@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from . import override
+from . import override, stats
 from .config import Graft
 from .copy_up import CopyUp
+from .dircache import DirCache
 from .idmap import IdMap
 from .inodes import GRAFT_ID, ROOT_INO, InodeTable, Node, make_ino
 from .layers import DirLayer, FdCache, Layer, join
@@ -87,6 +88,7 @@ class Options:
     gidmap: IdMap = IdMap()
     writeback: bool = False  # the kernel caches writes (see :func:`unionfs.mount.writeback_wanted`)
     timeout: float = TIMEOUT  # how long the kernel keeps the union's entries, attributes and misses
+    dircache: bool = False  # the kernel keeps the union's directory listings (see :mod:`unionfs.dircache`)
 
 
 class _NoCopy:
@@ -155,6 +157,9 @@ class UnionFS:
         self.lock = Mutex()
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
+        self.dircache = DirCache() if opts.dircache else None
+        stats.SETTINGS["writeback"] = lambda: opts.writeback
+        stats.SETTINGS["dircache"] = lambda: self.dircache is not None and self.dircache.enabled
         self._next_fh = 1
 
     def _add_graft(self, k: int, g: Graft, opts: Options, dialect: WriteDialect) -> None:
@@ -444,9 +449,16 @@ class UnionFS:
             self.table.forget(ino, n)
 
     def opendir(self, ino: int) -> int:
+        """A handle for listing ``ino``; the kernel may keep the listing if the union's realm owns it.
+
+        Only the union's own directories change solely through this mount (each change
+        makes the kernel drop its copy); a volume or bind can change behind it.
+        """
         node = self.node(ino)
         fh = self._fh()
         self.dirs[fh] = DirHandle(node)
+        if self.dircache is not None and not node.realm:
+            self.dircache.mark(ino)
         return fh
 
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:

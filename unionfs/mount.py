@@ -95,6 +95,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     """Open the layers, make the graft points, and mount; on return the mount is live."""
     os.umask(0)  # the kernel has applied the caller's umask to every mode it sends us
     stack = ExitStack()
+    timeout = TIMEOUT if cfg.timeout is None else cfg.timeout
     for d in cfg.cleanup:
         stack.callback(shutil.rmtree, d, True)
     try:
@@ -109,7 +110,8 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 cfg.uidmap,
                 cfg.gidmap,
                 writeback_wanted(cfg),
-                TIMEOUT if cfg.timeout is None else cfg.timeout,
+                timeout,
+                timeout > 0 if cfg.dircache is None else cfg.dircache,
             )
         )
     except OSError as e:

@@ -14,9 +14,12 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
 
 #: operation name -> [requests, total nanoseconds, errors]
 COUNTERS: dict[str, list[int]] = {}
+#: setting name -> how to read its current value (shown by ``unionmount stats``)
+SETTINGS: dict[str, Callable[[], object]] = {}
 _STARTED = time.monotonic()
 
 
@@ -46,6 +49,7 @@ def snapshot() -> dict[str, object]:
         "cpu_user_s": ru.ru_utime,
         "cpu_system_s": ru.ru_stime,
         "max_rss_kb": ru.ru_maxrss,
+        "settings": {name: read() for name, read in sorted(SETTINGS.items())},
         "ops": {
             name: {"count": n, "mean_us": round(ns / n / 1000, 2) if n else 0.0, "total_s": ns / 1e9, "errors": err}
             for name, (n, ns, err) in sorted(COUNTERS.items())
