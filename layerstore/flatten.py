@@ -98,10 +98,23 @@ class Tree:
                 self.remove(path)
             elif e.kind == KIND_OPAQUE and path in self.entries:
                 self.clear(path)
+        links: dict[bytes, Entry] = {}
         for path, e in items:
             if e.kind == KIND_WHITEOUT or (e.kind == KIND_OPAQUE and e.mode == 0):
                 continue
-            self.add(path, e)
+            if e.link is not None:
+                links[path] = e
+            else:
+                self.add(path, e)
+        # hard links after the files they name, whatever the order of the names: a tar names
+        # the first path it met as the file (d/keep.hard) and a later one as the link (d/keep)
+        while links:
+            ready = [(path, e) for path, e in links.items() if e.link not in links]
+            if not ready:  # links that name only each other
+                raise LayerError(f"hard link '{next(iter(links)).decode(errors='replace')}' has no file to point to")
+            for path, e in ready:
+                self.add(path, e)
+                del links[path]
 
     def finish(self) -> Iterable[tuple[bytes, Entry]]:
         """Entries with ``ino`` and ``nlink`` filled, in path order."""

@@ -1,7 +1,7 @@
 """A layer blob as the uncompressed tar it holds, checked against its digests as it streams.
 
 :func:`open_layer` is the one way the store reads a layer: the blob is hashed (its
-``digest``), sniffed and inflated (gzip, zstd or none), hashed again (its
+``digest``), sniffed and inflated (gzip, zstd, xz, bzip2 or none), hashed again (its
 ``diff_id``), and read ahead in a thread, so fetching, inflating and hashing
 overlap with the consumer's work. :class:`ChunkReader` is the raw stream these
 pieces (and a registry download) are built on; :class:`Growing` is a file one
@@ -10,8 +10,10 @@ thread downloads into while another reads it.
 
 from __future__ import annotations
 
+import bz2
 import hashlib
 import io
+import lzma
 import queue
 import threading
 import zlib
@@ -219,6 +221,27 @@ class _Gunzip(ChunkReader):
                 return out
 
 
+#: what reading a damaged stream through :func:`decompressed` may raise
+DECODE_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, lzma.LZMAError)
+
+
+def decompressed(buffered: io.BufferedReader) -> BinaryIO:
+    """``buffered``'s bytes inflated as its first bytes say: gzip, zstd, xz, bzip2, or none (as they are).
+
+    Concatenated streams are read as ``gzip -d`` and the others' tools read them.
+    """
+    magic = buffered.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        return _Gunzip(buffered)  # type: ignore[return-value]
+    if magic[:4] == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)  # type: ignore[return-value]
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(buffered)  # type: ignore[return-value]
+    if magic[:3] == b"BZh":
+        return bz2.BZ2File(buffered)  # type: ignore[return-value]
+    return buffered  # type: ignore[return-value]
+
+
 @contextmanager
 def open_layer(ref: LayerRef, on_read: Callable[[int], None] | None = None) -> Iterator[BinaryIO]:
     """The layer's uncompressed tar stream; digests are verified when the block ends.
@@ -228,15 +251,7 @@ def open_layer(ref: LayerRef, on_read: Callable[[int], None] | None = None) -> I
     raw = ref.open()
     try:
         outer = _Hashing(raw, on_read)
-        buffered = io.BufferedReader(outer, 1 << 20)
-        magic = buffered.peek(4)[:4]
-        if magic[:2] == b"\x1f\x8b":
-            plain: BinaryIO = _Gunzip(buffered)  # type: ignore[assignment]
-        elif magic == b"\x28\xb5\x2f\xfd":
-            plain = zstandard.ZstdDecompressor().stream_reader(buffered)  # type: ignore[assignment]
-        else:
-            plain = buffered  # type: ignore[assignment]
-        inner = _Hashing(plain)
+        inner = _Hashing(decompressed(io.BufferedReader(outer, 1 << 20)))
         ahead = _ReadAhead(inner)
         try:
             yield io.BufferedReader(ahead, 1 << 20)  # type: ignore[misc]
@@ -249,7 +264,7 @@ def open_layer(ref: LayerRef, on_read: Callable[[int], None] | None = None) -> I
             raise SourceError(f"layer blob {ref.digest[:19]} is corrupt (sha256 {outer.digest()[:19]})")
         if inner.digest() != ref.diff_id:
             raise SourceError(f"layer {ref.diff_id[:19]} does not match its diff_id (got {inner.digest()[:19]})")
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+    except DECODE_ERRORS as e:
         raise SourceError(f"cannot read layer {ref.diff_id[:19]}: {e}") from None
     finally:
         raw.close()

@@ -108,13 +108,15 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def host_platform() -> str:
+    """This machine's platform as OCI names it: ``linux/amd64``, ``linux/arm64``, ..."""
+    machine = platform.machine()
+    return "linux/" + {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
+
+
 def pick_platform(manifests: list[dict], want: str | None) -> dict:  # type: ignore[type-arg]
     """The descriptor in an image index for ``want`` (OS/ARCH[/VARIANT]), default this machine (linux)."""
-    if want is None:
-        arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
-            platform.machine(), platform.machine()
-        )
-        want = f"linux/{arch}"
+    want = want or host_platform()
     os_, _, rest = want.partition("/")
     arch, _, variant = rest.partition("/")
     for m in manifests:

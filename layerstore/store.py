@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -33,6 +33,7 @@ from .entry import Entry
 from .flatten import Tree
 from .layerstream import open_layer
 from .oci import ImageSource, LayerRef, SourceError, SourceOptions, parse
+from .rootfs import open_rootfs
 from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
 from .tarlayer import read_layer
 
@@ -167,9 +168,24 @@ class Store:
         finally:
             src.close()
 
-    def _import(
-        self, src: ImageSource, tag: str | None, progress: Progress | None
+    def import_rootfs(
+        self,
+        path: str,
+        tag: str | None = None,
+        changes: Sequence[str] = (),
+        message: str | None = None,
+        platform: str | None = None,
+        progress: Progress | None = None,
     ) -> tuple[str, str]:
+        """``docker import``: the flat tarball ``path`` (``-``: stdin) as a one-layer image; see :mod:`.rootfs`."""
+        assert self.blobs is not None
+        src = open_rootfs(path, self.blobs.tmp, changes, message, platform)
+        try:
+            return self._import(src, tag, progress)
+        finally:
+            src.close()
+
+    def _import(self, src: ImageSource, tag: str | None, progress: Progress | None) -> tuple[str, str]:
         name = valid_name(tag) if tag else normalize_name(src.tags[0] if src.tags else src.config_digest[7:19])
         assert self.blobs is not None
         new_blobs: list[bytes] = []

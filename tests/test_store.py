@@ -98,6 +98,54 @@ def test_zstd_layers_from_skopeo(image: Path, tmp_path: Path) -> None:
         um("umount", mnt)
 
 
+def test_root_filesystem_tarball_as_docker_import(image: Path, tmp_path: Path) -> None:
+    """A flat tarball made by GNU tar (any compression, a file or stdin) becomes a one-layer image of that tree."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    rootfs = image / "ref" / "rootfs"
+    plain = tmp_path / "rootfs.tar"
+    sh(f"tar --xattrs --xattrs-include='*' -C {rootfs} -cf {plain} .", tmp_path)
+    sh(f"gzip -k {plain}", tmp_path)
+    r = um("image", "--root", store, "import", f"{plain}.gz", "base:1", "-m", "from tar",
+           "--change", 'CMD ["/bin/sh", "-c", "echo hi"]', "-c", "ENV A=1 B='two words'", "-c", "VOLUME /data /srv",
+           "-c", "WORKDIR /etc", "-c", "EXPOSE 80", "-c", "LABEL k=v")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    info = json.loads(um("image", "--root", store, "inspect", "base:1").stdout)
+    assert info["Cmd"] == ["/bin/sh", "-c", "echo hi"] and info["Env"] == ["A=1", "B=two words"]
+    assert info["Volumes"] == {"/data": {}, "/srv": {}} and info["WorkingDir"] == "/etc"
+    assert info["Config"]["config"]["ExposedPorts"] == {"80/tcp": {}} and info["Config"]["config"]["Labels"]["k"] == "v"
+    assert info["Config"]["history"][0]["comment"] == "from tar" and len(info["Layers"]) == 1
+    for tool in ("zstd", "xz", "bzip2", "cat"):  # through stdin: the same layer whatever the compression
+        pack = f"{tool} -c" if tool != "cat" else "cat"
+        r = subprocess.run(f"{pack} < {plain} | {' '.join(map(str, COMMAND))} image --root {store} import - {tool}",
+                           shell=True, capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert json.loads(um("image", "--root", store, "inspect", tool).stdout)["Layers"] == info["Layers"]
+    assert not os.listdir(store / "tmp"), "the inflated tarball was left behind"
+    r = um("mount", "--root", store, "--image", "base:1", "--name", "c", "--log", tmp_path / "log", mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        tree = snapshot(mnt)
+        assert [tree.pop(v)[0] for v in ("data", "srv")] == [oct(stat.S_IFDIR | 0o755)] * 2  # made for VOLUMEs
+        assert tree == snapshot(rootfs)
+        (mnt / "data" / "in-volume").write_text("v\n")
+    finally:
+        um("umount", mnt)
+    assert "data/in-volume" not in um("diff", "--root", store, "c").stdout  # /data is the image's anonymous volume
+    for args, needle in (
+        (("-c", "FROM x"), "FROM is not one of"),
+        (("-c", "CMD [1]"), "not a JSON array of strings"),
+        (("-c", "ENV"), "ENV needs an argument"),
+    ):
+        r = um("image", "--root", store, "import", plain, "x", *args)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for bad in (tmp_path / "log", tmp_path / "empty"):
+        bad.touch()
+        r = um("image", "--root", store, "import", bad, "x")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.listdir(store / "tmp") and "x:latest" not in um("image", "--root", store, "ls").stdout
+
+
 def test_container_layer_survives_remount(image: Path, tmp_path: Path) -> None:
     store, mnt = tmp_path / "store", tmp_path / "mnt"
     mnt.mkdir()

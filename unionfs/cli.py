@@ -32,6 +32,7 @@ examples:
   unionmount umount /mnt/root
   unionmount image import oci:/images/debian:12 --tag debian:12
   unionmount image pull registry.example:5000/team/app:1
+  unionmount image import rootfs.tar.gz base:1 --change 'CMD ["/bin/sh"]'   # docker import
   unionmount mount --image debian:12 --name web1 /mnt/web1   # container layer kept in the store
 """
 
@@ -126,8 +127,18 @@ def _parser() -> argparse.ArgumentParser:
     im = sub.add_parser("image", help="import, list, inspect and remove images")
     im.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
     isub = im.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
-    imp = isub.add_parser("import", help="import oci:DIR[:REF], docker-archive:FILE[:REF] or docker://REFERENCE")
+    imp = isub.add_parser(
+        "import",
+        help="import oci:DIR[:REF], docker-archive:FILE[:REF], docker://REFERENCE, "
+        "or a flat root filesystem tarball FILE|- (docker import)",
+    )
     imp.add_argument("source", metavar="SOURCE")
+    imp.add_argument("name", metavar="NAME[:TAG]", nargs="?", help="for a tarball: the image's name (as --tag)")
+    imp.add_argument(
+        "-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+        help="for a tarball: a Dockerfile instruction for the config (CMD, ENTRYPOINT, ENV, VOLUME, ...)",
+    )  # fmt: skip
+    imp.add_argument("-m", "--message", help="for a tarball: the history comment")
     _source_options(imp)
     pl = isub.add_parser("pull", help="import [HOST[:PORT]/]NAME[:TAG|@DIGEST] from a registry, as docker pull")
     pl.add_argument("source", metavar="REFERENCE")
@@ -354,6 +365,12 @@ def _boolean(text: str) -> bool:
 
 
 def _image(ns: argparse.Namespace) -> int:
+    if ns.image_cmd == "import" and _is_tarball(ns.source):
+        return commands.image_import_rootfs(
+            ns.root, ns.source, ns.tag or ns.name, ns.change, ns.message, platform=ns.platform
+        )
+    if ns.image_cmd == "import" and (ns.name or ns.change or ns.message):
+        raise UsageError("NAME, --change and --message are for a root filesystem tarball; name an image with --tag")
     if ns.image_cmd in ("import", "pull"):
         source = ns.source
         if ns.image_cmd == "pull" and not source.startswith("docker://"):
@@ -370,6 +387,12 @@ def _image(ns: argparse.Namespace) -> int:
     if ns.image_cmd == "tag":
         return commands.image_tag(ns.root, ns.name, ns.new)
     return commands.image_rm(ns.root, ns.name)
+
+
+def _is_tarball(source: str) -> bool:
+    """``-`` or a file named without a transport (``oci:``, ``docker-archive:``, ``docker://``)."""
+    transport = source.partition(":")[0]
+    return source == "-" or (transport not in ("oci", "docker-archive", "docker") and os.path.isfile(source))
 
 
 def _volume(ns: argparse.Namespace) -> int:

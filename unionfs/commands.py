@@ -54,6 +54,18 @@ def image_import(root: str | None, source: str, tag: str | None, **options: Any)
     return 0
 
 
+def image_import_rootfs(
+    root: str | None, path: str, tag: str | None, changes: list[str], message: str | None, platform: str | None
+) -> int:
+    """``docker import``: a flat root filesystem tarball (``-``: stdin) as a one-layer image."""
+    _source_options(platform)
+    start = time.monotonic()
+    with open_store(root, create=True) as store, _progress() as progress:
+        name, image_id = store.import_rootfs(path, tag, changes, message, platform, progress)
+    print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
+    return 0
+
+
 def _source_options(
     platform: str | None = None, creds: str | None = None, tls_verify: bool = True, cert_dir: str | None = None
 ) -> SourceOptions:
