@@ -1,5 +1,5 @@
-"""Image sources in skopeo's transport syntax: ``oci:DIR[:REF]``, ``docker-archive:FILE[:REF]``
-and ``docker://REFERENCE`` (a registry, :mod:`layerstore.registry`).
+"""Image sources in skopeo's transport syntax: ``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
+``docker-archive:FILE[:REF]`` and ``docker://REFERENCE`` (a registry, :mod:`layerstore.registry`).
 
 An :class:`ImageSource` names the image's config and its layers bottom first;
 :func:`layerstore.layerstream.open_layer` streams one layer's tar while checking
@@ -10,6 +10,7 @@ mismatch raises :class:`SourceError` once the stream has been read to its end.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -60,20 +61,26 @@ class SourceOptions:
 
 
 def parse(spec: str, opts: SourceOptions | None = None) -> ImageSource:
-    """Open ``oci:DIR[:REF]``, ``docker-archive:FILE[:REF]`` or ``docker://REFERENCE``."""
+    """Open ``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``, ``docker-archive:FILE[:REF]`` or ``docker://REFERENCE``."""
     opts = opts or SourceOptions()
     transport, _, rest = spec.partition(":")
     if not rest:
-        raise SourceError(f"'{spec}' is not TRANSPORT:PATH (oci:DIR[:REF], docker-archive:FILE[:REF], docker://REF)")
+        raise SourceError(
+            f"'{spec}' is not TRANSPORT:PATH (oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:REF], "
+            "docker://REF)"
+        )
     if transport == "docker":
         from .registry import open_registry
 
         src = open_registry(rest, opts)
-    elif transport in ("oci", "docker-archive"):
+    elif transport in ("oci", "oci-archive", "docker-archive"):
         path, ref = _split_ref(rest)
-        src = _oci(path, ref, opts) if transport == "oci" else _docker_archive(path, ref)
+        if transport == "docker-archive":
+            src = _docker_archive(path, ref)
+        else:
+            src = (_oci if transport == "oci" else _oci_archive)(path, ref, opts)
     else:
-        raise SourceError(f"unknown transport '{transport}' (use oci:, docker-archive: or docker://)")
+        raise SourceError(f"unknown transport '{transport}' (use oci:, oci-archive:, docker-archive: or docker://)")
     if opts.platform is not None:
         try:
             _check_platform(src.config, opts.platform)
@@ -146,34 +153,73 @@ def diff_ids(config: bytes) -> list[str]:
 
 
 def _oci(root: str, ref: str | None, opts: SourceOptions) -> ImageSource:
+    """An OCI image layout directory (skopeo, umoci, buildah)."""
+
+    def open_file(name: str) -> BinaryIO:
+        try:
+            return open(os.path.join(root, name), "rb")
+        except FileNotFoundError:
+            raise SourceError(f"'{name}' is missing from {root}") from None
+
+    return _layout(open_file, "oci", root, ref, opts)
+
+
+def _oci_archive(path: str, ref: str | None, opts: SourceOptions) -> ImageSource:
+    """A tar of an OCI image layout (``podman save --format oci-archive``, ``buildx --output type=oci``)."""
+    try:
+        tar = tarfile.open(path, "r:*")
+        members = {m.name.lstrip("./"): m for m in tar.getmembers() if m.isfile()}
+    except (OSError, tarfile.TarError):
+        raise SourceError(f"'{path}' is not an oci-archive (not a tar)") from None
+    if "index.json" not in members:
+        tar.close()
+        raise SourceError(f"'{path}' is not an oci-archive (no index.json)")
+
+    def open_file(name: str) -> BinaryIO:
+        m = members.get(name)
+        f = tar.extractfile(m) if m is not None else None
+        if f is None:
+            raise SourceError(f"'{name}' is missing from {path}")
+        return f  # type: ignore[return-value]
+
+    try:
+        src = _layout(open_file, "oci-archive", path, ref, opts)
+    except BaseException:
+        tar.close()
+        raise
+    return dataclasses.replace(src, close=tar.close)
+
+
+def _layout(
+    open_file: Callable[[str], BinaryIO], transport: str, where: str, ref: str | None, opts: SourceOptions
+) -> ImageSource:
+    """The image in an OCI layout whose files ``open_file`` opens by their names in it."""
+
     def blob(digest: str) -> str:
         algo, _, hexd = digest.partition(":")
         if algo != "sha256" or not hexd.isalnum():
             raise SourceError(f"unsupported digest '{digest}'")
-        return os.path.join(root, "blobs", algo, hexd)
+        return f"blobs/{algo}/{hexd}"
 
     def read_verified(digest: str) -> bytes:
-        try:
-            with open(blob(digest), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise SourceError(f"blob {digest[:19]} is missing from {root}") from None
+        with open_file(blob(digest)) as f:
+            data = f.read()
         if _sha(data) != digest:
             raise SourceError(f"blob {digest[:19]} is corrupt")
         return data
 
     try:
-        with open(os.path.join(root, "index.json"), "rb") as f:
+        with open_file("index.json") as f:
             index = json.load(f)
-    except (OSError, ValueError):
-        raise SourceError(f"'{root}' is not an OCI image layout (no readable index.json)") from None
-    manifests = index.get("manifests", [])
+    except (SourceError, OSError, ValueError):
+        raise SourceError(f"'{where}' is not an OCI image layout (no readable index.json)") from None
+    manifests = index.get("manifests", []) if isinstance(index, dict) else []
     if ref is not None:
         manifests = [m for m in manifests if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref]
         if not manifests:
-            raise SourceError(f"no image '{ref}' in {root}")
+            raise SourceError(f"no image '{ref}' in {where}")
     elif len(manifests) != 1:
-        raise SourceError(f"{root} holds {len(manifests)} images: name one as oci:{root}:REF")
+        raise SourceError(f"{where} holds {len(manifests)} images: name one as {transport}:{where}:REF")
     desc = manifests[0]
     manifest = json.loads(read_verified(desc["digest"]))
     if "manifests" in manifest:  # an image index: pick the platform
@@ -186,7 +232,7 @@ def _oci(root: str, ref: str | None, opts: SourceOptions) -> ImageSource:
     if len(blobs) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
     layers = [
-        LayerRef(d, b["digest"], (lambda p=blob(b["digest"]): open(p, "rb")), b.get("size"))  # type: ignore[misc]
+        LayerRef(d, b["digest"], (lambda n=blob(b["digest"]): open_file(n)), b.get("size"))  # type: ignore[misc]
         for d, b in zip(ids, blobs, strict=True)
     ]
     name = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")

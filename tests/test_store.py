@@ -77,6 +77,20 @@ def test_docker_archive_and_dedup(image: Path, tmp_path: Path) -> None:
         um("umount", mnt)
     info = json.loads(um("image", "--root", store, "inspect", "demo:2").stdout)
     assert info["Volumes"] == {"/data": {}} and info["Cmd"] == ["sh"] and len(info["Layers"]) == 3
+    oci_tar = tmp_path / "oci.tar"  # the same image as a tar of its OCI layout (podman save --format oci-archive)
+    subprocess.run(
+        ["skopeo", "copy", f"oci:{image}/img:t", f"oci-archive:{oci_tar}:v3"], check=True, capture_output=True
+    )
+    r = um("image", "--root", store, "import", f"oci-archive:{oci_tar}:v3", "--tag", "demo:3")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(um("image", "--root", store, "inspect", "demo:3").stdout)["Layers"] == info["Layers"]
+    assert sum(1 for p in (store / "blobs").rglob("*") if p.is_file()) == nblobs
+    for spec, needle in (
+        (f"oci-archive:{oci_tar}:nope", "no image 'nope'"),
+        (f"oci-archive:{archive}", "no index.json"),
+    ):
+        r = um("image", "--root", store, "import", spec)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_zstd_layers_from_skopeo(image: Path, tmp_path: Path) -> None:

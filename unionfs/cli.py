@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     isub = im.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
     imp = isub.add_parser(
         "import",
-        help="import oci:DIR[:REF], docker-archive:FILE[:REF], docker://REFERENCE, "
+        help="import oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:REF], docker://REFERENCE, "
         "or a flat root filesystem tarball FILE|- (docker import)",
     )
     imp.add_argument("source", metavar="SOURCE")
@@ -390,9 +390,10 @@ def _image(ns: argparse.Namespace) -> int:
 
 
 def _is_tarball(source: str) -> bool:
-    """``-`` or a file named without a transport (``oci:``, ``docker-archive:``, ``docker://``)."""
+    """``-`` or a file named without a transport (``oci:``, ``oci-archive:``, ``docker-archive:``, ``docker://``)."""
     transport = source.partition(":")[0]
-    return source == "-" or (transport not in ("oci", "docker-archive", "docker") and os.path.isfile(source))
+    transports = ("oci", "oci-archive", "docker-archive", "docker")
+    return source == "-" or (transport not in transports and os.path.isfile(source))
 
 
 def _volume(ns: argparse.Namespace) -> int:
