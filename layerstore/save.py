@@ -1,5 +1,5 @@
-"""Writing an image out: ``oci:DIR[:REF]`` (an OCI image layout), ``docker-archive:FILE[:NAME:TAG]``
-and ``docker://REF`` (a registry, :func:`push`).
+"""Writing an image out: ``oci:DIR[:REF]`` (an OCI image layout), ``oci-archive:FILE[:REF]`` (one as
+a tar), ``docker-archive:FILE[:NAME:TAG]`` and ``docker://REF`` (a registry, :func:`push`).
 
 Each layer's tar is written again from the store's record of it (the entries,
 with whiteouts and opaque markers in the OCI form, hard links as links, file
@@ -12,8 +12,8 @@ id) may differ from the original archive's. What ``skopeo``, ``umoci`` and
 
 Guarantees: an OCI layout is written blobs first, ``index.json`` last (through a
 rename), so a reader never sees a manifest whose blobs are missing; other images
-already in the layout are kept. A docker archive is written to ``FILE.part``
-and renamed into place. A push sends the manifest after every blob, so the tag
+already in the layout are kept. An archive (oci or docker) is written to
+``FILE.part`` and renamed into place. A push sends the manifest after every blob, so the tag
 never names an image the registry cannot serve whole.
 """
 
@@ -28,7 +28,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,22 +150,26 @@ def _image_blobs(store: Store, image_id: bytes, tmpdir: str) -> Iterator[tuple[_
 
 
 def save(store: Store, name: str, dest: str, opts: SourceOptions | None = None) -> str:
-    """Write image ``name`` to ``dest`` (``oci:DIR[:REF]``, ``docker-archive:FILE[:NAME:TAG]``, ``docker://REF``)."""
+    """Write image ``name`` to ``dest`` (``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
+    ``docker-archive:FILE[:NAME:TAG]``, ``docker://REF``)."""
     image_id = store.resolve(name)
     full = next((i.name for i in store.images() if i.image_id == image_id.decode() and i.name == name), None)
     full = full or next((i.name for i in store.images() if i.image_id == image_id.decode()), name)
     transport, _, rest = dest.partition(":")
     if not rest:
-        raise StoreError(f"'{dest}' is not oci:DIR[:REF] or docker-archive:FILE[:NAME:TAG]")
+        raise StoreError(f"'{dest}' is not oci:DIR[:REF], oci-archive:FILE[:REF] or docker-archive:FILE[:NAME:TAG]")
     if transport == "oci":
         path, _, ref = rest.partition(":")
         return _save_oci(store, image_id, path, ref or full.rsplit(":", 1)[1])
+    if transport == "oci-archive":
+        path, _, ref = rest.partition(":")
+        return _save_oci_archive(store, image_id, path, ref or full.rsplit(":", 1)[1])
     if transport == "docker-archive":
         path, _, ref = rest.partition(":")
         return _save_docker(store, image_id, path, ref or full)
     if transport == "docker":
         return push(store, name, rest, opts)[0]
-    raise StoreError(f"unknown transport '{transport}' (use oci:, docker-archive: or docker://)")
+    raise StoreError(f"unknown transport '{transport}' (use oci:, oci-archive:, docker-archive: or docker://)")
 
 
 def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -> tuple[str, int, int]:
@@ -283,7 +287,11 @@ def replacing(path: str) -> Iterator[BinaryIO]:
         raise
 
 
-def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:
+@contextmanager
+def _archive(
+    store: Store, image_id: bytes, path: str
+) -> Iterator[tuple[Callable[[str, str | bytes], None], _Blob, list[_Blob]]]:
+    """(put(name, file or bytes), config, layers) for writing an image as the tar ``path``, replaced whole."""
     tmproot = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(tmproot, exist_ok=True)
@@ -308,6 +316,26 @@ def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:
                 with open(src, "rb") as f:
                     tar.addfile(t, f)
 
+        yield put, cfg, layers
+
+
+def _save_oci_archive(store: Store, image_id: bytes, path: str, ref: str) -> str:
+    """An OCI layout of the one image, as one tar (what ``podman save --format oci-archive`` writes)."""
+    with _archive(store, image_id, path) as (put, cfg, layers):
+        put("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        for b in [*layers, cfg]:
+            put(f"blobs/sha256/{b.digest[7:]}", b.path)
+        raw = _manifest(cfg, layers)
+        mdigest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        put(f"blobs/sha256/{mdigest[7:]}", raw)
+        desc = {"mediaType": MANIFEST_TYPE, "digest": mdigest, "size": len(raw)}
+        desc["annotations"] = {"org.opencontainers.image.ref.name": ref}  # type: ignore[assignment]
+        put("index.json", json.dumps({"schemaVersion": 2, "manifests": [desc]}).encode())
+    return mdigest
+
+
+def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:
+    with _archive(store, image_id, path) as (put, cfg, layers):
         names = []
         for b in layers:
             name = f"{b.digest[7:]}/layer.tar"

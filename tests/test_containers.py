@@ -152,11 +152,19 @@ def test_diff_commit_save_roundtrip(image: Path, tmp_path: Path) -> None:
         tmp_path,
     )
     assert view(tmp_path / "conv-u" / "rootfs") == seen
-    # podman loads both (its own storage here, vfs driver)
+    # and as an oci-archive (the layout as one tar)
+    oci_tar = tmp_path / "app-oci.tar"
+    assert um("image", "--root", store, "save", "app:1", f"oci-archive:{oci_tar}").returncode == 0
+    sh(
+        f"skopeo copy oci-archive:{oci_tar} oci:{tmp_path / 'conv2'}:x && umoci unpack --image conv2:x conv2-u",
+        tmp_path,
+    )
+    assert view(tmp_path / "conv2-u" / "rootfs") == seen
+    # podman loads all three (its own storage here, vfs driver)
     runroot = tempfile.mkdtemp(prefix="pdr.")  # podman wants a short runroot path
     podman = ["podman", "--root", str(tmp_path / "pd"), "--runroot", runroot, "--storage-driver", "vfs"]
     try:
-        for src in (archive, out):
+        for src in (archive, out, oci_tar):
             r = subprocess.run([*podman, "load", "-i", str(src)], capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stderr
         r = subprocess.run([*podman, "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True)

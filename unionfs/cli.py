@@ -147,7 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--format", choices=("table", "json"), default="table")
     isub.add_parser("inspect", help="an image's config as JSON").add_argument("name", metavar="NAME")
     isub.add_parser("rm", help="remove an image name").add_argument("name", metavar="NAME")
-    sv = isub.add_parser("save", help="write an image as oci:DIR[:REF], docker-archive:FILE[:NAME:TAG], docker://REF")
+    sv = isub.add_parser(
+        "save",
+        help="write an image as oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:NAME:TAG], docker://REF",
+    )
     sv.add_argument("name", metavar="NAME")
     sv.add_argument("dest", metavar="DEST")
     _registry_options(sv)
