@@ -15,6 +15,7 @@ unreadable tarball is a :class:`~layerstore.oci.SourceError` with one line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -162,7 +163,5 @@ def _pairs(arg: str, change: str) -> dict[str, str]:
 
 
 def _unlink_quiet(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

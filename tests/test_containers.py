@@ -144,22 +144,13 @@ def test_diff_commit_save_roundtrip(image: Path, tmp_path: Path) -> None:
         names = t.getnames()
     assert "d/.wh.abs-link" in names and "gone" not in names and ".wh.gone" in names
     assert "usr/share/apt/.wh..wh..opq" in names and "usr/share/.wh.bash" in names
-    # and as a docker archive: skopeo converts it, a fresh store imports it
-    archive = tmp_path / "app.tar"
-    assert um("image", "--root", store, "save", "app:1", f"docker-archive:{archive}").returncode == 0
-    sh(
-        f"skopeo copy docker-archive:{archive} oci:{tmp_path / 'conv'}:x && umoci unpack --image conv:x conv-u",
-        tmp_path,
-    )
-    assert view(tmp_path / "conv-u" / "rootfs") == seen
-    # and as an oci-archive (the layout as one tar)
-    oci_tar = tmp_path / "app-oci.tar"
-    assert um("image", "--root", store, "save", "app:1", f"oci-archive:{oci_tar}").returncode == 0
-    sh(
-        f"skopeo copy oci-archive:{oci_tar} oci:{tmp_path / 'conv2'}:x && umoci unpack --image conv2:x conv2-u",
-        tmp_path,
-    )
-    assert view(tmp_path / "conv2-u" / "rootfs") == seen
+    # and as a docker archive and an oci-archive (the layout as one tar): skopeo converts each
+    archive, oci_tar = tmp_path / "app.tar", tmp_path / "app-oci.tar"
+    for transport, path in (("docker-archive", archive), ("oci-archive", oci_tar)):
+        assert um("image", "--root", store, "save", "app:1", f"{transport}:{path}").returncode == 0
+        sh(f"skopeo copy {transport}:{path} oci:c-{transport}:x && umoci unpack --image c-{transport}:x u", tmp_path)
+        assert view(tmp_path / "u" / "rootfs") == seen
+        shutil.rmtree(tmp_path / "u")
     # podman loads all three (its own storage here, vfs driver)
     runroot = tempfile.mkdtemp(prefix="pdr.")  # podman wants a short runroot path
     podman = ["podman", "--root", str(tmp_path / "pd"), "--runroot", runroot, "--storage-driver", "vfs"]
