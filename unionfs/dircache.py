@@ -104,6 +104,8 @@ class DirCache:
             raise RuntimeError(f"libfuse {libfuse[0]}.{libfuse[1]} is not a version this was checked against")
         self._bits = _KEEP_CACHE | _CACHE_READDIR[libfuse]
         self._slot = anchor - syms[_ANCHOR_SYMBOL] + syms[_RETVAL_SYMBOL]
+        self._pointer = ctypes.c_void_p.from_address(self._slot)  # views of the slot, made once: read per call
+        self._object = ctypes.py_object.from_address(self._slot)
 
     def mark(self, ino: int) -> bool:
         """Set ``keep_cache`` and ``cache_readdir`` on the pending reply to opening ``ino``.
@@ -125,9 +127,9 @@ class DirCache:
         return True
 
     def _container(self) -> object | None:
-        if ctypes.c_void_p.from_address(self._slot).value is None:
+        if self._pointer.value is None:
             return None
-        coro = ctypes.py_object.from_address(self._slot).value
+        coro = self._object.value
         if getattr(coro, "__name__", None) != "fuse_opendir_async":
             return None
         for scope in gc.get_referents(coro):
