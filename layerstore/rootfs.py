@@ -34,7 +34,7 @@ _CHUNK = 1 << 20
 
 def open_rootfs(
     path: str,
-    tmpdir: str,
+    tmpdir: str,  # an existing directory (the store's tmp/)
     changes: Sequence[str] = (),
     message: str | None = None,
     platform: str | None = None,
@@ -43,7 +43,6 @@ def open_rootfs(
     config: dict[str, Any] = {}
     for change in changes:
         apply_change(config, change)
-    os.makedirs(tmpdir, exist_ok=True)
     tmp = os.path.join(tmpdir, f"{os.getpid()}.rootfs-{time.monotonic_ns()}")
     try:
         diff_id = _spool(path, tmp)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from . import tarwrite
 from .entry import Entry
@@ -212,6 +212,16 @@ def _manifest(cfg: _Blob, layers: list[_Blob], layer_type: str = LAYER_TYPE) -> 
     return json.dumps(manifest, separators=(",", ":")).encode()
 
 
+def _index_entry(manifest: bytes, ref: str) -> dict[str, Any]:
+    """The ``index.json`` entry naming ``manifest`` as ``ref``."""
+    return {
+        "mediaType": MANIFEST_TYPE,
+        "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
+        "size": len(manifest),
+        "annotations": {"org.opencontainers.image.ref.name": ref},
+    }
+
+
 def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
     blobs_dir = os.path.join(root, "blobs", "sha256")
     try:
@@ -230,7 +240,8 @@ def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
         ),
     ):
         raw = _manifest(cfg, layers)
-        mdigest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        entry = _index_entry(raw, ref)
+        mdigest = entry["digest"]
         for b in [*layers, cfg]:
             os.replace(b.path, os.path.join(blobs_dir, b.digest[7:]))
         with open(os.path.join(blobs_dir, mdigest[7:]), "wb") as f:
@@ -248,14 +259,7 @@ def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
             for m in index.get("manifests", [])
             if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != ref
         ]
-        index["manifests"].append(
-            {
-                "mediaType": MANIFEST_TYPE,
-                "digest": mdigest,
-                "size": len(raw),
-                "annotations": {"org.opencontainers.image.ref.name": ref},
-            }
-        )
+        index["manifests"].append(entry)
         with open(index_path + ".tmp", "w") as f:
             json.dump(index, f)
         os.replace(index_path + ".tmp", index_path)
@@ -326,12 +330,10 @@ def _save_oci_archive(store: Store, image_id: bytes, path: str, ref: str) -> str
         for b in [*layers, cfg]:
             put(f"blobs/sha256/{b.digest[7:]}", b.path)
         raw = _manifest(cfg, layers)
-        mdigest = "sha256:" + hashlib.sha256(raw).hexdigest()
-        put(f"blobs/sha256/{mdigest[7:]}", raw)
-        desc = {"mediaType": MANIFEST_TYPE, "digest": mdigest, "size": len(raw)}
-        desc["annotations"] = {"org.opencontainers.image.ref.name": ref}  # type: ignore[assignment]
+        desc = _index_entry(raw, ref)
+        put(f"blobs/sha256/{desc['digest'][7:]}", raw)
         put("index.json", json.dumps({"schemaVersion": 2, "manifests": [desc]}).encode())
-    return mdigest
+    return desc["digest"]
 
 
 def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:

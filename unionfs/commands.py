@@ -47,11 +47,7 @@ def open_store(root: str | None, *, readonly: bool = False, create: bool = False
 def image_import(root: str | None, source: str, tag: str | None, **options: Any) -> int:
     """``options``: those of :func:`_source_options`."""
     opts = _source_options(**options)
-    start = time.monotonic()
-    with open_store(root, create=True) as store, _progress() as progress:
-        name, image_id = store.import_image(source, tag, progress, opts)
-    print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
-    return 0
+    return _importing(root, lambda store, progress: store.import_image(source, tag, progress, opts))
 
 
 def image_import_rootfs(
@@ -59,9 +55,16 @@ def image_import_rootfs(
 ) -> int:
     """``docker import``: a flat root filesystem tarball (``-``: stdin) as a one-layer image."""
     _source_options(platform)
+    return _importing(
+        root, lambda store, progress: store.import_rootfs(path, tag, changes, message, platform, progress)
+    )
+
+
+def _importing(root: str | None, run: Callable[[Store, Any], tuple[str, str]]) -> int:
+    """Run one import with a progress bar on a terminal; print the image's name, id and the time taken."""
     start = time.monotonic()
     with open_store(root, create=True) as store, _progress() as progress:
-        name, image_id = store.import_rootfs(path, tag, changes, message, platform, progress)
+        name, image_id = run(store, progress)
     print(f"{name} {image_id[7:19]} ({time.monotonic() - start:.1f}s)")
     return 0
 
