@@ -132,6 +132,7 @@ class MountConfig:
     writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
     timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
+    fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuseloop) or pyfuse3.main()
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -155,10 +156,10 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': writeback takes 0 or 1")
                 cfg.writeback = value == "1"
-            elif key == "dircache":
+            elif key in ("dircache", "fastloop"):
                 if value not in ("0", "1"):
-                    raise UsageError(f"'{item}': dircache takes 0 or 1")
-                cfg.dircache = value == "1"
+                    raise UsageError(f"'{item}': {key} takes 0 or 1")
+                setattr(cfg, key, value == "1")
             elif key == "timeout":
                 try:
                     cfg.timeout = float(value)

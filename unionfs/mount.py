@@ -22,6 +22,7 @@ import trio
 from . import stats
 from .config import MountConfig, UsageError
 from .fs import TIMEOUT, Options, UnionFS
+from .fuseloop import RequestLoop
 from .operations import Operations
 
 log = logging.getLogger("unionmount")
@@ -58,10 +59,12 @@ def writeback_wanted(cfg: MountConfig) -> bool:
     return cfg.upper is not None and not cfg.read_only and all(g.kind == "tmpfs" for g in cfg.grafts)
 
 
-async def _serve() -> None:
+async def _serve(fast: bool) -> None:
+    loop = RequestLoop.create() if fast else None
+    stats.SETTINGS["fastloop"] = lambda: loop is not None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, nursery.cancel_scope)
-        await pyfuse3.main()
+        await (loop.run() if loop is not None else pyfuse3.main())
         nursery.cancel_scope.cancel()
 
 
@@ -165,10 +168,10 @@ def _raise_readahead(mountpoint: str) -> None:
         log.debug("readahead left as it is: %s", e)
 
 
-def _run(stack: ExitStack) -> int:
+def _run(stack: ExitStack, fast: bool) -> int:
     unmounted = False
     try:
-        trio.run(_serve)
+        trio.run(_serve, fast)
         unmounted = True
     finally:
         try:
@@ -186,7 +189,7 @@ def mount(cfg: MountConfig) -> int:
         _setup_logging(cfg)
         _, stack = _start(cfg)
         log.info("mounted %s", cfg.mountpoint)
-        return _run(stack)
+        return _run(stack, cfg.fastloop)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
@@ -217,7 +220,7 @@ def mount(cfg: MountConfig) -> int:
     os.write(wfd, b"ok")
     os.close(wfd)
     try:
-        code = _run(stack)
+        code = _run(stack, cfg.fastloop)
     except BaseException:  # noqa: BLE001
         log.exception("daemon failed")
         os._exit(1)

@@ -1,0 +1,207 @@
+"""The daemon's request loop: pyfuse3's handlers, without a scheduler round trip per request.
+
+``pyfuse3.main()`` hands the FUSE device from worker to worker through a ``trio.Lock``
+and waits for it to become readable before every request, so each request costs a
+lock hand-off and a trip through trio's scheduler and epoll: 36-40 µs a request where
+this loop takes 22-25 µs (a file system that answers every ``getxattr`` with ENODATA,
+one client asking in a loop; see ``perf/README.md``).
+
+:class:`RequestLoop` reads the device without blocking and hands each request to
+libfuse's ``fuse_session_process_buf``, which calls pyfuse3's own handler; the handler
+leaves the coroutine that will run our operation and reply in pyfuse3's ``py_retval``
+(see :mod:`unionfs.pyfuse3_abi`). The loop takes it from there and runs it in the same
+task. It waits for the device only when there is nothing to read.
+
+Concurrency is pyfuse3's: a request whose handler blocks (a copy-up awaiting a worker
+thread, a contended lock) must not stall the others, so when a handler first yields to
+trio the loop makes sure another worker is reading the device, starting one if none
+is (up to :data:`MAX_WORKERS`). A worker that finds the device empty while another is
+already waiting on it ends. A worker yields to trio at least every :data:`FAIRNESS`
+requests, so that signals and finished threads are seen under a steady stream.
+
+Guarantees: :meth:`RequestLoop.create` returns None (and the daemon runs
+``pyfuse3.main()``) unless every fact it relies on is checked (see
+:mod:`unionfs.pyfuse3_abi`). Every coroutine a handler leaves is run to its end, exactly
+once, and ``py_retval`` holds it while its first step runs (as under ``pyfuse3.main``)
+and None again before any other request is processed, with the references counted as
+pyfuse3 counts them. The loop ends when the session ends: unmount, or
+``pyfuse3.terminate()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import types
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import pyfuse3_abi
+
+log = logging.getLogger(__name__)
+
+MAX_WORKERS = 99  # as pyfuse3.main
+FAIRNESS = 64  # requests a worker may serve in a row without yielding to trio
+
+
+class _FuseBuf(ctypes.Structure):
+    """libfuse's ``struct fuse_buf`` (3.17 appended ``mem_size``; 3.14 ignores it)."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+        ("mem", ctypes.c_void_p),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),
+        ("mem_size", ctypes.c_size_t),
+    ]
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, Any, None]:
+    """Go on running ``coro`` in the awaiting task, from the trap its first step yielded."""
+    while True:
+        try:
+            value = yield trap
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 - trio delivers cancellation this way
+            try:
+                trap = coro.throw(e)
+            except StopIteration:
+                return
+        else:
+            try:
+                trap = coro.send(value)
+            except StopIteration:
+                return
+
+
+class RequestLoop:
+    """Serves the mounted pyfuse3 session until it ends."""
+
+    def __init__(self) -> None:
+        addr = pyfuse3_abi.statics(pyfuse3_abi.SESSION, pyfuse3_abi.RETVAL)
+        session = ctypes.c_void_p.from_address(addr[pyfuse3_abi.SESSION]).value
+        if not session:
+            raise pyfuse3_abi.Unsupported("pyfuse3 has no session (init() not called)")
+        self._session = session
+        self._slot = ctypes.c_void_p.from_address(addr[pyfuse3_abi.RETVAL])
+        self._held = ctypes.py_object.from_address(addr[pyfuse3_abi.RETVAL])
+        lib = pyfuse3_abi.libfuse()
+        self._receive = lib.fuse_session_receive_buf
+        self._receive.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._receive.restype = ctypes.c_int
+        self._process = lib.fuse_session_process_buf
+        self._process.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._process.restype = None
+        self._exited = lib.fuse_session_exited
+        self._exited.argtypes = [ctypes.c_void_p]
+        self._exited.restype = ctypes.c_int
+        fd_of = lib.fuse_session_fd
+        fd_of.argtypes = [ctypes.c_void_p]
+        fd_of.restype = ctypes.c_int
+        self._fd = fd_of(session)
+        self._incref = ctypes.pythonapi.Py_IncRef
+        self._incref.argtypes = [ctypes.py_object]
+        self._decref = ctypes.pythonapi.Py_DecRef
+        self._decref.argtypes = [ctypes.py_object]
+        self._free = ctypes.CDLL(None).free
+        self._free.argtypes = [ctypes.c_void_p]
+        self._workers = 0
+        self._waiting = False  # a worker is waiting for the device to become readable
+        self._nursery: trio.Nursery | None = None
+
+    @classmethod
+    def create(cls) -> RequestLoop | None:
+        """The loop for pyfuse3's mounted session, or None where its insides are not the checked ones."""
+        try:
+            return cls()
+        except Exception as e:  # noqa: BLE001 - any surprise means: pyfuse3's own loop
+            log.info("own request loop unavailable, using pyfuse3's: %s", e)
+            return None
+
+    async def run(self) -> None:
+        """Serve requests until the session ends (what ``pyfuse3.main()`` does)."""
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        pyfuse3.trio_token = trio.lowlevel.current_trio_token()  # as pyfuse3.main sets it
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._start_worker()
+        finally:
+            self._nursery = None
+            pyfuse3.trio_token = None
+
+    def _start_worker(self) -> None:
+        assert self._nursery is not None
+        self._workers += 1
+        self._nursery.start_soon(self._worker)
+
+    def _clear(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Put None back in ``py_retval`` (which held ``coro``), counting references as Cython does."""
+        self._incref(None)  # the slot's reference to None
+        self._slot.value = id(None)
+        self._decref(coro)  # the slot's reference to the coroutine; the caller keeps its own
+
+    async def _worker(self) -> None:
+        buf = _FuseBuf()
+        ref = ctypes.byref(buf)
+        session, receive, fd = self._session, self._receive, self._fd
+        served = 0
+        try:
+            while not self._exited(session):
+                res = receive(session, ref)
+                if res == -errno.EAGAIN:
+                    if self._waiting:  # another worker is already listening: this one is spare
+                        return
+                    self._waiting = True
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:  # pyfuse3.terminate()
+                        return
+                    finally:
+                        self._waiting = False
+                    served = 0
+                    continue
+                if res == -errno.EINTR:
+                    continue
+                if res < 0:
+                    raise OSError(-res, f"fuse_session_receive_buf failed: {os.strerror(-res)}")
+                if res == 0:  # unmounted
+                    return
+                await self._serve_one(ref)
+                served += 1
+                if served >= FAIRNESS:
+                    served = 0
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._workers -= 1
+            if buf.mem:
+                self._free(buf.mem)
+            if self._exited(session) and self._workers:
+                trio.lowlevel.notify_closing(fd)  # wake the worker still waiting on the device
+
+    async def _serve_one(self, ref: Any) -> None:
+        self._process(self._session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
+        if self._slot.value == id(None):  # answered inside libfuse (INIT, FORGET, ...)
+            return
+        coro: Coroutine[Any, Any, Any] = self._held.value
+        try:
+            trap = coro.send(None)  # the first step, with the coroutine still in py_retval
+        except StopIteration:
+            return
+        finally:
+            self._clear(coro)
+        # The handler waits (a thread, a lock): keep someone reading the device meanwhile.
+        if not self._waiting and self._workers < MAX_WORKERS:
+            self._start_worker()
+        await _resume(coro, trap)
