@@ -288,11 +288,16 @@ def test_the_kernel_keeps_listings_until_they_change(layers: dict[str, Path]) ->
         (m / "d" / "new").touch()
         assert sorted(os.listdir(m / "d")) == sorted([*first, "new"])
         assert _requests(m, "readdir") > before
-    with union(layers["m"], [layers["l1"], layers["l2"]], extra=["-o", "dircache=0"]) as m:
-        os.listdir(m / "d")
-        before = _requests(m, "readdir")
-        os.listdir(m / "d")
-        assert _requests(m, "readdir") > before
+        # Directories are listed without being opened: OPENDIR was answered ENOSYS once.
+        assert (_requests(m, "opendir"), _requests(m, "releasedir")) == (1, 0)
+    for options in ("dircache=0", "fastloop=0"):  # without our loop, the listing cache goes through opendir
+        with union(layers["m"], [layers["l1"], layers["l2"]], extra=["-o", options]) as m:
+            for d in ("d", "d", "lowdir", "lowdir"):
+                os.listdir(m / d)
+            assert _requests(m, "opendir") == 4
+            before = _requests(m, "readdir")
+            os.listdir(m / "d")
+            assert (_requests(m, "readdir") > before) == (options == "dircache=0")
 
 
 def test_one_device_and_statfs(layers: dict[str, Path]) -> None:

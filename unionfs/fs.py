@@ -15,9 +15,11 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from . import override, stats
 from .config import Graft
@@ -157,6 +159,8 @@ class UnionFS:
         self.lock = Mutex()
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
+        self._request_ino: Callable[[], int] | None = None  # see list_without_open
+        self._unopened_dirs: OrderedDict[int, DirHandle] = OrderedDict()
         self.dircache = DirCache() if opts.dircache else None
         stats.SETTINGS["writeback"] = lambda: opts.writeback
         stats.SETTINGS["dircache"] = lambda: self.dircache is not None and self.dircache.enabled
@@ -448,12 +452,30 @@ class UnionFS:
         for ino, n in items:
             self.table.forget(ino, n)
 
+    def list_without_open(self, request_ino: Callable[[], int]) -> bool:
+        """Let the kernel list directories without opening them; True if taken.
+
+        ``request_ino`` gives the inode of the request being served (pyfuse3 does not
+        pass it to ``readdir``; :class:`unionfs.fuseloop.RequestLoop` reads it). From
+        then on OPENDIR is answered ENOSYS, after which the kernel never sends OPENDIR or
+        RELEASEDIR again and keeps every directory's listing (FOPEN_CACHE_DIR), dropping
+        it on each change made through the mount. A volume or bind can change behind the
+        mount, so after each complete listing of one of theirs the kernel is told to
+        forget it (:meth:`_forget_listing`). Only with the listing cache on (``dircache``).
+        """
+        if self.dircache is None:
+            return False
+        self._request_ino = request_ino
+        return True
+
     def opendir(self, ino: int) -> int:
         """A handle for listing ``ino``; the kernel may keep the listing if the union's realm owns it.
 
         Only the union's own directories change solely through this mount (each change
         makes the kernel drop its copy); a volume or bind can change behind it.
         """
+        if self._request_ino is not None:
+            raise _err(errno.ENOSYS)  # see list_without_open
         node = self.node(ino)
         fh = self._fh()
         self.dirs[fh] = DirHandle(node)
@@ -461,18 +483,54 @@ class UnionFS:
             self.dircache.mark(ino)
         return fh
 
+    def _unopened(self, start: int) -> DirHandle:
+        """The listing state of a directory the kernel did not open: one per directory, kept from offset 0."""
+        assert self._request_ino is not None
+        node = self.node(self._request_ino())
+        h = self._unopened_dirs.get(node.ino)
+        if h is None or h.node is not node:
+            h = self._unopened_dirs[node.ino] = DirHandle(node)
+            if len(self._unopened_dirs) > LISTING_CACHE:
+                self._unopened_dirs.popitem(last=False)
+        else:
+            self._unopened_dirs.move_to_end(node.ino)
+        return h
+
+    def _forget_listing(self, ino: int) -> None:
+        """After this reply, drop the kernel's copy of the listing of ``ino`` (a volume's or bind's).
+
+        Runs once the reply is written (the next scheduler batch): the kernel filled its
+        copy while parsing the earlier replies, so the pages it drops are the complete
+        listing, and the next listing asks again.
+        """
+
+        def forget() -> None:
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            except OSError:
+                pass  # unmounted meanwhile, or the inode is gone: nothing kept
+
+        trio.lowlevel.current_trio_token().run_sync_soon(forget)
+
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
-        h = self.dirs[fh]
+        h = self.dirs[fh] if fh else self._unopened(start)
         if start == 0 or h.names is None:
             self._take_listing(h)  # rewinddir sees changes
+        if self._send_entries(h, start, token) == 0 and not fh and h.node.realm:
+            self._forget_listing(h.node.ino)  # the empty reply that ends a listing
+
+    def _send_entries(self, h: DirHandle, start: int, token: pyfuse3.ReaddirToken) -> int:
+        """Reply with the entries from ``start`` on; returns how many, or -1 if the reply is full."""
         names = h.names
         assert names is not None
+        sent = 0
         for i in range(start, len(names)):
             name = names[i]
             if i < 2:
                 target = h.node if i == 0 else (h.node.links[0][0] if h.node.links else h.node)
                 if not pyfuse3.readdir_reply(token, name, _dot_attrs(target.ino), i + 1):
-                    return
+                    return -1
+                sent += 1
                 continue
             graft = self._graft_root(h.node, name)
             if graft is not None:
@@ -495,8 +553,10 @@ class UnionFS:
                 continue
             if not pyfuse3.readdir_reply(token, name, a, i + 1):
                 self.table.maybe_drop(node)
-                return
+                return -1
             self.table.remember(node)
+            sent += 1
+        return sent
 
     def _take_listing(self, h: DirHandle) -> None:
         """The names of an open directory, and for one that lies only in lower layers, their resolutions.

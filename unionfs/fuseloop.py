@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MAX_WORKERS = 99  # as pyfuse3.main
 FAIRNESS = 64  # requests a worker may serve in a row without yielding to trio
+_NODEID = 16  # struct fuse_in_header: u32 len, u32 opcode, u64 unique, u64 nodeid, ...
 
 
 class _FuseBuf(ctypes.Structure):
@@ -115,6 +116,7 @@ class RequestLoop:
         self._decref.argtypes = [ctypes.py_object]
         self._free = ctypes.CDLL(None).free
         self._free.argtypes = [ctypes.c_void_p]
+        self.nodeid = 0  # the inode the request being started is about (fuse_in_header.nodeid)
         self._workers = 0
         self._waiting = False  # a worker is waiting for the device to become readable
         self._nursery: trio.Nursery | None = None
@@ -156,6 +158,7 @@ class RequestLoop:
         buf = _FuseBuf()
         ref = ctypes.byref(buf)
         session, receive, fd = self._session, self._receive, self._fd
+        nodeid: ctypes.c_uint64 | None = None  # a view of the header in this worker's buffer
         served = 0
         try:
             while not self._exited(session):
@@ -178,6 +181,9 @@ class RequestLoop:
                     raise OSError(-res, f"fuse_session_receive_buf failed: {os.strerror(-res)}")
                 if res == 0:  # unmounted
                     return
+                if nodeid is None:  # libfuse allocated the buffer at the first read; it stays
+                    nodeid = ctypes.c_uint64.from_address(buf.mem + _NODEID)
+                self.nodeid = nodeid.value
                 await self._serve_one(ref)
                 served += 1
                 if served >= FAIRNESS:

@@ -59,9 +59,11 @@ def writeback_wanted(cfg: MountConfig) -> bool:
     return cfg.upper is not None and not cfg.read_only and all(g.kind == "tmpfs" for g in cfg.grafts)
 
 
-async def _serve(fast: bool) -> None:
+async def _serve(fs: UnionFS, fast: bool) -> None:
     loop = RequestLoop.create() if fast else None
     stats.SETTINGS["fastloop"] = lambda: loop is not None
+    unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid)
+    stats.SETTINGS["opendir"] = lambda: not unopened
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, nursery.cancel_scope)
         await (loop.run() if loop is not None else pyfuse3.main())
@@ -168,10 +170,10 @@ def _raise_readahead(mountpoint: str) -> None:
         log.debug("readahead left as it is: %s", e)
 
 
-def _run(stack: ExitStack, fast: bool) -> int:
+def _run(fs: UnionFS, stack: ExitStack, fast: bool) -> int:
     unmounted = False
     try:
-        trio.run(_serve, fast)
+        trio.run(_serve, fs, fast)
         unmounted = True
     finally:
         try:
@@ -187,9 +189,9 @@ def mount(cfg: MountConfig) -> int:
     """Mount as configured; returns the exit status of the command."""
     if cfg.foreground:
         _setup_logging(cfg)
-        _, stack = _start(cfg)
+        fs, stack = _start(cfg)
         log.info("mounted %s", cfg.mountpoint)
-        return _run(stack, cfg.fastloop)
+        return _run(fs, stack, cfg.fastloop)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
@@ -205,7 +207,7 @@ def mount(cfg: MountConfig) -> int:
     os.setsid()
     _setup_logging(cfg)
     try:
-        _, stack = _start(cfg)
+        fs, stack = _start(cfg)
     except UsageError as e:
         os.write(wfd, str(e).encode())
         os._exit(2)
@@ -220,7 +222,7 @@ def mount(cfg: MountConfig) -> int:
     os.write(wfd, b"ok")
     os.close(wfd)
     try:
-        code = _run(stack, cfg.fastloop)
+        code = _run(fs, stack, cfg.fastloop)
     except BaseException:  # noqa: BLE001
         log.exception("daemon failed")
         os._exit(1)
