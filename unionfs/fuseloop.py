@@ -19,6 +19,10 @@ is (up to :data:`MAX_WORKERS`). A worker that finds the device empty while anoth
 already waiting on it ends. A worker yields to trio at least every :data:`FAIRNESS`
 requests, so that signals and finished threads are seen under a steady stream.
 
+The loop also keeps the inode each request is about (:attr:`RequestLoop.nodeid`, from the
+request's header), which pyfuse3 does not pass to ``readdir``: with it the union can list
+directories the kernel did not open (:meth:`unionfs.fs.UnionFS.list_without_open`).
+
 Guarantees: :meth:`RequestLoop.create` returns None (and the daemon runs
 ``pyfuse3.main()``) unless every fact it relies on is checked (see
 :mod:`unionfs.pyfuse3_abi`). Every coroutine a handler leaves is run to its end, exactly
