@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_WORKERS = 99  # as pyfuse3.main
 FAIRNESS = 64  # requests a worker may serve in a row without yielding to trio
+_DONE = object()  # the handler's first step was its last
 _NODEID = 16  # struct fuse_in_header: u32 len, u32 opcode, u64 unique, u64 nodeid, ...
 
 
@@ -161,12 +162,13 @@ class RequestLoop:
     async def _worker(self) -> None:
         buf = _FuseBuf()
         ref = ctypes.byref(buf)
-        session, receive, fd = self._session, self._receive, self._fd
+        session, receive, process, fd = self._session, self._receive, self._process, self._fd
+        slot, held, none = self._slot, self._held, id(None)
         nodeid: ctypes.c_uint64 | None = None  # a view of the header in this worker's buffer
         served = 0
         try:
-            while not self._exited(session):
-                res = receive(session, ref)
+            while True:
+                res = receive(session, ref)  # 0 once the session has ended (unmount, terminate)
                 if res == -errno.EAGAIN:
                     if self._waiting:  # another worker is already listening: this one is spare
                         return
@@ -183,12 +185,27 @@ class RequestLoop:
                     continue
                 if res < 0:
                     raise OSError(-res, f"fuse_session_receive_buf failed: {os.strerror(-res)}")
-                if res == 0:  # unmounted
+                if res == 0:
                     return
                 if nodeid is None:  # libfuse allocated the buffer at the first read; it stays
                     nodeid = ctypes.c_uint64.from_address(buf.mem + _NODEID)
                 self.nodeid = nodeid.value
-                await self._serve_one(ref)
+                process(session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
+                if slot.value != none:  # else answered inside libfuse (INIT, FORGET, ...)
+                    coro: Coroutine[Any, Any, Any] = held.value
+                    try:
+                        trap = coro.send(None)  # the first step, with the coroutine still in py_retval
+                    except StopIteration:
+                        trap = _DONE
+                    finally:
+                        self._clear(coro)
+                    if trap is not _DONE:
+                        # The handler waits (a thread, a lock): keep someone reading the device meanwhile.
+                        if not self._waiting and self._workers < MAX_WORKERS:
+                            self._start_worker()
+                        await _resume(coro, trap)
+                        served = 0
+                        continue
                 served += 1
                 if served >= FAIRNESS:
                     served = 0
@@ -199,19 +216,3 @@ class RequestLoop:
                 self._free(buf.mem)
             if self._exited(session) and self._workers:
                 trio.lowlevel.notify_closing(fd)  # wake the worker still waiting on the device
-
-    async def _serve_one(self, ref: Any) -> None:
-        self._process(self._session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
-        if self._slot.value == id(None):  # answered inside libfuse (INIT, FORGET, ...)
-            return
-        coro: Coroutine[Any, Any, Any] = self._held.value
-        try:
-            trap = coro.send(None)  # the first step, with the coroutine still in py_retval
-        except StopIteration:
-            return
-        finally:
-            self._clear(coro)
-        # The handler waits (a thread, a lock): keep someone reading the device meanwhile.
-        if not self._waiting and self._workers < MAX_WORKERS:
-            self._start_worker()
-        await _resume(coro, trap)
