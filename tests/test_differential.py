@@ -204,6 +204,53 @@ def sc_umask_zero(r: Recorder, m: Path) -> None:
     r("stat", lambda: [oct(os.stat(m / p).st_mode) for p in ("suid", "open", "open/fifo", "d/new")])
 
 
+def as_nobody(m: Path, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run in ``m`` with the effective ids of nobody, so without CAP_FSETID (then back to root).
+
+    From inside the mount: the test's temporary directories above it are root's alone.
+    """
+
+    def run() -> object:
+        cwd = os.getcwd()
+        os.chdir(m)
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            return fn()
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+            os.chdir(cwd)
+
+    return run
+
+
+def sc_privileges_dropped(r: Recorder, m: Path) -> None:
+    """Writes, truncation and chown drop setuid and setgid as the VFS does: for a writer without CAP_FSETID.
+
+    Not here: a write by a non-member to a setgid file its group may not execute. The VFS
+    drops setgid there; FUSE's kernel side does not (README, "Differences").
+    """
+    modes = {"u": 0o4777, "g": 0o2777, "ug": 0o6777}
+    modes |= {"t": 0o6777, "o": 0o6777, "root": 0o6777, "c": 0o6777}
+    create = os.O_CREAT | os.O_WRONLY
+    old = os.umask(0)
+    try:
+        for name, mode in modes.items():
+            r(f"create {name}", lambda name=name, mode=mode: os.close(os.open(m / name, create, mode)))
+    finally:
+        os.umask(old)
+    r("root dir searchable by all", lambda: os.chmod(m, 0o755))
+    r("lower file made setuid", lambda: os.chmod(m / "a", 0o6777))
+    for name in ("u", "g", "ug", "a"):
+        r(f"nobody appends to {name}", as_nobody(m, lambda name=name: write(Path(name), "x", "a")))
+    r("nobody truncates t", as_nobody(m, lambda: os.truncate("t", 0)))
+    r("nobody opens o with O_TRUNC", as_nobody(m, lambda: os.close(os.open("o", os.O_WRONLY | os.O_TRUNC))))
+    r("root appends", lambda: write(m / "root", "x", "a"))
+    r("root chowns c", lambda: os.chown(m / "c", 1, 1))
+    r("modes", lambda: {n: oct(os.stat(m / n).st_mode) for n in [*modes, "a"]})
+
+
 def sc_listings_follow_changes(r: Recorder, m: Path) -> None:
     """Each directory is listed before and after every change: a listing the kernel keeps must not go stale."""
 

@@ -45,6 +45,20 @@ def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    """Whether the caller of a request has ``gid`` as its group or a supplementary one."""
+    if ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return str(gid) in line.split()[1:]
+    except OSError:
+        pass  # the caller is gone: as if not a member
+    return False
+
+
 def _dot_attrs(ino: int) -> pyfuse3.EntryAttributes:
     """Attributes for a ``.`` or ``..`` entry: the kernel takes only the number and type from them."""
     e = pyfuse3.EntryAttributes()
@@ -639,7 +653,7 @@ class UnionFS:
                 raise
             return self._data_fd(node, (io & ~os.O_ACCMODE) | (flags & os.O_ACCMODE))
 
-    async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.FileInfo:
         node = self.node(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         real = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
@@ -651,12 +665,30 @@ class UnionFS:
                 if truncating and node.metacopy:
                     copy.drop_metacopy(node)  # the open below empties the file
                 fd = self._io_fd(node, real)
+                if truncating and ctx is not None and ctx.uid != 0:
+                    self._drop_privileges(node, fd, ctx)
         else:
             fd = self._data_fd(node, real)
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, writable, node.version)
         node.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.realm == 0)  # a volume may change behind our back
+
+    def _drop_privileges(self, node: Node, fd: int, ctx: pyfuse3.RequestContext) -> None:
+        """Clear setuid and setgid as the VFS does when ``ctx`` (not root) truncates the file on open.
+
+        The kernel leaves this to the file system when the open itself truncates
+        (``O_TRUNC`` travels with OPEN); the daemon, being root, keeps the bits on the
+        file it truncates. setgid goes only if the group may execute the file or the
+        caller is not in its group; root stands for CAP_FSETID (the request does not
+        carry capabilities).
+        """
+        a = self.attrs(node)
+        kill = a.st_mode & stat.S_ISUID
+        if a.st_mode & stat.S_ISGID and (a.st_mode & stat.S_IXGRP or not _in_group(ctx, a.st_gid)):
+            kill |= stat.S_ISGID
+        if kill:
+            override.chmod(fd, stat.S_IMODE(a.st_mode) & ~kill, rootless=self.rootless)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.files[fh]

@@ -108,7 +108,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return await self.fs.open(inode, flags)
+        return await self.fs.open(inode, flags, ctx)
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:
