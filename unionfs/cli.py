@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from . import commands, grafts
+from . import commands, grafts, stats
 from .config import MountConfig, UsageError, parse_o, validate
 
 EPILOG = """\
@@ -266,27 +266,7 @@ def _umount(mnt: str, timeout: float) -> int:
 
 def _daemon_alive(mnt: str) -> bool:
     """True while a unionmount daemon serving ``mnt`` still runs."""
-    return bool(_daemon_pids(mnt))
-
-
-def _daemon_pids(mnt: str) -> list[int]:
-    """The unionmount daemons serving ``mnt`` (found by their command lines)."""
-    needle = os.fsencode(mnt)
-    me = os.getpid()
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(b"unionmount" in a or b"unionfs" in a for a in args[:3]) and any(
-            os.path.realpath(a) == needle for a in args if a
-        ):
-            out.append(int(pid))
-    return out
+    return bool(stats.daemon_pids(mnt))
 
 
 def _stats(mnt: str, fmt: str) -> int:
@@ -294,9 +274,7 @@ def _stats(mnt: str, fmt: str) -> int:
     import json
     import signal
 
-    from . import stats
-
-    pids = _daemon_pids(os.path.realpath(mnt))
+    pids = stats.daemon_pids(os.path.realpath(mnt))
     if not pids:
         raise UsageError(f"no unionmount daemon serves '{mnt}'")
     path = stats.stats_path(pids[0])

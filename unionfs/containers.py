@@ -25,6 +25,7 @@ from layerstore.blobs import syncfs
 from layerstore.save import replacing
 from layerstore.store import Store, normalize_name
 
+from . import stats
 from .changes import Change, changes
 from .commands import _human, open_store
 from .config import UsageError
@@ -42,17 +43,51 @@ def container_view(store: Store, name: str) -> Iterator[tuple[View, StoreLayer, 
     """
     rec = store.container_record(name)
     where = store.mounted_at(name)
+    upper, work = store.container_paths(name)
     if where is not None:
         try:
             syncfs(where)
+            _flush_open_files(where, upper)
         except OSError as e:
             print(f"unionmount: warning: cannot sync {where}: {e.strerror}", file=sys.stderr)
-    upper, work = store.container_paths(name)
     image_id = rec["image"].encode()
     with View(upper, [], (store, image_id), WriteDialect.probe(work), work) as view:
         image = view.lowers[-1]
         assert isinstance(image, StoreLayer)
         yield view, image, image_id
+
+
+def _flush_open_files(where: str, upper: str) -> None:
+    """fsync, through the mount, each container-layer file its daemon has open.
+
+    With the writeback cache the kernel may hold writes to a file until it is closed,
+    and ``syncfs`` of a FUSE mount does not wait for the daemon to have them (the kernel
+    asks FUSE servers for SYNCFS only on block-device mounts). fsync does wait, for the
+    one file: the files still open are the only ones that can hold such writes (closing
+    one flushes it), and the daemon has each of them open in the upper directory.
+    """
+    top = os.path.realpath(upper) + "/"
+    for pid in stats.daemon_pids(os.path.realpath(where)):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if not target.startswith(top) or target.endswith(" (deleted)"):
+                continue
+            try:
+                f = os.open(os.path.join(where, target[len(top) :]), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # renamed or removed meanwhile, or not a file: nothing of it to flush
+            try:
+                if stat.S_ISREG(os.fstat(f).st_mode):
+                    os.fsync(f)
+            finally:
+                os.close(f)
 
 
 def _image_names(store: Store) -> dict[str, list[str]]:

@@ -65,3 +65,23 @@ def dump() -> str:
         json.dump(snapshot(), f)
     os.replace(path + ".tmp", path)
     return path
+
+
+def daemon_pids(mnt: str) -> list[int]:
+    """The unionmount daemons serving ``mnt`` (a real path), found by their command lines."""
+    needle = os.fsencode(mnt)
+    me = os.getpid()
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"unionmount" in a or b"unionfs" in a for a in args[:3]) and any(
+            os.path.realpath(a) == needle for a in args if a
+        ):
+            out.append(int(pid))
+    return out
