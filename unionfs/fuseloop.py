@@ -40,7 +40,7 @@ import fcntl
 import logging
 import os
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import pyfuse3
@@ -122,6 +122,8 @@ class RequestLoop:
         self._free = ctypes.CDLL(None).free
         self._free.argtypes = [ctypes.c_void_p]
         self.nodeid = 0  # the inode the request being started is about (fuse_in_header.nodeid)
+        #: run (and emptied) once the request being served has been answered, before the next is read
+        self.after_reply: list[Callable[[], None]] = []
         self._workers = 0
         self._waiting = False  # a worker is waiting for the device to become readable
         self._nursery: trio.Nursery | None = None
@@ -206,6 +208,10 @@ class RequestLoop:
                         await _resume(coro, trap)
                         served = 0
                         continue
+                if self.after_reply:
+                    calls, self.after_reply = self.after_reply, []
+                    for call in calls:
+                        call()
                 served += 1
                 if served >= FAIRNESS:
                     served = 0

@@ -59,8 +59,12 @@ def writeback_wanted(cfg: MountConfig) -> bool:
     return cfg.upper is not None and not cfg.read_only and all(g.kind == "tmpfs" for g in cfg.grafts)
 
 
+_loop: RequestLoop | None = None  # this daemon's request loop, once serving (None: pyfuse3's)
+
+
 async def _serve(fs: UnionFS, fast: bool) -> None:
-    loop = RequestLoop.create() if fast else None
+    global _loop
+    loop = _loop = RequestLoop.create() if fast else None
     stats.SETTINGS["fastloop"] = lambda: loop is not None
     unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid)
     stats.SETTINGS["opendir"] = lambda: not unopened
@@ -138,7 +142,14 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
 
 
 def _after_init(where: str) -> None:
-    """Runs inside the INIT request: what must wait until the kernel has the reply runs next."""
+    """Runs inside the INIT request: what must wait until the kernel has the reply runs next.
+
+    Under our loop, before any other request is answered (so whoever sees the mount
+    answer sees the larger readahead); under pyfuse3's, at its next wait.
+    """
+    if _loop is not None:
+        _loop.after_reply.append(lambda: _raise_readahead(where))
+        return
 
     async def later() -> None:
         _raise_readahead(where)
