@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
-import trio
 
 from . import override, stats
 from .config import Graft
@@ -174,6 +173,7 @@ class UnionFS:
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._request_ino: Callable[[], int] | None = None  # see list_without_open
+        self._after_reply: Callable[[Callable[[], None]], None] = lambda call: None
         self._unopened_dirs: OrderedDict[int, DirHandle] = OrderedDict()
         self.dircache = DirCache() if opts.dircache else None
         stats.SETTINGS["writeback"] = lambda: opts.writeback
@@ -466,11 +466,14 @@ class UnionFS:
         for ino, n in items:
             self.table.forget(ino, n)
 
-    def list_without_open(self, request_ino: Callable[[], int]) -> bool:
+    def list_without_open(
+        self, request_ino: Callable[[], int], after_reply: Callable[[Callable[[], None]], None]
+    ) -> bool:
         """Let the kernel list directories without opening them; True if taken.
 
         ``request_ino`` gives the inode of the request being served (pyfuse3 does not
-        pass it to ``readdir``; :class:`unionfs.fuseloop.RequestLoop` reads it). From
+        pass it to ``readdir``; :class:`unionfs.fuseloop.RequestLoop` reads it), and
+        ``after_reply`` runs a call once that request is answered, before the next. From
         then on OPENDIR is answered ENOSYS, after which the kernel never sends OPENDIR or
         RELEASEDIR again and keeps every directory's listing (FOPEN_CACHE_DIR), dropping
         it on each change made through the mount. A volume or bind can change behind the
@@ -480,6 +483,7 @@ class UnionFS:
         if self.dircache is None:
             return False
         self._request_ino = request_ino
+        self._after_reply = after_reply
         return True
 
     def opendir(self, ino: int) -> int:
@@ -513,9 +517,9 @@ class UnionFS:
     def _forget_listing(self, ino: int) -> None:
         """After this reply, drop the kernel's copy of the listing of ``ino`` (a volume's or bind's).
 
-        Runs once the reply is written (the next scheduler batch): the kernel filled its
-        copy while parsing the earlier replies, so the pages it drops are the complete
-        listing, and the next listing asks again.
+        Runs once the reply is written, before the next request is read: the kernel
+        filled its copy while parsing the earlier replies, so the pages it drops are the
+        complete listing, and the next listing asks again.
         """
 
         def forget() -> None:
@@ -524,7 +528,7 @@ class UnionFS:
             except OSError:
                 pass  # unmounted meanwhile, or the inode is gone: nothing kept
 
-        trio.lowlevel.current_trio_token().run_sync_soon(forget)
+        self._after_reply(forget)
 
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.dirs[fh] if fh else self._unopened(start)

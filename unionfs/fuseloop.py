@@ -209,7 +209,8 @@ class RequestLoop:
                         served = 0
                         continue
                 if self.after_reply:
-                    calls, self.after_reply = self.after_reply, []
+                    calls = self.after_reply[:]
+                    self.after_reply.clear()  # the same list: callers may hold its append
                     for call in calls:
                         call()
                 served += 1

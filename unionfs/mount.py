@@ -66,7 +66,7 @@ async def _serve(fs: UnionFS, fast: bool) -> None:
     global _loop
     loop = _loop = RequestLoop.create() if fast else None
     stats.SETTINGS["fastloop"] = lambda: loop is not None
-    unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid)
+    unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid, loop.after_reply.append)
     stats.SETTINGS["opendir"] = lambda: not unopened
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, nursery.cancel_scope)
