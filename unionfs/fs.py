@@ -501,7 +501,7 @@ class UnionFS:
             self.dircache.mark(ino)
         return fh
 
-    def _unopened(self, start: int) -> DirHandle:
+    def _unopened(self) -> DirHandle:
         """The listing state of a directory the kernel did not open: one per directory, kept from offset 0."""
         assert self._request_ino is not None
         node = self.node(self._request_ino())
@@ -531,7 +531,7 @@ class UnionFS:
         self._after_reply(forget)
 
     def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
-        h = self.dirs[fh] if fh else self._unopened(start)
+        h = self.dirs[fh] if fh else self._unopened()
         if start == 0 or h.names is None:
             self._take_listing(h)  # rewinddir sees changes
         if self._send_entries(h, start, token) == 0 and not fh and h.node.realm:
