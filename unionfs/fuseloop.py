@@ -161,6 +161,12 @@ class RequestLoop:
         self._slot.value = id(None)
         self._decref(coro)  # the slot's reference to the coroutine; the caller keeps its own
 
+    def _run_after_reply(self) -> None:
+        calls = self.after_reply[:]
+        self.after_reply.clear()  # the same list: callers may hold its append
+        for call in calls:
+            call()
+
     async def _worker(self) -> None:
         buf = _FuseBuf()
         ref = ctypes.byref(buf)
@@ -206,13 +212,9 @@ class RequestLoop:
                         if not self._waiting and self._workers < MAX_WORKERS:
                             self._start_worker()
                         await _resume(coro, trap)
-                        served = 0
-                        continue
+                        served = -1  # (counted below) it yielded: the streak starts again
                 if self.after_reply:
-                    calls = self.after_reply[:]
-                    self.after_reply.clear()  # the same list: callers may hold its append
-                    for call in calls:
-                        call()
+                    self._run_after_reply()
                 served += 1
                 if served >= FAIRNESS:
                     served = 0
