@@ -300,6 +300,27 @@ def test_the_kernel_keeps_listings_until_they_change(layers: dict[str, Path]) ->
             assert (_requests(m, "readdir") > before) == (options == "dircache=0")
 
 
+def test_capabilities_are_asked_for_once_per_file(layers: dict[str, Path]) -> None:
+    """With ``killpriv`` the kernel stops asking ``security.capability`` before every write().
+
+    It asks once, then trusts the file until its attributes change (setuid, setgid and
+    capabilities being dropped is checked against overlayfs in ``test_differential``).
+    """
+
+    def writes(m: Path, name: str) -> int:
+        before = _requests(m, "getxattr")
+        with open(m / name, "wb", buffering=0) as f:
+            for _ in range(20):
+                f.write(b"x" * 100)
+        return _requests(m, "getxattr") - before
+
+    with mount(layers) as m:
+        assert writes(m, "new") <= 2
+        assert writes(m, "new") <= 2
+    with union(layers["m"], [layers["l1"], layers["l2"]], layers["u"], layers["w"], extra=["-o", "killpriv=0"]) as m:
+        assert writes(m, "other") >= 20
+
+
 def test_one_device_and_statfs(layers: dict[str, Path]) -> None:
     with mount(layers) as m:
         dev = os.stat(m).st_dev

@@ -133,6 +133,7 @@ class MountConfig:
     timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
     fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuseloop) or pyfuse3.main()
+    killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -156,7 +157,7 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': writeback takes 0 or 1")
                 cfg.writeback = value == "1"
-            elif key in ("dircache", "fastloop"):
+            elif key in ("dircache", "fastloop", "killpriv"):
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': {key} takes 0 or 1")
                 setattr(cfg, key, value == "1")

@@ -17,6 +17,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import pyfuse3
 
@@ -35,6 +36,9 @@ from .storelayer import StoreLayer
 from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
 from .upper import Upper
 
+if TYPE_CHECKING:
+    from .fuseloop import RequestLoop
+
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
 LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
 GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: attributes show within a second
@@ -44,7 +48,18 @@ def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-def _in_group(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+class Caller(Protocol):
+    """Who sent a request: a ``pyfuse3.RequestContext`` or a :class:`unionfs.fuseloop.Caller`."""
+
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+
+
+def _in_group(ctx: Caller, gid: int) -> bool:
     """Whether the caller of a request has ``gid`` as its group or a supplementary one."""
     if ctx.gid == gid:
         return True
@@ -173,6 +188,7 @@ class UnionFS:
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._request_ino: Callable[[], int] | None = None  # see list_without_open
+        self._kills: RequestLoop | None = None  # see take_privilege_kills
         self._after_reply: Callable[[Callable[[], None]], None] = lambda call: None
         self._unopened_dirs: OrderedDict[int, DirHandle] = OrderedDict()
         self.dircache = DirCache() if opts.dircache else None
@@ -486,6 +502,17 @@ class UnionFS:
         self._after_reply = after_reply
         return True
 
+    def take_privilege_kills(self, requests: RequestLoop) -> None:
+        """Drop setuid/setgid where the kernel asks, once it leaves that to us (``killpriv``).
+
+        With ``FUSE_HANDLE_KILLPRIV_V2`` granted, the kernel no longer drops the bits
+        itself when a caller without CAP_FSETID writes, truncates or opens with
+        ``O_TRUNC``; it marks those requests (``requests.kill_caller``) and the union drops
+        the bits as the VFS would (:meth:`_drop_privileges`). chown needs nothing: the
+        daemon's own chown of the upper file drops them (and so does the override's).
+        """
+        self._kills = requests
+
     def opendir(self, ino: int) -> int:
         """A handle for listing ``ino``; the kernel may keep the listing if the union's realm owns it.
 
@@ -660,6 +687,7 @@ class UnionFS:
     async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.FileInfo:
         node = self.node(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        killer = self._killer(ctx if flags & os.O_TRUNC else None)
         real = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
         if writable or flags & os.O_TRUNC:
             _, copy = self._writable(node)
@@ -669,8 +697,8 @@ class UnionFS:
                 if truncating and node.metacopy:
                     copy.drop_metacopy(node)  # the open below empties the file
                 fd = self._io_fd(node, real)
-                if truncating and ctx is not None and ctx.uid != 0:
-                    self._drop_privileges(node, fd, ctx)
+                if killer is not None:
+                    self._drop_privileges(node, fd, killer)
         else:
             fd = self._data_fd(node, real)
         fh = self._fh()
@@ -678,21 +706,34 @@ class UnionFS:
         node.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.realm == 0)  # a volume may change behind our back
 
-    def _drop_privileges(self, node: Node, fd: int, ctx: pyfuse3.RequestContext) -> None:
-        """Clear setuid and setgid as the VFS does when ``ctx`` (not root) truncates the file on open.
+    def _killer(self, ctx: Caller | None) -> Caller | None:
+        """Who the request being started drops setuid/setgid for, if anyone; call before any await.
 
-        The kernel leaves this to the file system when the open itself truncates
-        (``O_TRUNC`` travels with OPEN); the daemon, being root, keeps the bits on the
-        file it truncates. setgid goes only if the group may execute the file or the
-        caller is not in its group; root stands for CAP_FSETID (the request does not
-        carry capabilities).
+        Where the kernel leaves the dropping to us (:meth:`take_privilege_kills`), it says so
+        in the request. Otherwise the kernel drops them itself, except on ``open(O_TRUNC)``
+        (``ctx`` given), where a caller other than root stands for one without CAP_FSETID
+        (the request does not carry capabilities).
         """
+        kills = self._kills
+        if kills is not None and kills.killpriv:
+            return kills.kill_caller
+        return ctx if ctx is not None and ctx.uid != 0 else None
+
+    def _drop_privileges(self, node: Node, target: int | bytes, caller: Caller) -> None:
+        """Clear setuid and setgid of ``node`` (open as ``target``) as the VFS does for ``caller``.
+
+        Done where the daemon, being root, would keep the bits: when it writes or
+        truncates for a caller without CAP_FSETID. setgid goes only if the group may
+        execute the file or the caller is not in its group.
+        """
+        if not self.rootless and isinstance(target, int) and not os.fstat(target).st_mode & 0o6000:
+            return  # the common case, without working out the union's attributes
         a = self.attrs(node)
         kill = a.st_mode & stat.S_ISUID
-        if a.st_mode & stat.S_ISGID and (a.st_mode & stat.S_IXGRP or not _in_group(ctx, a.st_gid)):
+        if a.st_mode & stat.S_ISGID and (a.st_mode & stat.S_IXGRP or not _in_group(caller, a.st_gid)):
             kill |= stat.S_ISGID
         if kill:
-            override.chmod(fd, stat.S_IMODE(a.st_mode) & ~kill, rootless=self.rootless)
+            override.chmod(target, stat.S_IMODE(a.st_mode) & ~kill, rootless=self.rootless)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.files[fh]
@@ -704,7 +745,11 @@ class UnionFS:
         return os.pread(h.fd, size, off)
 
     def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self.files[fh].fd, buf, off)
+        h = self.files[fh]
+        kills = self._kills
+        if kills is not None and kills.kill_caller is not None:
+            self._drop_privileges(h.node, h.fd, kills.kill_caller)
+        return os.pwrite(h.fd, buf, off)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self.files[fh]
@@ -1075,6 +1120,7 @@ class UnionFS:
     ) -> pyfuse3.EntryAttributes:
         node = self.node(ino)
         r = self.realms[node.realm]
+        killer = self._killer(None) if fields.update_size else None  # a truncation for a caller without CAP_FSETID
         if fields.update_uid or fields.update_gid:  # ids as the mount shows them -> ids on disk (EINVAL if unmapped)
             attr.st_uid = r.uidmap.to_outside(attr.st_uid) if fields.update_uid else attr.st_uid
             attr.st_gid = r.gidmap.to_outside(attr.st_gid) if fields.update_gid else attr.st_gid
@@ -1094,11 +1140,15 @@ class UnionFS:
                     return self.attrs(node)  # nothing of it is in the upper layer to change
             if handle is not None and handle.writable:
                 self._apply_attrs(handle.fd, attr, fields, False)  # open for writing: the upper file
+                if killer is not None:
+                    self._drop_privileges(node, handle.fd, killer)
                 if node.index_name is None and node.links:
                     st = os.fstat(handle.fd)  # what a path would reach, without walking it
                     return self.attrs(node, Found(node.ino, node.kind, st, None))
             else:
                 self._apply_attrs(self._upper_at(node), attr, fields, node.kind == stat.S_IFLNK)
+                if killer is not None:
+                    self._drop_privileges(node, proc_path(*self._upper_at(node)), killer)
             return self.attrs(node)
 
     def _writable_handle(self, node: Node) -> FileHandle | None:

@@ -23,6 +23,15 @@ The loop also keeps the inode each request is about (:attr:`RequestLoop.nodeid`,
 request's header), which pyfuse3 does not pass to ``readdir``: with it the union can list
 directories the kernel did not open (:meth:`unionfs.fs.UnionFS.list_without_open`).
 
+INIT flags that libfuse 3.14 cannot offer (:meth:`RequestLoop.offer`) are added to its INIT
+reply on the way to the kernel: libfuse writes the reply into a pipe put in the device's
+place for that one request, and the loop forwards it with the flags added. The one offered
+today is ``FUSE_HANDLE_KILLPRIV_V2``: the file system, not the kernel, drops setuid and
+setgid on write, truncate and ``open(O_TRUNC)``, which lets the kernel stop asking for
+``security.capability`` before every ``write()`` (it asks once per inode). The request flags
+that say when to drop them, which pyfuse3 does not pass on, are read from the request
+(:attr:`RequestLoop.kill_caller`).
+
 Guarantees: :meth:`RequestLoop.create` returns None (and the daemon runs
 ``pyfuse3.main()``) unless every fact it relies on is checked (see
 :mod:`unionfs.pyfuse3_abi`). Every coroutine a handler leaves is run to its end, exactly
@@ -39,9 +48,10 @@ import errno
 import fcntl
 import logging
 import os
+import struct
 import types
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyfuse3
 import trio
@@ -53,7 +63,25 @@ log = logging.getLogger(__name__)
 MAX_WORKERS = 99  # as pyfuse3.main
 FAIRNESS = 64  # requests a worker may serve in a row without yielding to trio
 _DONE = object()  # the handler's first step was its last
-_NODEID = 16  # struct fuse_in_header: u32 len, u32 opcode, u64 unique, u64 nodeid, ...
+# struct fuse_in_header: u32 len, u32 opcode, u64 unique, u64 nodeid, u32 uid, gid, pid, ...
+_OPCODE, _NODEID, _UID, _GID, _PID, _ARGS = 4, 16, 24, 28, 32, 40
+_SETATTR, _WRITE, _OPEN, _INIT = 4, 16, 14, 26  # opcodes
+_SETATTR_VALID = _ARGS  # fuse_setattr_in.valid
+_OPEN_FLAGS = _ARGS + 4  # fuse_open_in.open_flags
+_WRITE_FLAGS = _ARGS + 20  # fuse_write_in.write_flags
+_INIT_FLAGS = _ARGS + 12  # fuse_init_in.flags (after major, minor, max_readahead)
+FATTR_KILL_SUIDGID = 1 << 11
+FUSE_OPEN_KILL_SUIDGID = 1 << 0
+FUSE_WRITE_KILL_SUIDGID = 1 << 2
+HANDLE_KILLPRIV_V2 = 1 << 28  # an INIT flag
+
+
+class Caller(NamedTuple):
+    """Who sent a request (``fuse_in_header``), for requests pyfuse3 gives no context."""
+
+    uid: int
+    gid: int
+    pid: int
 
 
 class _FuseBuf(ctypes.Structure):
@@ -122,11 +150,29 @@ class RequestLoop:
         self._free = ctypes.CDLL(None).free
         self._free.argtypes = [ctypes.c_void_p]
         self.nodeid = 0  # the inode the request being started is about (fuse_in_header.nodeid)
+        #: INIT flags granted on top of libfuse's (see :meth:`offer`); read once INIT is answered
+        self.granted = 0
+        #: the caller of the request being started, when the kernel asks the file system to
+        #: drop setuid/setgid with it (only once ``HANDLE_KILLPRIV_V2`` is granted); else None
+        self.kill_caller: Caller | None = None
+        self._offer = 0
         #: run (and emptied) once the request being served has been answered, before the next is read
         self.after_reply: list[Callable[[], None]] = []
         self._workers = 0
         self._waiting = False  # a worker is waiting for the device to become readable
         self._nursery: trio.Nursery | None = None
+
+    @property
+    def killpriv(self) -> bool:
+        """Whether the kernel left dropping setuid/setgid to the file system (see :attr:`kill_caller`)."""
+        return bool(self.granted & HANDLE_KILLPRIV_V2)
+
+    def offer(self, flags: int) -> None:
+        """Ask for INIT ``flags`` (where the kernel offers them) in addition to libfuse's.
+
+        Call before :meth:`run`. What the kernel agreed to is :attr:`granted` after INIT.
+        """
+        self._offer |= flags
 
     @classmethod
     def create(cls) -> RequestLoop | None:
@@ -167,12 +213,54 @@ class RequestLoop:
         for call in calls:
             call()
 
+    def _init(self, ref: Any, mem: int) -> None:
+        """Serve INIT through libfuse, adding the offered flags the kernel supports to the reply.
+
+        libfuse writes its reply to the session's fd; for this one request that fd number is
+        a pipe's, and the reply goes on to the device from there. If the kernel refuses the
+        amended reply, libfuse's own is sent instead.
+        """
+        want = self._offer & ctypes.c_uint32.from_address(mem + _INIT_FLAGS).value
+        self._offer = 0
+        if not want:
+            self._process(self._session, ref)
+            return
+        fd = self._fd
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        saved = os.dup(fd)
+        try:
+            os.dup2(w, fd, inheritable=False)
+            try:
+                self._process(self._session, ref)
+            finally:
+                os.dup2(saved, fd, inheritable=False)
+            try:
+                reply = os.read(r, 1 << 16)
+            except BlockingIOError:
+                return  # libfuse sent nothing (it cannot happen for INIT; then neither do we)
+        finally:
+            for x in (saved, r, w):
+                os.close(x)
+        # fuse_out_header (u32 len, s32 error, u64 unique), fuse_init_out (u32 major, minor, max_readahead, flags, ...)
+        _, error, _, major = struct.unpack_from("=IiQI", reply)
+        if error == 0 and major == 7 and len(reply) >= 32:
+            amended = bytearray(reply)
+            struct.pack_into("=I", amended, 28, struct.unpack_from("=I", reply, 28)[0] | want)
+            try:
+                os.write(fd, amended)
+                self.granted = want
+                return
+            except OSError as e:
+                log.info("the kernel refused INIT flags %#x (%s); going on without them", want, e)
+        os.write(fd, reply)
+
     async def _worker(self) -> None:
         buf = _FuseBuf()
         ref = ctypes.byref(buf)
         session, receive, process, fd = self._session, self._receive, self._process, self._fd
         slot, held, none = self._slot, self._held, id(None)
-        nodeid: ctypes.c_uint64 | None = None  # a view of the header in this worker's buffer
+        nodeid: ctypes.c_uint64 | None = None  # views of the request in this worker's buffer
+        opcode = valid = open_flags = write_flags = nodeid
         served = 0
         try:
             while True:
@@ -197,8 +285,25 @@ class RequestLoop:
                     return
                 if nodeid is None:  # libfuse allocated the buffer at the first read; it stays
                     nodeid = ctypes.c_uint64.from_address(buf.mem + _NODEID)
+                    opcode = ctypes.c_uint32.from_address(buf.mem + _OPCODE)
+                    valid = ctypes.c_uint32.from_address(buf.mem + _SETATTR_VALID)
+                    open_flags = ctypes.c_uint32.from_address(buf.mem + _OPEN_FLAGS)
+                    write_flags = ctypes.c_uint32.from_address(buf.mem + _WRITE_FLAGS)
                 self.nodeid = nodeid.value
-                process(session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
+                if self.granted & HANDLE_KILLPRIV_V2:
+                    op = opcode.value
+                    if (
+                        (op == _WRITE and write_flags.value & FUSE_WRITE_KILL_SUIDGID)
+                        or (op == _SETATTR and valid.value & FATTR_KILL_SUIDGID)
+                        or (op == _OPEN and open_flags.value & FUSE_OPEN_KILL_SUIDGID)
+                    ):
+                        self.kill_caller = Caller(*struct.unpack_from("=III", ctypes.string_at(buf.mem + _UID, 12)))
+                    else:
+                        self.kill_caller = None
+                if self._offer and opcode.value == _INIT:
+                    self._init(ref, buf.mem)
+                else:
+                    process(session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
                 if slot.value != none:  # else answered inside libfuse (INIT, FORGET, ...)
                     coro: Coroutine[Any, Any, Any] = held.value
                     try:

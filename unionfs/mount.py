@@ -22,7 +22,7 @@ import trio
 from . import stats
 from .config import MountConfig, UsageError
 from .fs import TIMEOUT, Options, UnionFS
-from .fuseloop import RequestLoop
+from .fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
 from .operations import Operations
 
 log = logging.getLogger("unionmount")
@@ -62,12 +62,16 @@ def writeback_wanted(cfg: MountConfig) -> bool:
 _loop: RequestLoop | None = None  # this daemon's request loop, once serving (None: pyfuse3's)
 
 
-async def _serve(fs: UnionFS, fast: bool) -> None:
+async def _serve(fs: UnionFS, fast: bool, killpriv: bool) -> None:
     global _loop
     loop = _loop = RequestLoop.create() if fast else None
     stats.SETTINGS["fastloop"] = lambda: loop is not None
     unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid, loop.after_reply.append)
     stats.SETTINGS["opendir"] = lambda: not unopened
+    if loop is not None and killpriv:
+        loop.offer(HANDLE_KILLPRIV_V2)
+        fs.take_privilege_kills(loop)
+    stats.SETTINGS["killpriv"] = lambda: loop is not None and loop.killpriv
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, nursery.cancel_scope)
         await (loop.run() if loop is not None else pyfuse3.main())
@@ -181,10 +185,10 @@ def _raise_readahead(mountpoint: str) -> None:
         log.debug("readahead left as it is: %s", e)
 
 
-def _run(fs: UnionFS, stack: ExitStack, fast: bool) -> int:
+def _run(fs: UnionFS, stack: ExitStack, cfg: MountConfig) -> int:
     unmounted = False
     try:
-        trio.run(_serve, fs, fast)
+        trio.run(_serve, fs, cfg.fastloop, cfg.killpriv)
         unmounted = True
     finally:
         try:
@@ -202,7 +206,7 @@ def mount(cfg: MountConfig) -> int:
         _setup_logging(cfg)
         fs, stack = _start(cfg)
         log.info("mounted %s", cfg.mountpoint)
-        return _run(fs, stack, cfg.fastloop)
+        return _run(fs, stack, cfg)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
@@ -233,7 +237,7 @@ def mount(cfg: MountConfig) -> int:
     os.write(wfd, b"ok")
     os.close(wfd)
     try:
-        code = _run(fs, stack, cfg.fastloop)
+        code = _run(fs, stack, cfg)
     except BaseException:  # noqa: BLE001
         log.exception("daemon failed")
         os._exit(1)

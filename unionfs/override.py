@@ -108,6 +108,8 @@ def chown(target: int | bytes, uid: int, gid: int, *, rootless: bool) -> None:
     st = os.fstat(target) if isinstance(target, int) else os.stat(target, follow_symlinks=False)
     old = read(target, st.st_mode)
     cur_uid, cur_gid, mode, rdev = apply(st, old)
+    if not stat.S_ISDIR(mode):  # as chown(2): setuid goes, setgid too where the group may execute
+        mode &= ~(stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
     record(target, Override(cur_uid if uid == -1 else uid, cur_gid if gid == -1 else gid, mode, rdev))
 
 
