@@ -64,7 +64,7 @@ MAX_WORKERS = 99  # as pyfuse3.main
 FAIRNESS = 64  # requests a worker may serve in a row without yielding to trio
 _DONE = object()  # the handler's first step was its last
 # struct fuse_in_header: u32 len, u32 opcode, u64 unique, u64 nodeid, u32 uid, gid, pid, ...
-_OPCODE, _NODEID, _UID, _GID, _PID, _ARGS = 4, 16, 24, 28, 32, 40
+_OPCODE, _NODEID, _UID, _ARGS = 4, 16, 24, 40
 _SETATTR, _WRITE, _OPEN, _INIT = 4, 16, 14, 26  # opcodes
 _SETATTR_VALID = _ARGS  # fuse_setattr_in.valid
 _OPEN_FLAGS = _ARGS + 4  # fuse_open_in.open_flags
@@ -242,8 +242,7 @@ class RequestLoop:
             for x in (saved, r, w):
                 os.close(x)
         # fuse_out_header (u32 len, s32 error, u64 unique), fuse_init_out (u32 major, minor, max_readahead, flags, ...)
-        _, error, _, major = struct.unpack_from("=IiQI", reply)
-        if error == 0 and major == 7 and len(reply) >= 32:
+        if len(reply) >= 32 and struct.unpack_from("=IiQI", reply)[1::2] == (0, 7):  # no error, major 7
             amended = bytearray(reply)
             struct.pack_into("=I", amended, 28, struct.unpack_from("=I", reply, 28)[0] | want)
             try:
