@@ -405,6 +405,16 @@ class UnionFS:
         )
 
     def attrs(self, node: Node, found: Found | None = None) -> pyfuse3.EntryAttributes:
+        """What the kernel is told of ``node``.
+
+        A lower-only entry of the union keeps its answer on the node: lower layers do not
+        change under a mount (an image layer cannot; overlayfs leaves changes to a lower
+        directory undefined), and the first change through the mount copies the entry up,
+        which ends the reuse. The kernel asks again after each listing or read of it
+        (atime), and when its own copy times out.
+        """
+        if node.attrs is not None and not node.upper and node.links:
+            return node.attrs  # type: ignore[return-value]
         st, nlink = self._stat(node, found)
         r = self.realms[node.realm]
         e = pyfuse3.EntryAttributes()
@@ -431,6 +441,8 @@ class UnionFS:
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
+        if not node.upper and node.realm == 0 and node.links:
+            node.attrs = e
         return e
 
     def _override(self, node: Node, st: os.stat_result) -> override.Override | None:

@@ -58,6 +58,9 @@ class Node:
     realm: int = 0  # 0: the union; k > 0: graft k (a volume or bind mount on a path of the union)
     realm_root: bool = False  # the root of a graft: its path in its realm is b""
     no_caps: bool = False  # known to have no security.capability (the kernel asks before every write)
+    #: the attributes of a lower-only entry of the union (image layers do not change); set and
+    #: trusted by :meth:`unionfs.fs.UnionFS.attrs` only while ``upper`` is false
+    attrs: object | None = None
 
     @property
     def metacopy(self) -> bool:
