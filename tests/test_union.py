@@ -321,6 +321,28 @@ def test_capabilities_are_asked_for_once_per_file(layers: dict[str, Path]) -> No
         assert writes(m, "other") >= 20
 
 
+def test_attributes_answered_by_the_loop_are_pyfuse3s(layers: dict[str, Path]) -> None:
+    """A lower-only entry's GETATTR, answered by our loop without pyfuse3, says what pyfuse3 would.
+
+    ``stat --cached=never`` makes the kernel ask the daemon (AT_STATX_FORCE_SYNC).
+    """
+    fmt = "%f %i %h %u %g %s %b %o %.9Y %.9Z %F"
+    paths = ["a", "d", "d/x", "d/sub", "link", "fifo", "sparse", "hl1", "hl2", "lowdir", "opq"]
+
+    def attrs(m: Path) -> list[str]:
+        for p in paths:
+            os.lstat(m / p)  # looked up (and answered) once through pyfuse3
+        cmd = ["stat", "--cached=never", "-c", fmt, *(str(m / p) for p in paths)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    lowers = [layers["l1"], layers["l2"]]
+    with union(layers["m"], lowers) as m:
+        fast = attrs(m)
+        assert _requests(m, "getattr") >= len(paths)
+    with union(layers["m"], lowers, extra=["-o", "fastloop=0"]) as m:
+        assert attrs(m) == fast
+
+
 def test_one_device_and_statfs(layers: dict[str, Path]) -> None:
     with mount(layers) as m:
         dev = os.stat(m).st_dev

@@ -442,8 +442,15 @@ class UnionFS:
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         if not node.upper and node.realm == 0 and node.links:
-            node.attrs = e
+            node.attrs, node.attrs_reply = e, None
         return e
+
+    def kept_attrs(self, ino: int) -> Node | None:
+        """The node of ``ino`` if :meth:`attrs` would answer from what it keeps on it; else None."""
+        node = self.table.get(ino)
+        if node is None or node.attrs is None or node.upper or not node.links:
+            return None
+        return node
 
     def _override(self, node: Node, st: os.stat_result) -> override.Override | None:
         """The owner/mode/device override of a node's real entry, if it has one."""

@@ -23,6 +23,10 @@ The loop also keeps the inode each request is about (:attr:`RequestLoop.nodeid`,
 request's header), which pyfuse3 does not pass to ``readdir``: with it the union can list
 directories the kernel did not open (:meth:`unionfs.fs.UnionFS.list_without_open`).
 
+A GETATTR whose answer the union keeps ready (a lower-only entry, whose attributes cannot
+change) is answered by the loop itself (:attr:`RequestLoop.answer_getattr`): the reply is
+written to the device without libfuse, pyfuse3 or a coroutine, 28 -> 20 µs a round trip.
+
 INIT flags that libfuse 3.14 cannot offer (:meth:`RequestLoop.offer`) are added to its INIT
 reply on the way to the kernel: libfuse writes the reply into a pipe put in the device's
 place for that one request, and the loop forwards it with the flags added. The one offered
@@ -64,8 +68,9 @@ MAX_WORKERS = 99  # as pyfuse3.main
 FAIRNESS = 64  # requests a worker may serve in a row without yielding to trio
 _DONE = object()  # the handler's first step was its last
 # struct fuse_in_header: u32 len, u32 opcode, u64 unique, u64 nodeid, u32 uid, gid, pid, ...
-_OPCODE, _NODEID, _UID, _ARGS = 4, 16, 24, 40
-_SETATTR, _WRITE, _OPEN, _INIT = 4, 16, 14, 26  # opcodes
+_OPCODE, _UNIQUE, _NODEID, _UID, _ARGS = 4, 8, 16, 24, 40
+_GETATTR, _SETATTR, _WRITE, _OPEN, _INIT = 3, 4, 16, 14, 26  # opcodes
+_OUT_HEADER = struct.Struct("=IiQ")  # struct fuse_out_header: u32 len, s32 error, u64 unique
 _SETATTR_VALID = _ARGS  # fuse_setattr_in.valid
 _OPEN_FLAGS = _ARGS + 4  # fuse_open_in.open_flags
 _WRITE_FLAGS = _ARGS + 20  # fuse_write_in.write_flags
@@ -156,6 +161,9 @@ class RequestLoop:
         #: drop setuid/setgid with it (only once ``HANDLE_KILLPRIV_V2`` is granted); else None
         self.kill_caller: Caller | None = None
         self._offer = 0
+        #: answers GETATTR for an inode with a reply body (``struct fuse_attr_out``) without
+        #: libfuse and pyfuse3, or returns None to let them answer; see :meth:`_answer`
+        self.answer_getattr: Callable[[int], bytes | None] | None = None
         #: run (and emptied) once the request being served has been answered, before the next is read
         self.after_reply: list[Callable[[], None]] = []
         self._workers = 0
@@ -253,13 +261,29 @@ class RequestLoop:
                 log.info("the kernel refused INIT flags %#x (%s); going on without them", want, e)
         os.write(fd, reply)
 
+    def _answer(self, unique: int) -> bool:
+        """Answer the GETATTR being started ourselves if :attr:`answer_getattr` can; True if answered.
+
+        libfuse never sees such a request, which it does not need to: a reply carries the
+        request's ``unique`` and nothing else of libfuse's state.
+        """
+        assert self.answer_getattr is not None
+        body = self.answer_getattr(self.nodeid)
+        if body is None:
+            return False
+        try:
+            os.write(self._fd, _OUT_HEADER.pack(_OUT_HEADER.size + len(body), 0, unique) + body)
+        except FileNotFoundError:
+            pass  # the request was interrupted meanwhile: as libfuse, drop the reply
+        return True
+
     async def _worker(self) -> None:
         buf = _FuseBuf()
         ref = ctypes.byref(buf)
         session, receive, process, fd = self._session, self._receive, self._process, self._fd
         slot, held, none = self._slot, self._held, id(None)
         nodeid: ctypes.c_uint64 | None = None  # views of the request in this worker's buffer
-        opcode = valid = open_flags = write_flags = nodeid
+        opcode = unique = valid = open_flags = write_flags = nodeid
         served = 0
         try:
             while True:
@@ -284,39 +308,43 @@ class RequestLoop:
                     return
                 if nodeid is None:  # libfuse allocated the buffer at the first read; it stays
                     nodeid = ctypes.c_uint64.from_address(buf.mem + _NODEID)
+                    unique = ctypes.c_uint64.from_address(buf.mem + _UNIQUE)
                     opcode = ctypes.c_uint32.from_address(buf.mem + _OPCODE)
                     valid = ctypes.c_uint32.from_address(buf.mem + _SETATTR_VALID)
                     open_flags = ctypes.c_uint32.from_address(buf.mem + _OPEN_FLAGS)
                     write_flags = ctypes.c_uint32.from_address(buf.mem + _WRITE_FLAGS)
                 self.nodeid = nodeid.value
-                if self.granted & HANDLE_KILLPRIV_V2:
-                    op = opcode.value
-                    if (
-                        (op == _WRITE and write_flags.value & FUSE_WRITE_KILL_SUIDGID)
-                        or (op == _SETATTR and valid.value & FATTR_KILL_SUIDGID)
-                        or (op == _OPEN and open_flags.value & FUSE_OPEN_KILL_SUIDGID)
-                    ):
-                        self.kill_caller = Caller(*struct.unpack_from("=III", ctypes.string_at(buf.mem + _UID, 12)))
-                    else:
-                        self.kill_caller = None
-                if self._offer and opcode.value == _INIT:
-                    self._init(ref, buf.mem)
+                op = opcode.value
+                if op == _GETATTR and self.answer_getattr is not None and self._answer(unique.value):
+                    pass  # answered without libfuse and pyfuse3
                 else:
-                    process(session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
-                if slot.value != none:  # else answered inside libfuse (INIT, FORGET, ...)
-                    coro: Coroutine[Any, Any, Any] = held.value
-                    try:
-                        trap = coro.send(None)  # the first step, with the coroutine still in py_retval
-                    except StopIteration:
-                        trap = _DONE
-                    finally:
-                        self._clear(coro)
-                    if trap is not _DONE:
-                        # The handler waits (a thread, a lock): keep someone reading the device meanwhile.
-                        if not self._waiting and self._workers < MAX_WORKERS:
-                            self._start_worker()
-                        await _resume(coro, trap)
-                        served = -1  # (counted below) it yielded: the streak starts again
+                    if self.granted & HANDLE_KILLPRIV_V2:
+                        if (
+                            (op == _WRITE and write_flags.value & FUSE_WRITE_KILL_SUIDGID)
+                            or (op == _SETATTR and valid.value & FATTR_KILL_SUIDGID)
+                            or (op == _OPEN and open_flags.value & FUSE_OPEN_KILL_SUIDGID)
+                        ):
+                            self.kill_caller = Caller(*struct.unpack_from("=III", ctypes.string_at(buf.mem + _UID, 12)))
+                        else:
+                            self.kill_caller = None
+                    if self._offer and op == _INIT:
+                        self._init(ref, buf.mem)
+                    else:
+                        process(session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
+                    if slot.value != none:  # else answered inside libfuse (INIT, FORGET, ...)
+                        coro: Coroutine[Any, Any, Any] = held.value
+                        try:
+                            trap = coro.send(None)  # the first step, with the coroutine still in py_retval
+                        except StopIteration:
+                            trap = _DONE
+                        finally:
+                            self._clear(coro)
+                        if trap is not _DONE:
+                            # The handler waits (a thread, a lock): keep someone reading the device meanwhile.
+                            if not self._waiting and self._workers < MAX_WORKERS:
+                                self._start_worker()
+                            await _resume(coro, trap)
+                            served = -1  # (counted below) it yielded: the streak starts again
                 if self.after_reply:
                     self._run_after_reply()
                 served += 1

@@ -61,6 +61,7 @@ class Node:
     #: the attributes of a lower-only entry of the union (image layers do not change); set and
     #: trusted by :meth:`unionfs.fs.UnionFS.attrs` only while ``upper`` is false
     attrs: object | None = None
+    attrs_reply: bytes | None = None  # ``attrs`` as a GETATTR reply body (unionfs.operations.getattr_reply)
 
     @property
     def metacopy(self) -> bool:

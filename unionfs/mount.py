@@ -23,7 +23,7 @@ from . import stats
 from .config import MountConfig, UsageError
 from .fs import TIMEOUT, Options, UnionFS
 from .fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
-from .operations import Operations
+from .operations import Operations, getattr_reply
 
 log = logging.getLogger("unionmount")
 
@@ -68,6 +68,8 @@ async def _serve(fs: UnionFS, fast: bool, killpriv: bool) -> None:
     stats.SETTINGS["fastloop"] = lambda: loop is not None
     unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid, loop.after_reply.append)
     stats.SETTINGS["opendir"] = lambda: not unopened
+    if loop is not None:
+        loop.answer_getattr = getattr_reply(fs)
     if loop is not None and killpriv:
         loop.offer(HANDLE_KILLPRIV_V2)
         fs.take_privilege_kills(loop)
