@@ -272,6 +272,18 @@ def sc_setgid_dropped_for_non_members(r: Recorder, m: Path) -> None:
     r("mode", lambda: oct(os.stat(m / "ng").st_mode))
 
 
+def sc_inode_numbers(r: Recorder, m: Path) -> None:
+    """With every layer on one filesystem, entries report their layers' own inode numbers, as overlayfs
+    does, through copy-up and renames (a new entry's number is whatever the upper gives it)."""
+    names = ["a", "b", "d", "d/x", "d/sub", "lowdir", "lowdir/f1", "opq", "hl1", "hl2", "link", "fifo", "sparse"]
+    r("before", lambda: [os.lstat(m / n).st_ino for n in names])
+    r("append to a", lambda: write(m / "a", "x", "a"))
+    r("write hl1", lambda: write(m / "hl1", "changed\n"))
+    r("rename b", lambda: os.rename(m / "b", m / "b2"))
+    r("rename lowdir", lambda: os.rename(m / "lowdir", m / "ld2"))
+    r("after", lambda: [os.lstat(m / n).st_ino for n in ("a", "hl1", "hl2", "b2", "ld2", "ld2/f1", "d")])
+
+
 def sc_listings_follow_changes(r: Recorder, m: Path) -> None:
     """Each directory is listed before and after every change: a listing the kernel keeps must not go stale."""
 

@@ -255,8 +255,9 @@ class CopyUp:
         assert node.index_name is not None
         tmp = await self._build(node, layer, lpath, st, data=True)
         with self._discard_on_error(tmp):
-            nlink = b"%d" % st.st_nlink
-            os.setxattr(proc_path(self.upper.work_fd, tmp), self.upper.dialect.nlink, nlink, follow_symlinks=False)
+            tpath = proc_path(self.upper.work_fd, tmp)
+            os.setxattr(tpath, self.upper.dialect.nlink, b"%d" % st.st_nlink, follow_symlinks=False)
+            os.setxattr(tpath, self.upper.dialect.index, node.index_name, follow_symlinks=False)
             renameat2(self.upper.work_fd, tmp, self.upper.index_fd, node.index_name, RENAME_NOREPLACE)
 
     async def _build(self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result, *, data: bool) -> bytes:

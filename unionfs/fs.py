@@ -832,7 +832,8 @@ class UnionFS:
                 self._chown_new(fd, uid, gid)
             # A new upper file: no origin, no lower, no index -- no need to resolve the name again.
             st = os.fstat(fd)
-            ino = make_ino(self.realms[parent.realm].resolver.upper_id, st.st_ino)
+            resolver = self.realms[parent.realm].resolver
+            ino = resolver.ino(resolver.upper_id, st.st_ino)
             node, a = self._new_node(parent, name, Found(ino, stat.S_IFREG, st, None))
         node.no_caps = node.realm == 0  # a new file has no capabilities (they are never inherited)
         fh = self._fh()

@@ -1,11 +1,15 @@
 """The inode table: one :class:`Node` per union inode the kernel knows about.
 
 Inode numbers are stable: they are derived from the real inode an entry comes
-from, never allocated. ``ino = layer_id << 48 | st_ino`` where ``layer_id`` is 1
-for the upper layer and ``2 + i`` for lower layer ``i`` (the leftmost lower is
-0). A copied-up entry keeps the number of its lower origin (recorded in the
-upper as the ``unionmount.origin`` xattr), a directory takes the number of its
-topmost lower directory, so copy-up and remount never change a number.
+from, never allocated. Where every layer is a plain directory on one filesystem,
+the number is the real inode's own, as overlayfs reports it then
+(:meth:`unionfs.namei.Resolver.ino`); elsewhere ``ino = layer_id << 48 | st_ino``
+where ``layer_id`` is 1 for the upper layer and ``2 + i`` for lower layer ``i``
+(the leftmost lower is 0). A copied-up entry keeps the number of its lower origin
+(recorded in the upper as the ``unionmount.origin`` xattr), a directory takes the
+number of its topmost lower directory, so copy-up and remount never change a
+number. A lower hard-link group's index entry is named by the encoded number
+either way, and carries its name (``unionmount.index``) for its upper aliases.
 
 Lookup counts follow pyfuse3's rules: every successful lookup, create, mkdir,
 mknod, symlink, link and readdirplus entry adds one; ``forget`` subtracts; a

@@ -16,7 +16,7 @@ character-device whiteouts (a ``.wh.NAME`` file only where ``mknod`` is refused)
 and ``overlay.opaque``/``overlay.redirect`` under ``trusted.`` where the kernel
 lets us write it, ``user.`` otherwise (overlayfs' ``userxattr`` dialect, e.g.
 inside a user namespace). Our own bookkeeping
-(``unionmount.origin``, ``unionmount.nlink``, ``unionmount.graftpoint`` on a
+(``unionmount.origin``, ``unionmount.nlink``, ``unionmount.index``, ``unionmount.graftpoint`` on a
 directory made only to graft a volume on) uses the same namespace choice.
 Metadata-only copies are overlayfs' own: ``overlay.metacopy`` plus an absolute
 ``overlay.redirect`` to the data, which a kernel mounted ``metacopy=on`` reads,
@@ -192,3 +192,8 @@ class WriteDialect:
     @property
     def nlink(self) -> bytes:
         return self.ns + b"unionmount.nlink"
+
+    @property
+    def index(self) -> bytes:
+        """On an index entry (so on every alias linked to it): the entry's name in the index."""
+        return self.ns + b"unionmount.index"

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .inodes import UPPER_ID, Node, make_ino
+from .inodes import LAYER_SHIFT, ROOT_INO, UPPER_ID, Node, make_ino
 from .layers import DirLayer, Layer, join
 from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout, metacopy_source
 from .sysutil import proc_path
@@ -54,6 +54,22 @@ class Found:
     data: tuple[int, bytes] | None = None  # where the data of a metadata-only entry is
 
 
+def _one_filesystem(layers: Sequence[Layer]) -> bool:
+    """Whether every layer is a plain directory and all lie on one filesystem."""
+    devs = set()
+    for layer in layers:
+        if not isinstance(layer, DirLayer):
+            return False
+        devs.add(os.fstat(layer.root_fd).st_dev)
+    return len(devs) == 1
+
+
+def _index_name(li: int, st: os.stat_result) -> bytes:
+    """The hard-link index entry of a lower file with several links (by its layer and inode, whatever
+    the union reports, so that an index made before raw inode numbers is still found)."""
+    return b"%x" % make_ino(li + 2, st.st_ino)
+
+
 class Resolver:
     """Resolves names and reads attributes; it never writes."""
 
@@ -65,6 +81,21 @@ class Resolver:
         self.lowers = lowers
         self.dialect = dialect
         self._dirs: OrderedDict[tuple[int, bytes], LowerDir] = OrderedDict()
+        #: the union's entries report their layers' own inode numbers (see :meth:`ino`)
+        self.raw_inos = upper_id == UPPER_ID and _one_filesystem([*lowers, *([upper] if upper else [])])
+
+    def ino(self, layer_id: int, st_ino: int) -> int:
+        """The union inode number of real inode ``st_ino`` of layer ``layer_id``.
+
+        Where every layer is a plain directory on one filesystem, its own number, as
+        overlayfs reports it then: unique there, and what tools comparing with the
+        layers expect (git's index of a checkout in a lower layer stays valid). Elsewhere
+        the layer is encoded in the high bits (:func:`unionfs.inodes.make_ino`); the two
+        ranges never meet, so numbers kept from either (``origin``) stay unique.
+        """
+        if self.raw_inos and ROOT_INO < st_ino < 1 << LAYER_SHIFT:
+            return st_ino
+        return make_ino(layer_id, st_ino)
 
     # -- markers ---------------------------------------------------------------
     def lower_listing(self, li: int, path: bytes) -> list[bytes]:
@@ -206,7 +237,7 @@ class Resolver:
                     return self._upper_file(path, upper_st)
                 marks = self._marks(up, path)
                 if marks.opaque:
-                    return Found(make_ino(self.upper_id, upper_st.st_ino), S_IFDIR, upper_st, None, [], True)
+                    return Found(self.ino(self.upper_id, upper_st.st_ino), S_IFDIR, upper_st, None, [], True)
                 if marks.redirect is not None:
                     parts, top = self._follow_redirect(marks.redirect, parent.lowers, 0)
                     return self._dir(upper_st, parts, top)
@@ -226,8 +257,8 @@ class Resolver:
         if kind == S_IFDIR:
             return self._dir(None, parts, top)
         li, lpath = parts[0]
-        ino = make_ino(li + 2, top.st_ino)
-        index = b"%x" % ino if top.st_nlink > 1 else None
+        ino = self.ino(li + 2, top.st_ino)
+        index = _index_name(li, top) if top.st_nlink > 1 else None
         data = self._data_of(self.lowers[li], lpath, top, li + 1)
         return Found(ino, kind, None, top, parts, False, index, data)
 
@@ -261,8 +292,8 @@ class Resolver:
                 dfd = layer.dirfd(lpath)  # (the lookup may have pushed it out of the fd cache)
                 continue
             path = join(lpath, name)
-            ino = make_ino(li + 2, st.st_ino)
-            index = b"%x" % ino if st.st_nlink > 1 else None
+            ino = self.ino(li + 2, st.st_ino)
+            index = _index_name(li, st) if st.st_nlink > 1 else None
             data = None
             if stat.S_ISREG(st.st_mode) and st.st_size and os.listxattr(proc_path(dfd, name), follow_symlinks=False):
                 data = self._data_of(layer, path, st, li + 1)  # it has xattrs: maybe a metadata-only copy
@@ -272,24 +303,24 @@ class Resolver:
         self, upper_st: os.stat_result | None, parts: list[tuple[int, bytes]], top: os.stat_result | None
     ) -> Found:
         if parts and top is not None:
-            ino = make_ino(parts[0][0] + 2, top.st_ino)
+            ino = self.ino(parts[0][0] + 2, top.st_ino)
         else:
             assert upper_st is not None
-            ino = make_ino(self.upper_id, upper_st.st_ino)
+            ino = self.ino(self.upper_id, upper_st.st_ino)
         return Found(ino, S_IFDIR, upper_st, top, parts)
 
     def _upper_file(self, path: bytes, st: os.stat_result) -> Found:
         assert self.upper is not None
         kind = stat.S_IFMT(st.st_mode)
-        ino = make_ino(self.upper_id, st.st_ino)
+        ino = self.ino(self.upper_id, st.st_ino)
         xp = self.upper.xpath(path)
         origin = _getx(xp, self.dialect.origin)
         index = None
         if origin is not None:
             try:
                 ino = int(origin)
-                if st.st_nlink > 1:
-                    index = b"%x" % ino
+                if st.st_nlink > 1:  # linked to an index entry, whose name it carries (before: its origin)
+                    index = _getx(xp, self.dialect.index) or b"%x" % ino
             except ValueError:
                 pass
         found = Found(ino, kind, st, None, [], False, index)
