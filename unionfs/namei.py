@@ -88,8 +88,8 @@ class Resolver:
         """The union inode number of real inode ``st_ino`` of layer ``layer_id``.
 
         Where every layer is a plain directory on one filesystem, its own number, as
-        overlayfs reports it then: unique there, and what tools comparing with the
-        layers expect (git's index of a checkout in a lower layer stays valid). Elsewhere
+        overlayfs reports it then: unique there, and what a tool comparing full inode
+        numbers with the layers' expects. Elsewhere
         the layer is encoded in the high bits (:func:`unionfs.inodes.make_ino`); the two
         ranges never meet, so numbers kept from either (``origin``) stay unique.
         """
