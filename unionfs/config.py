@@ -134,6 +134,7 @@ class MountConfig:
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
     fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuseloop) or pyfuse3.main()
     killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
+    settle_ms: float = 5.0  # -o settle=MS: how long a small copy-up may stay unsettled behind its open (0: none)
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:
@@ -161,6 +162,13 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': {key} takes 0 or 1")
                 setattr(cfg, key, value == "1")
+            elif key == "settle":
+                try:
+                    cfg.settle_ms = float(value)
+                except ValueError:
+                    cfg.settle_ms = -1.0
+                if not 0 <= cfg.settle_ms <= 10_000:
+                    raise UsageError(f"'{item}': settle takes milliseconds (0 to 10000)")
             elif key == "timeout":
                 try:
                     cfg.timeout = float(value)

@@ -17,7 +17,9 @@ Guarantees:
   out and waited for instead (``sync_file_range``, no commit; 4 KiB: 0.09 vs
   0.47-0.61 ms here), and its allocation then commits no later than the rename.
   Elsewhere it is ``fsync``. Nothing for a ``volatile`` mount. ``tests/test_crash.py``
-  checks this by shutting the filesystem down without flushing its log;
+  checks this by shutting the filesystem down without flushing its log. A small
+  file copied up for an ``open`` (``defer``) is published before that wait, marked,
+  and settled behind the request (:mod:`unionfs.settle`);
 * metadata-only: a regular file can be copied up without its data (``metacopy``);
   its upper entry is a sparse file of the right size marked as overlayfs does
   (``overlay.metacopy`` and an absolute ``overlay.redirect`` to the data), which
@@ -38,6 +40,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -48,6 +51,9 @@ from .markers import CAPS_XATTR, is_private_xattr
 from .namei import Resolver
 from .sysutil import RENAME_NOREPLACE, journal_orders_data, proc_path, renameat2, write_out
 from .upper import Upper
+
+if TYPE_CHECKING:
+    from .settle import Settler
 
 THREAD_THRESHOLD = 1 << 20
 _FALLBACK_ERRNOS = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
@@ -153,11 +159,22 @@ def _settle_for(fd: int) -> Settle:
 class CopyUp:
     """Copies lower entries into the upper layer (see the module guarantees)."""
 
-    def __init__(self, resolver: Resolver, upper: Upper, *, sync: bool = True, rootless: bool = False) -> None:
+    def __init__(
+        self, resolver: Resolver, upper: Upper, *, sync: bool = True, rootless: bool = False, defer: float = 0.0
+    ) -> None:
+        """``defer``: seconds a copy made with ``defer`` may stay unsettled (0: none may); it applies only
+        where the journal orders data (the settle is ``write_out``)."""
         self.resolver = resolver
         self.upper = upper
         self.settle = _settle_for(upper.work_fd) if sync else None
         self.rootless = rootless  # owners that cannot be given go to the override xattr
+        self.settler: Settler | None = upper.settler(defer) if defer > 0 and self.settle is write_out else None
+
+    def close(self) -> None:
+        """Settle every deferred copy (see :meth:`unionfs.settle.Settler.close`)."""
+        if self.settler is not None:
+            self.settler.close()
+            self.settler = None
 
     def _lower(self, node: Node) -> tuple[Layer, bytes, os.stat_result]:
         li, lpath = node.lowers[0]
@@ -184,11 +201,12 @@ class CopyUp:
             renameat2(wfd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
         node.upper = True
 
-    async def file(self, node: Node, *, data: bool) -> None:
+    async def file(self, node: Node, *, data: bool, defer: bool = False) -> None:
         """Copy non-directory ``node`` up; with ``data=False`` a regular file is copied metadata-only.
 
         The alias copied is ``node.links[0]``. For a lower hard-link group the data
         goes to the index once and every alias copied later is linked to it.
+        ``defer``: a small copy may be settled after this returns (:mod:`unionfs.settle`).
         """
         if node.index_name is not None:
             await self._index_alias(node)
@@ -201,15 +219,23 @@ class CopyUp:
         await self.dir(parent)
         layer, lpath, st = self._lower(node)
         metacopy = not data and stat.S_ISREG(st.st_mode) and st.st_size > 0
-        tmp = await self._build(node, layer, lpath, st, data=not metacopy)
+        held: list[int] = []  # the fd of a deferred copy, for the settler
+        tmp = await self._build(node, layer, lpath, st, data=not metacopy, defer=held if defer else None)
         data_at = node.data or node.lowers[0]
-        with self._discard_on_error(tmp):
-            if metacopy:
-                tpath = proc_path(self.upper.work_fd, tmp)
-                dialect = self.upper.dialect
-                os.setxattr(tpath, dialect.metacopy, b"", follow_symlinks=False)
-                os.setxattr(tpath, dialect.redirect, b"/" + data_at[1], follow_symlinks=False)
-            renameat2(self.upper.work_fd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
+        try:
+            with self._discard_on_error(tmp):
+                if metacopy:
+                    tpath = proc_path(self.upper.work_fd, tmp)
+                    dialect = self.upper.dialect
+                    os.setxattr(tpath, dialect.metacopy, b"", follow_symlinks=False)
+                    os.setxattr(tpath, dialect.redirect, b"/" + data_at[1], follow_symlinks=False)
+                renameat2(self.upper.work_fd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
+        except BaseException:
+            for fd in held:
+                os.close(fd)
+            raise
+        if held and self.settler is not None:
+            self.settler.add(node.ino, held[0])
         node.upper = True
         node.data = data_at if metacopy else None
         node.version += 1
@@ -260,14 +286,19 @@ class CopyUp:
             os.setxattr(tpath, self.upper.dialect.index, node.index_name, follow_symlinks=False)
             renameat2(self.upper.work_fd, tmp, self.upper.index_fd, node.index_name, RENAME_NOREPLACE)
 
-    async def _build(self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result, *, data: bool) -> bytes:
-        """Build a copy of the lower entry in the work dir; returns its temporary name."""
+    async def _build(
+        self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result, *, data: bool, defer: list[int] | None = None
+    ) -> bytes:
+        """Build a copy of the lower entry in the work dir; returns its temporary name.
+
+        ``defer``: where the copy is left unsettled (marked), its fd is appended there.
+        """
         wfd = self.upper.work_fd
         tmp = self.upper.tmpname()
         with self._discard_on_error(tmp):
             kind = stat.S_IFMT(st.st_mode)
             if kind == stat.S_IFREG:
-                await self._build_file(node, layer, lpath, st, tmp, data)
+                await self._build_file(node, layer, lpath, st, tmp, data, defer)
                 return tmp
             if kind == stat.S_IFLNK:
                 os.symlink(layer.readlink(lpath), tmp, dir_fd=wfd)
@@ -283,9 +314,17 @@ class CopyUp:
         return tmp
 
     async def _build_file(
-        self, node: Node, layer: Layer, lpath: bytes, st: os.stat_result, tmp: bytes, data: bool
+        self,
+        node: Node,
+        layer: Layer,
+        lpath: bytes,
+        st: os.stat_result,
+        tmp: bytes,
+        data: bool,
+        defer: list[int] | None,
     ) -> None:
-        """A regular file: data, xattrs, origin, owner, mode and times through one fd, then settled once."""
+        """A regular file: data, xattrs, origin, owner, mode and times through one fd, then settled once
+        (or marked, its fd handed out through ``defer``, if it is small and a settler takes it)."""
         if node.data is not None:  # a lower metadata-only copy: the data is deeper
             src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
         else:
@@ -308,7 +347,13 @@ class CopyUp:
                 os.setxattr(dst, self.upper.dialect.origin, b"%d" % node.ino)
                 _set_meta(dst, st, stat.S_IFREG, self.rootless)
                 if self.settle and data and st.st_size > 0:
-                    await trio.to_thread.run_sync(self.settle, dst) if big else self.settle(dst)
+                    settler = self.settler
+                    if defer is not None and not big and settler is not None and settler.mark(dst, st.st_size, src):
+                        defer.append(os.dup(dst))
+                    elif big:
+                        await trio.to_thread.run_sync(self.settle, dst)
+                    else:
+                        self.settle(dst)
             finally:
                 os.close(dst)
         finally:

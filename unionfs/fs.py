@@ -32,6 +32,7 @@ from .markers import CAPS_XATTR, WriteDialect, is_marker_name, is_private_xattr
 from .mutex import Mutex
 from .namei import Found, Resolver
 from .readdir import merged_names
+from .settle import DELAY as SETTLE_DELAY
 from .storelayer import StoreLayer
 from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
 from .upper import Upper
@@ -119,6 +120,7 @@ class Options:
     writeback: bool = False  # the kernel caches writes (see :func:`unionfs.mount.writeback_wanted`)
     timeout: float = TIMEOUT  # how long the kernel keeps the union's entries, attributes and misses
     dircache: bool = False  # the kernel keeps the union's directory listings (see :mod:`unionfs.dircache`)
+    settle: float = SETTLE_DELAY  # seconds a small copy-up may wait to be settled behind its open (unionfs.settle)
 
 
 class _NoCopy:
@@ -127,7 +129,7 @@ class _NoCopy:
     async def dir(self, node: Node) -> None:
         return None
 
-    async def file(self, node: Node, *, data: bool) -> None:
+    async def file(self, node: Node, *, data: bool, defer: bool = False) -> None:
         return None
 
     def drop_metacopy(self, node: Node) -> None:
@@ -171,7 +173,9 @@ class UnionFS:
         # rootless: owners, modes and devices the daemon cannot set live in an xattr (unionfs.override)
         self.rootless = not override.can_chown(opts.work) if opts.work else self.euid != 0
         self.copy = (
-            CopyUp(self.resolver, self.upper, sync=not opts.volatile, rootless=self.rootless) if self.upper else None
+            CopyUp(self.resolver, self.upper, sync=not opts.volatile, rootless=self.rootless, defer=opts.settle)
+            if self.upper
+            else None
         )
         root = Node(
             ROOT_INO, stat.S_IFDIR, [], upper=up_layer is not None, lowers=[(i, b"") for i in range(len(self.lowers))]
@@ -286,6 +290,8 @@ class UnionFS:
             raise _err(errno.EBUSY)
 
     def close(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
         for h in self.files.values():
             os.close(h.fd)
         self.files.clear()
@@ -712,7 +718,8 @@ class UnionFS:
             _, copy = self._writable(node)
             async with self.lock:
                 truncating = bool(flags & os.O_TRUNC)
-                await copy.file(node, data=not truncating)
+                # settled behind the open, unless every write to it must be durable at once
+                await copy.file(node, data=not truncating, defer=not flags & os.O_DSYNC)
                 if truncating and node.metacopy:
                     copy.drop_metacopy(node)  # the open below empties the file
                 fd = self._io_fd(node, real)
@@ -772,6 +779,9 @@ class UnionFS:
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self.files[fh]
+        copy = self.realms[h.node.realm].copy
+        if copy is not None and copy.settler is not None:
+            copy.settler.settle(h.node.ino)  # its copy-up first, so no crash can undo what this syncs
         (os.fdatasync if datasync else os.fsync)(h.fd)
 
     def release(self, fh: int) -> None:

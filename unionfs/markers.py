@@ -16,8 +16,8 @@ character-device whiteouts (a ``.wh.NAME`` file only where ``mknod`` is refused)
 and ``overlay.opaque``/``overlay.redirect`` under ``trusted.`` where the kernel
 lets us write it, ``user.`` otherwise (overlayfs' ``userxattr`` dialect, e.g.
 inside a user namespace). Our own bookkeeping
-(``unionmount.origin``, ``unionmount.nlink``, ``unionmount.index``, ``unionmount.graftpoint`` on a
-directory made only to graft a volume on) uses the same namespace choice.
+(``unionmount.origin``, ``unionmount.nlink``, ``unionmount.index``, ``unionmount.unsettled``,
+``unionmount.graftpoint`` on a directory made only to graft a volume on) uses the same namespace choice.
 Metadata-only copies are overlayfs' own: ``overlay.metacopy`` plus an absolute
 ``overlay.redirect`` to the data, which a kernel mounted ``metacopy=on`` reads,
 and which we follow in every layer, so an upper can become a lower. None of these
@@ -192,6 +192,11 @@ class WriteDialect:
     @property
     def nlink(self) -> bytes:
         return self.ns + b"unionmount.nlink"
+
+    @property
+    def unsettled(self) -> bytes:
+        """On a copy-up whose data may not be on the disk yet (see :mod:`unionfs.settle`)."""
+        return self.ns + b"unionmount.unsettled"
 
     @property
     def index(self) -> bytes:

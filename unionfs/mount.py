@@ -127,6 +127,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 writeback_wanted(cfg),
                 timeout,
                 timeout > 0 if cfg.dircache is None else cfg.dircache,
+                cfg.settle_ms / 1000,
             )
         )
     except OSError as e:

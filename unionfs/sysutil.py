@@ -9,7 +9,8 @@ Guarantees:
   ``RENAME_WHITEOUT``.
 * :func:`write_out` returns once a file's dirty data is on its device
   (``sync_file_range``), without the journal commit an ``fsync`` waits for;
-  :func:`journal_orders_data` says where that is enough to order a later rename.
+  :func:`journal_orders_data` says where that is enough to order a later rename;
+  :func:`start_write_out` only starts it (many files then wait once, together).
 
 Every failure is raised as :class:`OSError` with the kernel's errno.
 """
@@ -35,10 +36,15 @@ _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.
 _libc.renameat2.restype = ctypes.c_int
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _libc.sync_file_range.restype = ctypes.c_int
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.syncfs.restype = ctypes.c_int
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_libc.statx.restype = ctypes.c_int
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _libc.fstatfs.restype = ctypes.c_int
 
 _SYNC_FILE_RANGE_WAIT_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+_SYNC_FILE_RANGE_WRITE = 2
 _EXT_MAGIC = 0xEF53  # ext2, ext3 and ext4 share it; only a journal makes them order anything
 _XFS_MAGIC = 0x58465342  # always journaled
 
@@ -83,6 +89,39 @@ def write_out(fd: int) -> None:
     """Write every dirty page of ``fd`` to the device and wait for it; no metadata, no journal commit."""
     if _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WAIT_ALL) != 0:
         _raise()
+
+
+def start_write_out(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to the device (blocks are allocated now); does not wait for the I/O."""
+    if _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+        _raise()
+
+
+def syncfs(fd: int) -> None:
+    """``syncfs(2)``: everything of the filesystem of ``fd`` is on disk when it returns."""
+    if _libc.syncfs(fd) != 0:
+        _raise()
+
+
+_AT_EMPTY_PATH = 0x1000
+_STATX_MNT_ID = 0x1000
+_STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8: never reused within a boot
+_STATX_MNT_ID_OFFSET = 144  # struct statx: __u64 stx_mnt_id
+
+
+def mount_instance(fd: int) -> bytes:
+    """Names the mount ``fd`` lies on, as it is now: another mount of the same filesystem (after a crash,
+    a reboot or a plain remount) gets another name. The boot's id plus the mount's id in it."""
+    with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+        boot = f.read().strip()
+    buf = ctypes.create_string_buffer(256)
+    if _libc.statx(fd, b"", _AT_EMPTY_PATH, _STATX_MNT_ID | _STATX_MNT_ID_UNIQUE, buf) != 0:
+        _raise()
+    mask = ctypes.c_uint32.from_buffer(buf).value
+    if not mask & (_STATX_MNT_ID | _STATX_MNT_ID_UNIQUE):
+        raise OSError(errno.ENOSYS, "statx gives no mount id")
+    mnt = ctypes.c_uint64.from_buffer(buf, _STATX_MNT_ID_OFFSET).value
+    return b"%s:%s%d" % (boot, b"u" if mask & _STATX_MNT_ID_UNIQUE else b"", mnt)
 
 
 def fs_magic(fd: int) -> int:

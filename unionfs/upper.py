@@ -8,13 +8,16 @@ Guarantees:
 * whiteouts are character devices 0/0 (what every peer reads); only where
   ``mknod`` is refused do we fall back to an OCI ``.wh.NAME`` file;
 * the work directory (``WORKDIR/work``) holds only in-flight temporaries and is
-  emptied at mount, which is how an interrupted copy-up is cleaned.
+  emptied at mount, which is how an interrupted copy-up is cleaned;
+* copy-ups an earlier mount published before their data was on the disk are
+  checked at mount, before anything else (:func:`unionfs.settle.recover`).
 
 Layout of WORKDIR (kernel overlayfs uses ``work`` the same way; our hard-link
 index lives apart from the kernel's ``index`` so neither misreads the other):
 
     WORKDIR/work/               temporaries, emptied at every mount
     WORKDIR/unionmount-index/   one entry per copied-up lower hard-link group
+    WORKDIR/unsettled           while copy-ups may be unsettled (see unionfs.settle)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import stat
 
 from .layers import DirLayer
 from .markers import WH_PREFIX, WriteDialect
+from .settle import Settler, recover
 from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 _counter = itertools.count()
@@ -39,9 +43,9 @@ class Upper:
         self.layer = layer
         self.dialect = dialect
         if workdir is None:
-            self.work_fd = self.index_fd = -1  # any use fails with EBADF
+            self.work_fd = self.index_fd = self.base_fd = -1  # any use fails with EBADF
             return
-        wfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.base_fd = wfd = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for sub in ("work", "unionmount-index"):
                 try:
@@ -52,14 +56,26 @@ class Upper:
             self.index_fd = os.open(
                 "unionmount-index", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd
             )
-        finally:
+        except BaseException:
             os.close(wfd)
+            raise
+        root = os.open(_proc(layer.root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.recovered = recover(wfd, root, dialect.unsettled)
+        finally:
+            os.close(root)
         self.clean_work()
+
+    def settler(self, delay: float) -> Settler:
+        """A :class:`~unionfs.settle.Settler` for copies into this layer (it owns a readable fd of the layer)."""
+        fd = os.open(_proc(self.layer.root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return Settler(self.base_fd, fd, self.dialect.unsettled, delay)
 
     def close(self) -> None:
         if self.work_fd >= 0:
             os.close(self.work_fd)
             os.close(self.index_fd)
+            os.close(self.base_fd)
 
     def tmpname(self) -> bytes:
         return b"#%x.%x" % (os.getpid(), next(_counter))
