@@ -156,3 +156,28 @@ def test_fsync_settles_the_copy_up_first(tmp_path: Path, ext4: Path) -> None:
         os.close(fd)
         assert (upper / "b").exists() and not _marked(upper / "b")
     assert not (work / "unsettled").exists()
+
+
+def test_fsync_while_copies_are_being_settled(tmp_path: Path, ext4: Path) -> None:
+    """fsync of a copy the settler's thread is writing out waits for that thread, and nothing hangs."""
+    lower, mnt = tmp_path / "lower", tmp_path / "m"
+    upper, work = ext4 / "upper", ext4 / "work"
+    for d in (lower, mnt, upper, work):
+        d.mkdir()
+    names = [f"f{i}" for i in range(300)]
+    for name in names:
+        (lower / name).write_bytes(b"y" * 6000)
+    with union(mnt, [lower], upper, work, extra=["-o", "settle=0.2"]):
+        for i, name in enumerate(names):
+            fd = os.open(mnt / name, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"+")
+                if i % 3 == 2:  # the copy-ups of the two before may be in the settler's thread now
+                    other = os.open(mnt / names[i - 1], os.O_WRONLY)
+                    os.fsync(other)
+                    os.close(other)
+                os.fsync(fd)
+                assert not _marked(upper / name)
+            finally:
+                os.close(fd)
+    assert all((upper / n).read_bytes() == b"y" * 6000 + b"+" for n in names)

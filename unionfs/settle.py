@@ -41,6 +41,7 @@ import os
 import resource
 import stat
 import threading
+from functools import partial
 
 import trio
 
@@ -71,6 +72,14 @@ def _settle_batch(fds: list[int], mark: bytes) -> None:
                 log.warning("copy-up not settled, its mark stays for the next mount: %s", e.strerror)
         finally:
             os.close(fd)
+
+
+def _wake(token: trio.lowlevel.TrioToken, finished: trio.Event, _: object) -> None:
+    """A worker thread's batch is done: wake the task waiting for it (if trio still runs)."""
+    try:
+        token.run_sync_soon(finished.set)
+    except trio.RunFinishedError:
+        pass
 
 
 class Settler:
@@ -150,14 +159,24 @@ class Settler:
                     continue  # copy-ups keep coming: later
                 batch, self.pending = self.pending, {}
                 self._inflight = batch
-                self._inflight_done.clear()
-                try:
-                    await trio.to_thread.run_sync(_settle_batch, list(batch.values()), self.mark_name)
-                finally:
-                    self._inflight = {}
-                    self._inflight_done.set()
+                done = self._inflight_done = threading.Event()
+                finished = trio.Event()
+                # Started now, not at trio's next checkpoint: settle() may block the loop waiting for it.
+                trio.lowlevel.start_thread_soon(
+                    partial(self._settle_inflight, list(batch.values()), done),
+                    partial(_wake, trio.lowlevel.current_trio_token(), finished),
+                )
+                await finished.wait()
+                self._inflight = {}
         finally:
             self._scheduled = False
+
+    def _settle_inflight(self, fds: list[int], done: threading.Event) -> None:
+        """In the worker thread: the batch, then ``done`` (which :meth:`settle` may be waiting for)."""
+        try:
+            _settle_batch(fds, self.mark_name)
+        finally:
+            done.set()
 
     def settle(self, ino: int) -> None:
         """Return once the copy of ``ino`` (if one is unsettled) is on the disk and unmarked."""
