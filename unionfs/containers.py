@@ -30,6 +30,7 @@ from .changes import Change, changes
 from .commands import _human, open_store
 from .config import UsageError
 from .markers import WriteDialect
+from .settle import recover_dirs
 from .storelayer import StoreLayer
 from .view import Item, View
 
@@ -39,7 +40,9 @@ def container_view(store: Store, name: str) -> Iterator[tuple[View, StoreLayer, 
     """(view of the container, its image as a layer, image id).
 
     A mounted container's mount is synced first: writes the kernel still caches
-    (the writeback cache) reach the container layer before the view reads it.
+    (the writeback cache) reach the container layer before the view reads it. An
+    unmounted one's copy-ups left unsettled by a crash are checked first
+    (:func:`unionfs.settle.recover`), as its next mount would.
     """
     rec = store.container_record(name)
     where = store.mounted_at(name)
@@ -50,8 +53,14 @@ def container_view(store: Store, name: str) -> Iterator[tuple[View, StoreLayer, 
             _flush_open_files(where, upper)
         except OSError as e:
             print(f"unionmount: warning: cannot sync {where}: {e.strerror}", file=sys.stderr)
+    dialect = WriteDialect.probe(work)
+    if where is None:  # left by a crash: copy-ups whose data may not have reached the disk
+        try:
+            recover_dirs(upper, work, dialect.unsettled)
+        except OSError as e:
+            print(f"unionmount: warning: cannot check unsettled copy-ups: {e.strerror}", file=sys.stderr)
     image_id = rec["image"].encode()
-    with View(upper, [], (store, image_id), WriteDialect.probe(work), work) as view:
+    with View(upper, [], (store, image_id), dialect, work) as view:
         image = view.lowers[-1]
         assert isinstance(image, StoreLayer)
         yield view, image, image_id

@@ -17,7 +17,7 @@ Guarantees:
   out and waited for instead (``sync_file_range``, no commit; 4 KiB: 0.09 vs
   0.47-0.61 ms here), and its allocation then commits no later than the rename.
   Elsewhere it is ``fsync``. Nothing for a ``volatile`` mount. ``tests/test_crash.py``
-  checks this by shutting the filesystem down without flushing its log. A small
+  checks this by shutting the filesystem down without flushing its log. A
   file copied up for an ``open`` (``defer``) is published before that wait, marked,
   and settled behind the request (:mod:`unionfs.settle`);
 * metadata-only: a regular file can be copied up without its data (``metacopy``);
@@ -206,7 +206,7 @@ class CopyUp:
 
         The alias copied is ``node.links[0]``. For a lower hard-link group the data
         goes to the index once and every alias copied later is linked to it.
-        ``defer``: a small copy may be settled after this returns (:mod:`unionfs.settle`).
+        ``defer``: the copy may be settled after this returns (:mod:`unionfs.settle`).
         """
         if node.index_name is not None:
             await self._index_alias(node)
@@ -324,7 +324,7 @@ class CopyUp:
         defer: list[int] | None,
     ) -> None:
         """A regular file: data, xattrs, origin, owner, mode and times through one fd, then settled once
-        (or marked, its fd handed out through ``defer``, if it is small and a settler takes it)."""
+        (or marked, its fd handed out through ``defer``, if a settler takes it)."""
         if node.data is not None:  # a lower metadata-only copy: the data is deeper
             src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
         else:
@@ -348,7 +348,7 @@ class CopyUp:
                 _set_meta(dst, st, stat.S_IFREG, self.rootless)
                 if self.settle and data and st.st_size > 0:
                     settler = self.settler
-                    if defer is not None and not big and settler is not None and settler.mark(dst, st.st_size, src):
+                    if defer is not None and settler is not None and settler.mark(dst, st.st_size, src):
                         defer.append(os.dup(dst))
                     elif big:
                         await trio.to_thread.run_sync(self.settle, dst)

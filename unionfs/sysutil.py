@@ -36,8 +36,6 @@ _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.
 _libc.renameat2.restype = ctypes.c_int
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _libc.sync_file_range.restype = ctypes.c_int
-_libc.syncfs.argtypes = [ctypes.c_int]
-_libc.syncfs.restype = ctypes.c_int
 _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
 _libc.statx.restype = ctypes.c_int
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
@@ -94,12 +92,6 @@ def write_out(fd: int) -> None:
 def start_write_out(fd: int) -> None:
     """Start writing ``fd``'s dirty pages to the device (blocks are allocated now); does not wait for the I/O."""
     if _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
-        _raise()
-
-
-def syncfs(fd: int) -> None:
-    """``syncfs(2)``: everything of the filesystem of ``fd`` is on disk when it returns."""
-    if _libc.syncfs(fd) != 0:
         _raise()
 
 
