@@ -150,7 +150,9 @@ class Resolver:
         return None
 
     def _data_of(self, layer: Layer, path: bytes, st: os.stat_result, below: int) -> tuple[int, bytes] | None:
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        """Where the data of a metadata-only copy is (None: the file holds its own); ``below``: the first
+        layer under ``layer``. With no layer below, no data could be found: no xattr is read."""
+        if below >= len(self.lowers) or not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return None
         src = metacopy_source(layer, path)
         if src is None:
@@ -295,7 +297,12 @@ class Resolver:
             ino = self.ino(li + 2, st.st_ino)
             index = _index_name(li, st) if st.st_nlink > 1 else None
             data = None
-            if stat.S_ISREG(st.st_mode) and st.st_size and os.listxattr(proc_path(dfd, name), follow_symlinks=False):
+            if (
+                stat.S_ISREG(st.st_mode)
+                and st.st_size
+                and li + 1 < len(self.lowers)
+                and os.listxattr(proc_path(dfd, name), follow_symlinks=False)
+            ):
                 data = self._data_of(layer, path, st, li + 1)  # it has xattrs: maybe a metadata-only copy
             yield name, Found(ino, stat.S_IFMT(st.st_mode), None, st, [(li, path)], False, index, data)
 
