@@ -19,6 +19,13 @@ is (up to :data:`MAX_WORKERS`). A worker that finds the device empty while anoth
 already waiting on it ends. A worker yields to trio at least every :data:`FAIRNESS`
 requests, so that signals and finished threads are seen under a steady stream.
 
+Before sleeping on an empty device the loop polls it for up to :data:`SPIN_NS`, as long
+as requests have been coming that close together (a process calling ``stat`` in a loop):
+waking a sleeping daemon costs more than the request (a negative LOOKUP: 68-86 -> 24 µs
+a round trip, and 39 -> 24-30 µs of the daemon's CPU). Two polls in a row that find
+nothing turn it off until a wait is short again, so a quiet or slow client costs two
+polls per burst.
+
 The loop also keeps the inode each request is about (:attr:`RequestLoop.nodeid`, from the
 request's header), which pyfuse3 does not pass to ``readdir``: with it the union can list
 directories the kernel did not open (:meth:`unionfs.fs.UnionFS.list_without_open`).
@@ -55,6 +62,7 @@ import os
 import struct
 import types
 from collections.abc import Callable, Coroutine, Generator
+from time import perf_counter_ns
 from typing import Any, NamedTuple
 
 import pyfuse3
@@ -65,6 +73,7 @@ from . import pyfuse3_abi
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 99  # as pyfuse3.main
+SPIN_NS = 50_000  # how long the device is polled before sleeping, while requests come that close together
 FAIRNESS = 64  # requests a worker may serve in a row without yielding to trio
 _DONE = object()  # the handler's first step was its last
 # struct fuse_in_header: u32 len, u32 opcode, u64 unique, u64 nodeid, u32 uid, gid, pid, ...
@@ -168,6 +177,7 @@ class RequestLoop:
         self.after_reply: list[Callable[[], None]] = []
         self._workers = 0
         self._waiting = False  # a worker is waiting for the device to become readable
+        self._spin = 0  # > 0: requests came close together lately: poll before sleeping
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -288,16 +298,25 @@ class RequestLoop:
         try:
             while True:
                 res = receive(session, ref)  # 0 once the session has ended (unmount, terminate)
+                if res == -errno.EAGAIN and self._spin > 0 and not self._waiting:
+                    deadline = perf_counter_ns() + SPIN_NS
+                    while res == -errno.EAGAIN and perf_counter_ns() < deadline:
+                        res = receive(session, ref)
+                    # twice in vain in a row: not again until a wait is short
+                    self._spin = 2 if res != -errno.EAGAIN else self._spin - 1
                 if res == -errno.EAGAIN:
                     if self._waiting:  # another worker is already listening: this one is spare
                         return
                     self._waiting = True
+                    slept = perf_counter_ns()
                     try:
                         await trio.lowlevel.wait_readable(fd)
                     except trio.ClosedResourceError:  # pyfuse3.terminate()
                         return
                     finally:
                         self._waiting = False
+                    if perf_counter_ns() - slept < SPIN_NS:
+                        self._spin = 2
                     served = 0
                     continue
                 if res == -errno.EINTR:
