@@ -55,6 +55,8 @@ def cleanup(mnt: Path) -> None:
         ("different filesystems", "different filesystems"),
         ("unknown option", "unknown mount option"),
         ("bad timeout", "timeout takes seconds"),
+        ("bad settle", "settle takes milliseconds"),
+        ("bad spin", "spin takes 0 or 1"),
         ("unknown flag", "unknown option"),
         ("missing mountpoint", "does not exist"),
     ],
@@ -89,6 +91,10 @@ def test_bad_arguments_get_one_line(case: str, needle: str, dirs: dict[str, Path
         args = ["-o", f"lowerdir={lo},bogus=1", mnt]
     elif case == "bad timeout":
         args = ["-o", f"lowerdir={lo},timeout=soon", mnt]
+    elif case == "bad settle":
+        args = ["-o", f"lowerdir={lo},settle=-1", mnt]
+    elif case == "bad spin":
+        args = ["-o", f"lowerdir={lo},spin=yes", mnt]
     elif case == "unknown flag":
         args = ["--frobnicate", mnt]
     else:

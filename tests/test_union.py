@@ -321,6 +321,25 @@ def test_capabilities_are_asked_for_once_per_file(layers: dict[str, Path]) -> No
         assert writes(m, "other") >= 20
 
 
+def test_an_idle_daemon_does_not_poll(layers: dict[str, Path]) -> None:
+    """After a burst of requests close together (which the loop polls for), a quiet mount costs no CPU."""
+
+    def cpu(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    with mount(layers) as m:
+        pid = daemon_pid(m)
+        for i in range(3000):
+            try:
+                os.lstat(m / f"missing-{i}")
+            except FileNotFoundError:
+                pass
+        before = cpu(pid)
+        time.sleep(1.0)
+        assert cpu(pid) - before < 0.2, "the daemon kept polling a quiet device"
+
+
 def test_attributes_answered_by_the_loop_are_pyfuse3s(layers: dict[str, Path]) -> None:
     """A lower-only entry's GETATTR, answered by our loop without pyfuse3, says what pyfuse3 would.
 

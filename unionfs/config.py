@@ -134,6 +134,7 @@ class MountConfig:
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
     fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuseloop) or pyfuse3.main()
     killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
+    spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuseloop)
     settle_ms: float = 5.0  # -o settle=MS: how long a small copy-up may stay unsettled behind its open (0: none)
 
 
@@ -158,7 +159,7 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': writeback takes 0 or 1")
                 cfg.writeback = value == "1"
-            elif key in ("dircache", "fastloop", "killpriv"):
+            elif key in ("dircache", "fastloop", "killpriv", "spin"):
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': {key} takes 0 or 1")
                 setattr(cfg, key, value == "1")

@@ -178,6 +178,7 @@ class RequestLoop:
         self._workers = 0
         self._waiting = False  # a worker is waiting for the device to become readable
         self._spin = 0  # > 0: requests came close together lately: poll before sleeping
+        self.spin_ns = SPIN_NS  # 0: never poll (``-o spin=0``)
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -299,7 +300,7 @@ class RequestLoop:
             while True:
                 res = receive(session, ref)  # 0 once the session has ended (unmount, terminate)
                 if res == -errno.EAGAIN and self._spin > 0 and not self._waiting:
-                    deadline = perf_counter_ns() + SPIN_NS
+                    deadline = perf_counter_ns() + self.spin_ns
                     while res == -errno.EAGAIN and perf_counter_ns() < deadline:
                         res = receive(session, ref)
                     # twice in vain in a row: not again until a wait is short
@@ -315,7 +316,7 @@ class RequestLoop:
                         return
                     finally:
                         self._waiting = False
-                    if perf_counter_ns() - slept < SPIN_NS:
+                    if perf_counter_ns() - slept < self.spin_ns:
                         self._spin = 2
                     served = 0
                     continue

@@ -62,15 +62,17 @@ def writeback_wanted(cfg: MountConfig) -> bool:
 _loop: RequestLoop | None = None  # this daemon's request loop, once serving (None: pyfuse3's)
 
 
-async def _serve(fs: UnionFS, fast: bool, killpriv: bool) -> None:
+async def _serve(fs: UnionFS, cfg: MountConfig) -> None:
     global _loop
-    loop = _loop = RequestLoop.create() if fast else None
+    loop = _loop = RequestLoop.create() if cfg.fastloop else None
+    if loop is not None and not cfg.spin:
+        loop.spin_ns = 0
     stats.SETTINGS["fastloop"] = lambda: loop is not None
     unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid, loop.after_reply.append)
     stats.SETTINGS["opendir"] = lambda: not unopened
     if loop is not None:
         loop.answer_getattr = getattr_reply(fs)
-    if loop is not None and killpriv:
+    if loop is not None and cfg.killpriv:
         loop.offer(HANDLE_KILLPRIV_V2)
         fs.take_privilege_kills(loop)
     stats.SETTINGS["killpriv"] = lambda: loop is not None and loop.killpriv
@@ -191,7 +193,7 @@ def _raise_readahead(mountpoint: str) -> None:
 def _run(fs: UnionFS, stack: ExitStack, cfg: MountConfig) -> int:
     unmounted = False
     try:
-        trio.run(_serve, fs, cfg.fastloop, cfg.killpriv)
+        trio.run(_serve, fs, cfg)
         unmounted = True
     finally:
         try:
