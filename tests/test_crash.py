@@ -55,6 +55,14 @@ def _replay(mnt: Path) -> None:
 MARK = "trusted.unionmount.unsettled"
 
 
+def _dirs(tmp_path: Path, ext4: Path) -> tuple[Path, Path, Path, Path]:
+    """(lower, mount point, upper, work): the layer and mount point outside the ext4 that crashes."""
+    dirs = (tmp_path / "lower", tmp_path / "m", ext4 / "upper", ext4 / "work")
+    for d in dirs:
+        d.mkdir()
+    return dirs
+
+
 def _marked(path: Path) -> bool:
     try:
         os.getxattr(path, MARK)
@@ -67,10 +75,7 @@ def _marked(path: Path) -> bool:
 def test_copied_up_data_survives_a_crash(tmp_path: Path, ext4: Path, settle: str) -> None:
     """settle=0: each copy is on the disk before its open returns; otherwise copies are
     settled behind it, and 10000 ms means none is when the crash comes."""
-    lower, mnt = tmp_path / "lower", tmp_path / "m"
-    upper, work = ext4 / "upper", ext4 / "work"
-    for d in (lower, mnt, upper, work):
-        d.mkdir()
+    lower, mnt, upper, work = _dirs(tmp_path, ext4)
     payload = {f"f{i}": os.urandom(4096 + 37 * i) for i in range(64)}
     for name, data in payload.items():
         (lower / name).write_bytes(data)
@@ -107,10 +112,7 @@ def test_copied_up_data_survives_a_crash(tmp_path: Path, ext4: Path, settle: str
 
 def test_a_killed_daemon_loses_no_write(tmp_path: Path, ext4: Path) -> None:
     """Killed with copies unsettled, the filesystem still mounted: nothing is lost, the next mount only unmarks."""
-    lower, mnt = tmp_path / "lower", tmp_path / "m"
-    upper, work = ext4 / "upper", ext4 / "work"
-    for d in (lower, mnt, upper, work):
-        d.mkdir()
+    lower, mnt, upper, work = _dirs(tmp_path, ext4)
     payload = {f"f{i}": os.urandom(5000) for i in range(8)}
     for name, data in payload.items():
         (lower / name).write_bytes(data)
@@ -137,10 +139,7 @@ def test_a_killed_daemon_loses_no_write(tmp_path: Path, ext4: Path) -> None:
 
 
 def test_fsync_settles_the_copy_up_first(tmp_path: Path, ext4: Path) -> None:
-    lower, mnt = tmp_path / "lower", tmp_path / "m"
-    upper, work = ext4 / "upper", ext4 / "work"
-    for d in (lower, mnt, upper, work):
-        d.mkdir()
+    lower, mnt, upper, work = _dirs(tmp_path, ext4)
     for name in ("a", "b"):
         (lower / name).write_bytes(b"x" * 9000)
     with union(mnt, [lower], upper, work, extra=["-o", "settle=10000"]):
@@ -160,10 +159,7 @@ def test_fsync_settles_the_copy_up_first(tmp_path: Path, ext4: Path) -> None:
 
 def test_fsync_while_copies_are_being_settled(tmp_path: Path, ext4: Path) -> None:
     """fsync of a copy the settler's thread is writing out waits for that thread, and nothing hangs."""
-    lower, mnt = tmp_path / "lower", tmp_path / "m"
-    upper, work = ext4 / "upper", ext4 / "work"
-    for d in (lower, mnt, upper, work):
-        d.mkdir()
+    lower, mnt, upper, work = _dirs(tmp_path, ext4)
     names = [f"f{i}" for i in range(300)]
     for name in names:
         (lower / name).write_bytes(b"y" * 6000)
