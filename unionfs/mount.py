@@ -76,6 +76,9 @@ async def _serve(fs: UnionFS, cfg: MountConfig) -> None:
         loop.offer(HANDLE_KILLPRIV_V2)
         fs.take_privilege_kills(loop)
     stats.SETTINGS["killpriv"] = lambda: loop is not None and loop.killpriv
+    stats.SETTINGS["spin"] = lambda: loop is not None and loop.spin_ns > 0
+    settler = fs.copy.settler if fs.copy is not None else None
+    stats.SETTINGS["settle"] = lambda: f"{settler.delay * 1000:g}ms" if settler is not None else False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, nursery.cancel_scope)
         await (loop.run() if loop is not None else pyfuse3.main())
