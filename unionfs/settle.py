@@ -200,7 +200,10 @@ class Settler:
         try:
             if self._flagged:
                 syncfs(f"/proc/self/fd/{self.upper_fd}")
-                os.unlink(FLAG, dir_fd=self.base_fd)
+                try:
+                    os.unlink(FLAG, dir_fd=self.base_fd)
+                except FileNotFoundError:
+                    pass  # a mount made meanwhile (a plain umount does not wait for us) checked it already
                 self._flagged = False
         except OSError as e:
             log.warning("copy-ups left for the next mount to check: %s", e.strerror)
