@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Layer-store benchmark: import, dedup, mount time and cold find vs image depth.
+"""Layer-store benchmark: import, dedup, mount time and cold find/stat vs image depth.
 
 Builds images with umoci from synthetic files (the same files in every variant),
 then measures, each median of --runs:
 
 * import time of a multi-layer image vs ``umoci unpack`` of the same image;
 * store size for two images sharing a base vs the sum of their unpacked trees;
-* mount time and cold ``find`` (after dropping caches) for the same files as a
-  1-layer and a 30-layer image.
+* mount time, cold ``find`` and cold ``stat`` of every file (``find -printf '%s %u %m'``;
+  each after dropping caches, on a fresh mount) for the same files as a 1-layer and a
+  30-layer image.
 
 Writes a Markdown table to perf/RESULTS-store.md (or --out). Run as root:
     .venv/bin/python perf/store_bench.py [--files 20000] [--runs 3]
@@ -127,19 +128,22 @@ def main() -> int:
         mnt = work / "mnt"
         mnt.mkdir()
         for tag, label in (("one", "1 layer"), ("deep", "30 layers")):
-            mounts, finds = [], []
+            mounts, finds, stats = [], [], []
             for _ in range(args.runs):
-                drop_caches()
-                mounts.append(
-                    timed([*UM, "mount", "--root", str(store), "--image", tag, "--name", f"b-{tag}", str(mnt)])
-                )
-                try:
-                    drop_caches()
-                    finds.append(timed(["find", str(mnt), "-printf", ""]))
-                finally:
-                    subprocess.run([*UM, "umount", str(mnt)], check=True, capture_output=True)
+                for walk, into in ((["-printf", ""], finds), (["-printf", "%s %u %m\n"], stats)):
+                    drop_caches()  # a fresh mount and a cold page cache for each walk
+                    cmd = [*UM, "mount", "--root", str(store), "--image", tag, "--name", f"b-{tag}", str(mnt)]
+                    took = timed(cmd)
+                    if into is finds:
+                        mounts.append(took)
+                    try:
+                        drop_caches()
+                        into.append(timed(["find", str(mnt), *walk]))
+                    finally:
+                        subprocess.run([*UM, "umount", str(mnt)], check=True, capture_output=True)
             rows.append((f"mount time, {label} (s)", f"{statistics.median(mounts):.3f}"))
             rows.append((f"cold find over {args.files} files, {label} (s)", f"{statistics.median(finds):.2f}"))
+            rows.append((f"cold stat of {args.files} files, {label} (s)", f"{statistics.median(stats):.2f}"))
     finally:
         for m in (work / "mnt",):
             subprocess.run(["fusermount3", "-u", str(m)], capture_output=True)
