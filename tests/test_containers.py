@@ -312,6 +312,32 @@ def test_sigkill_during_writes(image: Path, tmp_path: Path) -> None:
     assert not [ln for ln in lines if "work" in ln or ".wh." in ln]
 
 
+def test_diff_of_a_killed_container_checks_its_unsettled_copy_ups(image: Path, tmp_path: Path, ext4: Path) -> None:
+    """A copy-up not yet settled when the daemon dies is checked by ``diff`` (as by the next mount): unmarked."""
+    store, mnt = ext4 / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "base").returncode == 0
+    assert um("mount", "--root", store, "--image", "base", "--name", "s", "-o", "settle=10000", mnt).returncode == 0
+    try:
+        with open(mnt / "d" / "sparse", "ab") as f:
+            f.write(b"tail")
+        os.kill(daemon_pid(mnt), signal.SIGKILL)
+    finally:
+        force_unmount(mnt)
+    info = json.loads(um("container", "inspect", "--root", store, "s").stdout)
+    info = info[0] if isinstance(info, list) else info
+    upper, work = Path(info["UpperDir"]), Path(info["WorkDir"])
+    assert (work / "unsettled").exists()
+    assert os.getxattr(upper / "d" / "sparse", "trusted.unionmount.unsettled")
+    lines = um("diff", "--root", store, "s").stdout.splitlines()
+    assert "C /d/sparse" in lines
+    assert not (work / "unsettled").exists()
+    with pytest.raises(OSError):
+        os.getxattr(upper / "d" / "sparse", "trusted.unionmount.unsettled")
+    data = (upper / "d" / "sparse").read_bytes()
+    assert data[:-4] == (image / "ref" / "rootfs" / "d" / "sparse").read_bytes() and data[-4:] == b"tail"
+
+
 @pytest.mark.parametrize("bad", [("diff",), ("commit", "c"), ("export",)])
 def test_container_commands_need_a_container(bad: tuple[str, ...], tmp_path: Path) -> None:
     args = [bad[0], "--root", str(tmp_path / "s"), *bad[1:]]

@@ -14,29 +14,14 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .mounts import daemon_pid, force_unmount, run, union
+from .mounts import daemon_pid, run, union
 
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
-
-
-@pytest.fixture
-def ext4(tmp_path: Path) -> Iterator[Path]:
-    """A fresh journaled ext4 on a loop device, mounted at ``tmp_path/ext4`` (the loop goes with the umount)."""
-    img, mnt = tmp_path / "ext4.img", tmp_path / "ext4"
-    mnt.mkdir()
-    run(["truncate", "-s", "128M", str(img)])
-    run(["mkfs.ext4", "-q", "-F", "-O", "has_journal", str(img)])
-    run(["mount", "-o", "loop", str(img), str(mnt)])
-    try:
-        yield mnt
-    finally:
-        force_unmount(mnt)
 
 
 def _crash(mnt: Path) -> None:
