@@ -135,7 +135,7 @@ class MountConfig:
     fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuseloop) or pyfuse3.main()
     killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
     spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuseloop)
-    settle_ms: float = 5.0  # -o settle=MS: how long a small copy-up may stay unsettled behind its open (0: none)
+    settle_ms: float = 5.0  # -o settle=MS: the pause in copy-ups after which they are settled (0: in the open)
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:

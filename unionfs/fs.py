@@ -120,7 +120,7 @@ class Options:
     writeback: bool = False  # the kernel caches writes (see :func:`unionfs.mount.writeback_wanted`)
     timeout: float = TIMEOUT  # how long the kernel keeps the union's entries, attributes and misses
     dircache: bool = False  # the kernel keeps the union's directory listings (see :mod:`unionfs.dircache`)
-    settle: float = SETTLE_DELAY  # seconds a small copy-up may wait to be settled behind its open (unionfs.settle)
+    settle: float = SETTLE_DELAY  # pause in copy-ups after which they are settled (0: in the open; unionfs.settle)
 
 
 class _NoCopy:

@@ -10,7 +10,7 @@ Guarantees:
 * the work directory (``WORKDIR/work``) holds only in-flight temporaries and is
   emptied at mount, which is how an interrupted copy-up is cleaned;
 * copy-ups an earlier mount published before their data was on the disk are
-  checked at mount, before anything else (:func:`unionfs.settle.recover`).
+  checked at mount, before anything else (:func:`unionfs.settle.recover_dirs`).
 
 Layout of WORKDIR (kernel overlayfs uses ``work`` the same way; our hard-link
 index lives apart from the kernel's ``index`` so neither misreads the other):
@@ -29,7 +29,7 @@ import stat
 
 from .layers import DirLayer
 from .markers import WH_PREFIX, WriteDialect
-from .settle import Settler, recover
+from .settle import Settler, recover_dirs
 from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 _counter = itertools.count()
@@ -59,11 +59,7 @@ class Upper:
         except BaseException:
             os.close(wfd)
             raise
-        root = os.open(_proc(layer.root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self.recovered = recover(wfd, root, dialect.unsettled)
-        finally:
-            os.close(root)
+        recover_dirs(layer.root, workdir, dialect.unsettled)
         self.clean_work()
 
     def settler(self, delay: float) -> Settler:
