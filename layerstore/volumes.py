@@ -7,13 +7,25 @@ an image (Docker fills a new, empty volume once, with what the image has at the
 mount path). The ``local`` driver's bind options (``type=none,o=bind,device=DIR``)
 point a volume at an existing directory instead of ``_data``.
 
-Which containers use a volume is read from the containers' records (their
-``mounts``), so it cannot go stale: ``remove`` is refused while any container
-records it.
+Who uses a volume is known two ways, neither of which can go stale:
+
+* the containers whose records (their ``mounts``) name it;
+* the live mounts that graft it, container or not: each holds a *lease*, a file
+  ``volumes/NAME/users/ID`` (its mount point and container) that its daemon keeps
+  ``flock``ed for its whole life. The kernel drops the lock when the daemon dies,
+  however it dies, so a lease whose lock is free is stale and is removed by the
+  next look.
+
+``remove`` and ``prune`` refuse a volume any live mount uses (``force`` overrides
+container records only), and take a lease or check for leases inside an lmdb write
+transaction, which serializes them against each other across processes: a volume
+is never removed under a mount that is starting.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import secrets
@@ -138,27 +150,109 @@ def mark_populated(store: Store, name: str) -> None:
             txn.put(name.encode(), v.record(), db=_db(store))
 
 
+def _users_dir(store: Store, name: str) -> str:
+    return os.path.join(store.root, "volumes", name, "users")
+
+
+def lease(store: Store, name: str, mountpoint: str, container: str | None) -> int:
+    """Record that the mount at ``mountpoint`` uses volume ``name``; returns the fd that holds the lease.
+
+    The caller keeps the fd open for the mount's life (the daemon inherits it); the
+    lease ends when the last copy of the fd is closed. Fails if the volume was
+    removed meanwhile.
+    """
+    with store.env.begin(write=True) as txn:  # serialized with remove()
+        if txn.get(name.encode(), db=_db(store)) is None:
+            raise StoreError(f"volume '{name}' was removed meanwhile")
+        d = _users_dir(store, name)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        path = os.path.join(d, f"{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, json.dumps({"mountpoint": mountpoint, "container": container}).encode())
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+    return fd
+
+
+def live_users(store: Store, name: str) -> list[dict[str, str | None]]:
+    """The live mounts that use volume ``name``: ``{"mountpoint", "container"}`` each; stale leases are removed."""
+    d = _users_dir(store, name)
+    try:
+        ids = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return []
+    out = []
+    for i in ids:
+        try:
+            fd = os.open(os.path.join(d, i), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: its daemon lives
+                try:
+                    out.append(json.loads(os.read(fd, 1 << 16)))
+                except ValueError:
+                    out.append({"mountpoint": "?", "container": None})
+                continue
+            os.unlink(os.path.join(d, i))  # its daemon is gone
+        finally:
+            os.close(fd)
+    return out
+
+
 def users(store: Store, name: str) -> list[str]:
-    """The containers whose recorded mounts use volume ``name``."""
-    return sorted(c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", [])))
+    """Who uses volume ``name``: the containers that record it, and the mount points of live non-container mounts."""
+    names = {c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", []))}
+    mounts = set()
+    for u in live_users(store, name):
+        if u.get("container"):
+            names.add(str(u["container"]))
+        else:
+            mounts.add(str(u.get("mountpoint")))
+    return sorted(names) + sorted(mounts)
+
+
+def _in_use(name: str, recorded: list[str], live: list[dict[str, str | None]]) -> str:
+    containers = sorted(set(recorded) | {str(u["container"]) for u in live if u.get("container")})
+    mounts = sorted({str(u.get("mountpoint")) for u in live if not u.get("container")})
+    parts = ([f"container(s) {', '.join(containers)}"] if containers else []) + (
+        [f"the mount(s) at {', '.join(mounts)}"] if mounts else []
+    )
+    return f"volume '{name}' is in use by {' and '.join(parts)}"
 
 
 def remove(store: Store, name: str, *, force: bool = False) -> None:
-    vol = get(store, name)
-    used = users(store, name)
-    if used and not force:
-        raise StoreError(f"volume '{name}' is in use by container(s) {', '.join(used)}")
-    with store.env.begin(write=True) as txn:
+    """Remove a volume and its data; refused while a live mount uses it, or (without ``force``) a container records it."""
+    get(store, name)
+    recorded = [c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", []))]
+    base = os.path.join(store.root, "volumes", name)
+    with store.env.begin(write=True) as txn:  # no lease can be taken meanwhile
+        live = live_users(store, name)
+        if live or (recorded and not force):
+            raise StoreError(_in_use(name, recorded, live))
         txn.delete(name.encode(), db=_db(store))
-    if not vol.options:
-        shutil.rmtree(os.path.join(store.root, "volumes", name), ignore_errors=True)
+        trash = None
+        if os.path.isdir(base):  # out of the way before another mount may create the name again
+            trash = os.path.join(store.root, "volumes", f".removed.{secrets.token_hex(8)}")
+            os.rename(base, trash)
+    if trash is not None:  # for a bind (options) only our bookkeeping: the device is the user's
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def prune(store: Store, *, everything: bool = False) -> list[str]:
-    """Remove unused volumes: anonymous ones, or all with ``everything`` (Docker's ``--all``)."""
+    """Remove unused volumes: anonymous ones, or all with ``everything`` (Docker's ``--all``); live ones stay."""
     gone = []
     for v in all_volumes(store):
         if (v.anonymous or everything) and not users(store, v.name):
-            remove(store, v.name)
+            try:
+                remove(store, v.name)
+            except StoreError:
+                continue  # taken by a mount that started meanwhile
             gone.append(v.name)
     return gone

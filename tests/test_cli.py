@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -211,3 +212,29 @@ def test_root_before_or_after_the_action(image: Path, tmp_path: Path) -> None:
     assert after.returncode == 0 and after.stdout == before.stdout and '"a:1"' in after.stdout
     for cmd in (["container", "ls", "--root", str(store)], ["volume", "ls", "--root", str(store)]):
         assert run([*COMMAND, *cmd], check=False).returncode == 0
+
+
+def test_only_the_daemon_serving_the_mount_is_ever_signalled(dirs: dict[str, Path]) -> None:
+    """`stats` and `umount` reach the daemon through the mount: a wrapper whose command line names it is left alone."""
+    mnt = dirs["mnt"]
+    wrapper = subprocess.Popen(["timeout", "120", *COMMAND, "mount", "-f", "--lower", str(dirs["lower"]), str(mnt)])
+    try:
+        for _ in range(200):
+            if is_mounted(mnt) or wrapper.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert is_mounted(mnt)
+        r = run([*COMMAND, "stats", str(mnt), "--format", "json"], check=False)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["pid"] == daemon_pid(mnt) != wrapper.pid
+        time.sleep(0.2)
+        assert wrapper.poll() is None, "the wrapper was signalled"
+        assert (mnt / "hello").read_text() == "hi\n"
+        assert run([*COMMAND, "umount", str(mnt)], check=False).returncode == 0
+        assert wrapper.wait(timeout=30) == 0  # the daemon exited 0 and the wrapper passed that on
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        cleanup(mnt)
+    r = run([*COMMAND, "stats", str(dirs["lower"])], check=False)  # not a mount
+    assert r.returncode != 0 and "no unionmount daemon serves" in r.stderr

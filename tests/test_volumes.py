@@ -296,3 +296,36 @@ def test_bad_specs(args: list[str], needle: str, store: Path, tmp_path: Path) ->
     finally:
         if is_mounted(mnt):
             force_unmount(mnt)
+
+
+def test_a_volume_in_use_by_a_live_mount_is_not_removed(store: Path, tmp_path: Path) -> None:
+    """Plain-directory and container mounts alike hold their volumes: rm and prune refuse; a dead daemon does not."""
+    lower, upper, work, mnt, cmnt = dirs(tmp_path, "l", "u", "w", "mnt", "cmnt")
+    assert um("volume", "--root", store, "create", "keep").returncode == 0
+    plain = ("--root", store, "--lower", lower, "--upper", upper, "--work", work, "-v", "keep:/data", mnt)
+    with mounted(*plain), mounted("--root", store, "--image", "base", "--name", "c", "-v", "keep:/k", cmnt):
+        (mnt / "data" / "f").write_text("precious\n")
+        for args in (("rm", "keep"), ("rm", "-f", "keep")):
+            r = um("volume", "--root", store, *args)
+            assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert f"in use by container(s) c and the mount(s) at {mnt}" in r.stderr, r.stderr
+        assert "keep" not in um("volume", "--root", store, "prune", "-a").stdout.split()
+        (info,) = json.loads(um("volume", "--root", store, "inspect", "keep").stdout)
+        assert info["UsedBy"] == ["c", str(mnt)]
+        assert (mnt / "data" / "f").read_text() == "precious\n"
+        assert (cmnt / "k" / "f").read_text() == "precious\n"
+    assert um("container", "--root", store, "rm", "c").returncode == 0
+    r = um("mount", *plain)  # a daemon killed with -9 leaves a lease nobody holds: it no longer counts
+    assert r.returncode == 0, r.stderr
+    try:
+        pid = int(subprocess.run(["getfattr", "--only-values", "-n", "user.unionmount.pid", str(mnt)],
+                                 capture_output=True, text=True, check=True).stdout)  # fmt: skip
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        force_unmount(mnt)
+    assert um("volume", "--root", store, "rm", "keep").returncode == 0
+    assert not (store / "volumes" / "keep").exists()

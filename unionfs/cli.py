@@ -17,10 +17,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from typing import Any
 
-from . import commands, grafts, stats
+from . import commands, control, grafts
 from .config import MountConfig, UsageError, parse_o, validate
 
 EPILOG = """\
@@ -252,55 +251,41 @@ def _legacy(argv: list[str]) -> MountConfig:
 
 def _umount(mnt: str, timeout: float) -> int:
     path = os.path.realpath(mnt)
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", path] if tool else ["umount", path]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
-        raise UsageError(f"cannot unmount '{mnt}': {msg}")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _daemon_alive(path):
-        time.sleep(0.05)
+    try:  # before the unmount: afterwards the mount can no longer tell who served it
+        daemon: control.Daemon | None = control.Daemon(path)
+    except (control.NotServed, OSError):
+        daemon = None
+    try:
+        tool = shutil.which("fusermount3") or shutil.which("fusermount")
+        cmd = [tool, "-u", path] if tool else ["umount", path]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
+            raise UsageError(f"cannot unmount '{mnt}': {msg}")
+        if daemon is not None:
+            daemon.wait(timeout)
+    finally:
+        if daemon is not None:
+            daemon.close()
     return 0
 
 
-def _daemon_alive(mnt: str) -> bool:
-    """True while a unionmount daemon serving ``mnt`` still runs."""
-    return bool(stats.daemon_pids(mnt))
-
-
 def _stats(mnt: str, fmt: str) -> int:
-    """Ask the daemon serving ``mnt`` for its request counters and print them."""
+    """Ask the daemon serving ``mnt`` for its request counters (through the mount) and print them."""
     import json
-    import signal
 
-    pids = stats.daemon_pids(os.path.realpath(mnt))
-    if not pids:
-        raise UsageError(f"no unionmount daemon serves '{mnt}'")
-    path = stats.stats_path(pids[0])
     try:
-        before = os.stat(path).st_mtime_ns
-    except FileNotFoundError:
-        before = 0
-    os.kill(pids[0], signal.SIGUSR1)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            if os.stat(path).st_mtime_ns != before:
-                break
-        except FileNotFoundError:
-            pass
-        if time.monotonic() > deadline:
-            raise UsageError(f"the daemon (pid {pids[0]}) did not answer")
-        time.sleep(0.02)
-    with open(path) as f:
-        data = json.load(f)
+        data: dict[str, Any] = control.stats(os.path.realpath(mnt))
+    except control.NotServed:
+        raise UsageError(f"no unionmount daemon serves '{mnt}'") from None
+    except OSError as e:
+        raise UsageError(f"cannot ask the daemon serving '{mnt}': {e.strerror}") from None
     if fmt == "json":
         print(json.dumps(data, indent=2))
         return 0
     print(
         f"pid {data['pid']}  up {data['uptime_s']:.0f}s  cpu {data['cpu_user_s'] + data['cpu_system_s']:.2f}s  "
-        f"peak rss {data['max_rss_kb'] / 1024:.0f} MiB"
+        f"rss {data.get('rss_kb', 0) / 1024:.0f} MiB (peak {data['max_rss_kb'] / 1024:.0f} MiB)"
     )
     settings = data.get("settings", {})
     if settings:

@@ -25,7 +25,7 @@ from layerstore.blobs import syncfs
 from layerstore.save import replacing
 from layerstore.store import Store, normalize_name
 
-from . import stats
+from . import control
 from .changes import Change, changes
 from .commands import _human, open_store
 from .config import UsageError
@@ -76,7 +76,11 @@ def _flush_open_files(where: str, upper: str) -> None:
     one flushes it), and the daemon has each of them open in the upper directory.
     """
     top = os.path.realpath(upper) + "/"
-    for pid in stats.daemon_pids(os.path.realpath(where)):
+    try:
+        pids = [control.daemon_pid(where)]  # the daemon that serves this mount, asked through it
+    except control.NotServed:
+        pids = []
+    for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:

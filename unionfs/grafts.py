@@ -185,6 +185,12 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
             for s in specs:
                 g, created = _graft(store, s, cfg)
                 cfg.grafts.append(g)
+                if g.name is not None:  # held by the daemon: `volume rm` and `prune` refuse it while it lives
+                    assert store is not None
+                    try:
+                        cfg.hold_fds.append(vols.lease(store, g.name, os.path.realpath(cfg.mountpoint), container))
+                    except StoreError as e:
+                        raise UsageError(str(e)) from None
                 if created and not s.nocopy:
                     item = view.lookup(g.target)
                     if item is not None and item.is_dir:

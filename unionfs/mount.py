@@ -86,14 +86,8 @@ async def _serve(fs: UnionFS, cfg: MountConfig) -> None:
 
 
 async def _on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
-            if sig == signal.SIGUSR1:  # unionmount stats
-                try:
-                    stats.dump()
-                except OSError as e:
-                    log.warning("cannot write stats: %s", e)
-                continue
             log.info("signal %d: unmounting", sig)
             pyfuse3.terminate()
             return

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from . import control
 from .fs import UnionFS
 from .stats import record
 
@@ -226,6 +227,10 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name in control.NAMES:  # the daemon's own, see unionfs.control
+            value = control.answer(name)
+            if value is not None:
+                return value
         return self.fs.getxattr(inode, name)
 
     @_translate
