@@ -228,7 +228,7 @@ def _in_use(name: str, recorded: list[str], live: list[dict[str, str | None]]) -
 
 
 def remove(store: Store, name: str, *, force: bool = False) -> None:
-    """Remove a volume and its data; refused while a live mount uses it, or (without ``force``) a container records it."""
+    """Remove a volume and its data: refused while a live mount uses it or a container records it (unless force)."""
     get(store, name)
     recorded = [c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", []))]
     base = os.path.join(store.root, "volumes", name)
