@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import msgpack
 import xxhash
 
+from . import names
 from .entry import Entry
 from .schema import SEP
 from .store import Store, image_key
@@ -145,4 +146,33 @@ def check(store: Store) -> list[str]:
             prefix = image_key(bytes(image_id))
             if txn.get(prefix + SEP, db=store.db["merged"]) is None:
                 problems.append(f"image {bytes(image_id).decode()[:19]} has no merged tree")
+        problems += _unusable_records(store, txn)
     return problems
+
+
+def _shown(key: bytes) -> str:
+    name = key.decode("utf-8", "replace")
+    return name if len(name) <= 40 else f"{name[:24]}... ({len(name)} characters)"
+
+
+def _unusable_records(store: Store, txn) -> list[str]:  # noqa: ANN001
+    """Records no command can use: names outside the grammar, a container without its layer, dangling names."""
+    out = []
+    for k, v in txn.cursor(db=store.db["containers"]):
+        name = bytes(k).decode("utf-8", "replace")
+        if not names.is_container(name):
+            out.append(f"container record '{_shown(bytes(k))}' has an invalid name (remove it: container rm)")
+            continue
+        if not os.path.isdir(os.path.join(store.root, "containers", name, "upper")):
+            out.append(f"container '{name}' has no layer directory")
+        image = msgpack.unpackb(v, raw=False).get("image", "")
+        if txn.get(image.encode(), db=store.db["configs"]) is None:
+            out.append(f"container '{name}' uses image {image[:19]}, which is not in the store")
+    for k, v in txn.cursor(db=store.db["images"]):
+        if txn.get(bytes(v), db=store.db["configs"]) is None:
+            out.append(f"image name '{_shown(bytes(k))}' points to {bytes(v).decode()[:19]}, which is not in the store")
+    if store.db.get("volumes") is not None:
+        for k, _ in txn.cursor(db=store.db["volumes"]):
+            if not names.is_volume(bytes(k).decode("utf-8", "replace")):
+                out.append(f"volume record '{_shown(bytes(k))}' has an invalid name")
+    return out

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import tarfile
 import tempfile
@@ -38,7 +39,7 @@ from . import tarwrite
 from .entry import Entry
 from .oci import SourceOptions
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
-from .store import Store, StoreError
+from .store import Store, StoreError, valid_name
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -160,16 +161,26 @@ def save(store: Store, name: str, dest: str, opts: SourceOptions | None = None) 
         raise StoreError(f"'{dest}' is not oci:DIR[:REF], oci-archive:FILE[:REF] or docker-archive:FILE[:NAME:TAG]")
     if transport == "oci":
         path, _, ref = rest.partition(":")
-        return _save_oci(store, image_id, path, ref or full.rsplit(":", 1)[1])
+        return _save_oci(store, image_id, path, _oci_ref(ref, dest) or full.rsplit(":", 1)[1])
     if transport == "oci-archive":
         path, _, ref = rest.partition(":")
-        return _save_oci_archive(store, image_id, path, ref or full.rsplit(":", 1)[1])
+        return _save_oci_archive(store, image_id, path, _oci_ref(ref, dest) or full.rsplit(":", 1)[1])
     if transport == "docker-archive":
         path, _, ref = rest.partition(":")
-        return _save_docker(store, image_id, path, ref or full)
+        return _save_docker(store, image_id, path, valid_name(ref) if ref else full)
     if transport == "docker":
         return push(store, name, rest, opts)[0]
     raise StoreError(f"unknown transport '{transport}' (use oci:, oci-archive:, docker-archive: or docker://)")
+
+
+#: the OCI image layout's ``org.opencontainers.image.ref.name`` grammar
+_OCI_REF = re.compile(r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*")
+
+
+def _oci_ref(ref: str, dest: str) -> str:
+    if ref and (len(ref) > 255 or not _OCI_REF.fullmatch(ref)):
+        raise StoreError(f"'{ref}' in '{dest}' is not a valid reference name of an OCI layout")
+    return ref
 
 
 def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -> tuple[str, int, int]:

@@ -28,6 +28,7 @@ from typing import BinaryIO
 import lmdb
 import msgpack
 
+from . import names
 from .blobs import BlobStore
 from .entry import Entry
 from .flatten import Tree
@@ -89,10 +90,21 @@ _NAME_RE = re.compile(
 
 
 def valid_name(name: str) -> str:
-    """``name`` normalised, if it is a valid image reference (Docker's grammar, without digests)."""
+    """``name`` normalised, if it is a valid image reference (Docker's grammar and length limits, without digests)."""
     if not _NAME_RE.match(name):
-        raise StoreError(f"invalid image name '{name}' (NAME[:TAG], lower-case name, e.g. app:1 or reg.io/team/app:v2)")
+        shown = name if len(name) <= 64 else name[:24] + "..."
+        raise StoreError(f"invalid image name '{shown}' (NAME[:TAG], lower-case, e.g. app:1 or reg.io/team/app:v2)")
+    try:
+        names.repository_length(name)
+    except names.InvalidName as e:
+        raise StoreError(str(e)) from None
     return normalize_name(name)
+
+
+def _key(name: str) -> bytes | None:
+    """``name`` as an lmdb key, or None where no key can be (empty, or over lmdb's 511 bytes): nothing is stored so."""
+    key = name.encode("utf-8", "surrogateescape")
+    return key if 0 < len(key) <= 511 else None
 
 
 def _familiar(name: str) -> str:
@@ -186,7 +198,8 @@ class Store:
             src.close()
 
     def _import(self, src: ImageSource, tag: str | None, progress: Progress | None) -> tuple[str, str]:
-        name = valid_name(tag) if tag else normalize_name(src.tags[0] if src.tags else src.config_digest[7:19])
+        default = src.tags[0] if src.tags else src.config_digest[7:19]
+        name = valid_name(tag) if tag is not None else normalize_name(default)
         assert self.blobs is not None
         new_blobs: list[bytes] = []
         with self.env.begin(write=True) as txn:
@@ -300,12 +313,13 @@ class Store:
                 for k, v in txn.cursor(db=self.db["configs"]):
                     if want in _unpack(v).get("repo_digests", ()):
                         return bytes(k)
-            got = txn.get(normalize_name(name).encode(), db=self.db["images"])
+            key = _key(normalize_name(name)) if name else None
+            got = txn.get(key, db=self.db["images"]) if key is not None else None
             if got is not None:
                 return bytes(got)
             want = name if name.startswith("sha256:") else "sha256:" + name
             cur = txn.cursor(db=self.db["configs"])
-            if len(want) > 12 and cur.set_range(want.encode()) and cur.key().startswith(want.encode()):
+            if 12 < len(want) <= 511 and cur.set_range(want.encode()) and cur.key().startswith(want.encode()):
                 return bytes(cur.key())
         raise StoreError(f"no image '{name}' in the store (see 'unionmount image ls')")
 
@@ -358,9 +372,9 @@ class Store:
         return new
 
     def remove_image(self, name: str) -> None:
-        key = normalize_name(name).encode()
+        key = _key(normalize_name(name)) if name else None
         with self.env.begin(write=True) as txn:
-            image_id = txn.get(key, db=self.db["images"])
+            image_id = txn.get(key, db=self.db["images"]) if key is not None else None
             if image_id is None:
                 raise StoreError(f"no image '{name}' in the store")
             users = [
@@ -385,9 +399,11 @@ class Store:
     # -- containers -------------------------------------------------------------------
     def container(self, name: str | None, image_id: bytes) -> tuple[str, str, str]:
         """(name, upper dir, work dir) of a container of ``image_id``, created when new."""
-        name = name or "c-" + secrets.token_hex(4)
-        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
-            raise StoreError(f"invalid container name '{name}'")
+        name = name if name is not None else "c-" + secrets.token_hex(4)
+        try:
+            names.container(name)
+        except names.InvalidName as e:
+            raise StoreError(str(e)) from None
         base = os.path.join(self.root, "containers", name)
         with self.env.begin(write=True) as txn:
             raw = txn.get(name.encode(), db=self.db["containers"])
@@ -416,8 +432,9 @@ class Store:
         return os.path.join(base, "upper"), os.path.join(base, "work")
 
     def container_record(self, name: str) -> dict:  # type: ignore[type-arg]
+        key = _key(name)
         with self.env.begin() as txn:
-            raw = txn.get(name.encode(), db=self.db["containers"])
+            raw = txn.get(key, db=self.db["containers"]) if key is not None else None
         if raw is None:
             raise StoreError(f"no container '{name}' (see 'unionmount container ls')")
         return _unpack(raw)
@@ -452,7 +469,7 @@ class Store:
         base = os.path.join(self.root, "containers", name)
         try:
             fd = os.open(os.path.join(base, "lock"), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except OSError:  # never mounted (or a name no directory can have: a record from before names were checked)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -474,7 +491,8 @@ class Store:
         base = os.path.join(self.root, "containers", name)
         with self.env.begin(write=True) as txn:
             txn.delete(name.encode(), db=self.db["containers"])
-        shutil.rmtree(base, ignore_errors=True)
+        if names.is_container(name):  # a bad name from an old record never had a directory
+            shutil.rmtree(base, ignore_errors=True)
 
     # -- commit ---------------------------------------------------------------------------
     def commit(self, image_id: bytes, tar_path: str, tag: str, message: str | None, author: str | None) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -35,9 +34,9 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from . import names
 from .store import Store, StoreError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BIND_KEYS = {"type", "o", "device"}
 
 
@@ -87,7 +86,7 @@ def _from_record(store: Store, name: str, raw: bytes) -> Volume:
 
 def get(store: Store, name: str) -> Volume:
     with store.env.begin() as txn:
-        raw = txn.get(name.encode(), db=_db(store))
+        raw = txn.get(name.encode(), db=_db(store)) if names.is_volume(name) else None
     if raw is None:
         raise StoreError(f"no volume '{name}' (see 'unionmount volume ls')")
     return _from_record(store, name, raw)
@@ -123,8 +122,10 @@ def create(
             raise StoreError(f"volume device '{dev}' is not an existing absolute directory")
         options["device"] = os.path.realpath(dev)
     name = name or secrets.token_hex(32)
-    if not NAME_RE.match(name):
-        raise StoreError(f"invalid volume name '{name}' (letters, digits, '_', '.', '-'; not first '.', '_', '-')")
+    try:
+        names.volume(name)
+    except names.InvalidName as e:
+        raise StoreError(str(e)) from None
     vol = Volume(name, driver, options, dict(labels or {}), time.time(), anonymous)
     vol.mountpoint = mountpoint(store, name, options)
     with store.env.begin(write=True) as txn:

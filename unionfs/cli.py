@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import commands, control, grafts
@@ -333,7 +334,7 @@ def _boolean(text: str) -> bool:
 def _image(ns: argparse.Namespace) -> int:
     if ns.image_cmd == "import" and _is_tarball(ns.source):
         return commands.image_import_rootfs(
-            ns.root, ns.source, ns.tag or ns.name, ns.change, ns.message, platform=ns.platform
+            ns.root, ns.source, ns.tag if ns.tag is not None else ns.name, ns.change, ns.message, platform=ns.platform
         )
     if ns.image_cmd == "import" and (ns.name or ns.change or ns.message):
         raise UsageError("NAME, --change and --message are for a root filesystem tarball; name an image with --tag")
@@ -394,6 +395,26 @@ def _container(ns: argparse.Namespace) -> int:
     return containers.container_prune(ns.root)
 
 
+def _mount(cfg: MountConfig, prepare: Callable[[], None]) -> int:
+    """Prepare and mount; if the mount never goes live, undo what preparing recorded (``cfg.undo``)."""
+    from .mount import mount
+
+    try:
+        prepare()
+        return mount(cfg)
+    except BaseException:
+        if cfg.undo:
+            for fd in cfg.hold_fds:  # our locks first: the undo removes what they guard
+                os.close(fd)
+            cfg.hold_fds.clear()
+            for step in reversed(cfg.undo):
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001 - the first failure is the one to report
+                    print(f"unionmount: warning: could not undo a step of the failed mount: {e}", file=sys.stderr)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -409,7 +430,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: list[str]) -> int:
-    from .mount import mount
 
     if args and args[0] == "--version":
         from . import __version__
@@ -450,17 +470,23 @@ def _main(args: list[str]) -> int:
         root = ns.root
         if ns.image:
             pull = (ns.pull, _registry(ns))
-            container = commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name, pull)
-            validate(cfg)
-            assert cfg.image is not None
-            grafts.resolve(cfg, root, container, cfg.image[1])
-            return mount(cfg)
+
+            def prepare() -> None:
+                container = commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name, pull)
+                validate(cfg)
+                assert cfg.image is not None
+                grafts.resolve(cfg, root, container, cfg.image[1])
+
+            return _mount(cfg, prepare)
     else:
         cfg = _legacy(args)
         root = None
-    validate(cfg)
-    grafts.resolve(cfg, root, None, None)
-    return mount(cfg)
+
+    def prepare_plain() -> None:
+        validate(cfg)
+        grafts.resolve(cfg, root, None, None)
+
+    return _mount(cfg, prepare_plain)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 from layerstore import maintenance
 from layerstore.blobs import CollisionError
 from layerstore.oci import SourceError, SourceOptions
-from layerstore.store import Store, StoreError, default_root, normalize_name
+from layerstore.store import Store, StoreError, default_root, normalize_name, valid_name
 from layerstore.tarlayer import LayerError
 
 from .config import MountConfig, UsageError
@@ -44,8 +44,18 @@ def open_store(root: str | None, *, readonly: bool = False, create: bool = False
         store.close()
 
 
+def _check_tag(tag: str | None) -> None:
+    """A name given for an image is checked before anything is read or written."""
+    if tag is not None:
+        try:
+            valid_name(tag)
+        except StoreError as e:
+            raise UsageError(str(e)) from None
+
+
 def image_import(root: str | None, source: str, tag: str | None, **options: Any) -> int:
     """``options``: those of :func:`_source_options`."""
+    _check_tag(tag)
     opts = _source_options(**options)
     return _importing(root, lambda store, progress: store.import_image(source, tag, progress, opts))
 
@@ -54,6 +64,7 @@ def image_import_rootfs(
     root: str | None, path: str, tag: str | None, changes: list[str], message: str | None, platform: str | None
 ) -> int:
     """``docker import``: a flat root filesystem tarball (``-``: stdin) as a one-layer image."""
+    _check_tag(tag)
     _source_options(platform)
     return _importing(
         root, lambda store, progress: store.import_rootfs(path, tag, changes, message, platform, progress)
@@ -235,14 +246,16 @@ def prepare_image_mount(
         image_id = _image_or_pull(store, image, policy, _source_options(**registry))
         fresh = container is None or not _exists(store, container)
         name, upper, work = store.container(container, image_id)
+        if fresh:  # a mount that fails leaves no container behind
+            cfg.undo.append(lambda: _forget_container(root, name))
         cfg.hold_fds.append(store.lock_container(name))
         store.set_mounted_at(name, os.path.realpath(cfg.mountpoint))
         if fresh:
             _root_like_image(store, image_id, upper)
     cfg.image = (store.root, image_id)
     cfg.upper, cfg.work = upper, work
-    if container is None:
-        print(name)  # the generated container name, for the next mount or rm
+    if container is None:  # the generated container name, for the next mount or rm (once the mount is up)
+        cfg.on_live.append(lambda: print(name, flush=True))
     return name
 
 
@@ -262,6 +275,11 @@ def _image_or_pull(store: Store, image: str, policy: str, opts: SourceOptions) -
         raise UsageError(f"no image '{image}' in the store, {why}: {e}") from None
     print(f"pulled {name} {image_id[7:19]}", file=sys.stderr)
     return store.resolve(name)
+
+
+def _forget_container(root: str | None, name: str) -> None:
+    with open_store(root) as store:
+        store.remove_container(name)
 
 
 def _exists(store: Store, name: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .idmap import IdMap
@@ -129,6 +130,14 @@ class MountConfig:
     uidmap: IdMap = IdMap()
     gidmap: IdMap = IdMap()
     cleanup: list[str] = field(default_factory=list)  # directories removed when the daemon exits (tmpfs)
+    undo: list[Callable[[], None]] = field(default_factory=list)  # run, newest first, if the mount never goes live
+    on_live: list[Callable[[], None]] = field(default_factory=list)  # run once the mount is live
+
+    def went_live(self) -> None:
+        """The mount is up: nothing is to be undone from here on."""
+        self.undo.clear()
+        for step in self.on_live:
+            step()
     writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
     timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0

@@ -23,7 +23,7 @@ from typing import BinaryIO
 from layerstore import tarwrite
 from layerstore.blobs import syncfs
 from layerstore.save import replacing
-from layerstore.store import Store, normalize_name
+from layerstore.store import Store, StoreError, normalize_name, valid_name
 
 from . import control
 from .changes import Change, changes
@@ -249,6 +249,10 @@ def write_layer(view: View, found: list[Change], out: BinaryIO) -> None:
 
 def commit(root: str | None, name: str, tag: str, message: str | None, author: str | None) -> int:
     start = time.monotonic()
+    try:
+        valid_name(tag)  # before the layer is written
+    except StoreError as e:
+        raise UsageError(str(e)) from None
     with open_store(root) as store:
         tmp = os.path.join(store.root, "tmp", f"{os.getpid()}.commit.tar")
         try:

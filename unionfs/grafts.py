@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import stat
+import subprocess
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from layerstore import names
 from layerstore import volumes as vols
 from layerstore.store import Store, StoreError
 
@@ -52,6 +55,8 @@ class Spec:
     uidmap: list[str] = field(default_factory=list)
     gidmap: list[str] = field(default_factory=list)
     make_source: bool = False  # -v creates a missing host directory
+    tmpfs_size: int | None = None  # tmpfs-size= in bytes (a real tmpfs is mounted, as root)
+    tmpfs_mode: int = 0o1777  # tmpfs-mode= (Docker's default: world-writable, sticky)
 
 
 def _target(path: str, spec: str) -> bytes:
@@ -91,8 +96,8 @@ def parse_volume(spec: str) -> Spec:
         s.kind, s.source, s.make_source = "bind", source, True
     elif "/" in source or source.startswith("."):
         raise UsageError(f"host path '{source}' in '{spec}' is relative: give an absolute path")
-    elif not vols.NAME_RE.match(source):
-        raise UsageError(f"invalid volume name '{source}' in '{spec}'")
+    else:
+        _volume_name(source, spec)
     return s
 
 
@@ -124,7 +129,14 @@ def parse_mount(spec: str) -> Spec:
         s.uidmap = [kv.pop("uidmap")]
     if "gidmap" in kv:
         s.gidmap = [kv.pop("gidmap")]
-    for ignored in ("bind-propagation", "consistency", "tmpfs-size", "tmpfs-mode", "volume-driver", "z", "Z"):
+    if "tmpfs-size" in kv or "tmpfs-mode" in kv:
+        if kind != "tmpfs":
+            raise UsageError(f"tmpfs-size and tmpfs-mode are for type=tmpfs ('{spec}')")
+        if "tmpfs-size" in kv:
+            s.tmpfs_size = _size(kv.pop("tmpfs-size"), spec)
+        if "tmpfs-mode" in kv:
+            s.tmpfs_mode = _mode(kv.pop("tmpfs-mode"), spec)
+    for ignored in ("bind-propagation", "consistency", "volume-driver", "z", "Z"):
         kv.pop(ignored, None)
         flags.discard(ignored)
     if kv or flags:
@@ -137,9 +149,39 @@ def parse_mount(spec: str) -> Spec:
             raise UsageError(f"host path '{source}' in '{spec}' is relative: give an absolute path")
     if kind == "tmpfs" and source:
         raise UsageError(f"--mount type=tmpfs takes no source ('{spec}')")
-    if kind == "volume" and source and not vols.NAME_RE.match(source):
-        raise UsageError(f"invalid volume name '{source}' in '{spec}'")
+    if kind == "volume" and source:
+        _volume_name(source, spec)
     return s
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
+
+
+def _size(text: str, spec: str) -> int:
+    """Docker's tmpfs-size: bytes, or a number with k, m, g, t or p (powers of 1024), as its RAMInBytes reads it."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None or float(m.group(1)) <= 0:
+        raise UsageError(f"tmpfs-size '{text}' in '{spec}' is not a size (bytes, or a number with k, m, g)")
+    power = "kmgtp".find(m.group(2).lower()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * 1024**power)
+
+
+def _mode(text: str, spec: str) -> int:
+    """Docker's tmpfs-mode: octal permission bits (and setuid, setgid, sticky)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise UsageError(f"tmpfs-mode '{text}' in '{spec}' is not an octal mode (0 to 7777)")
+    return mode
+
+
+def _volume_name(name: str, spec: str) -> None:
+    try:
+        names.volume(name)
+    except names.InvalidName as e:
+        raise UsageError(f"{e} in '{spec}'") from None
 
 
 def _check_targets(specs: list[Spec]) -> None:
@@ -238,8 +280,16 @@ def _graft(store: Store | None, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]
     uidmap, gidmap = _idmap(s.uidmap, "uidmap"), _idmap(s.gidmap, "gidmap")
     if s.kind == "tmpfs":
         d = tempfile.mkdtemp(prefix="unionmount-tmpfs.", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
-        os.chmod(d, 0o1777)
         cfg.cleanup.append(d)
+        cfg.undo.append(lambda: remove_tmpfs(d))
+        if s.tmpfs_size is not None:
+            if os.geteuid() != 0:
+                raise UsageError("tmpfs-size needs root (a tmpfs mount of its own); without it /dev/shm is shared")
+            opts = f"size={s.tmpfs_size},mode={s.tmpfs_mode:o},nosuid,nodev"
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", d], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise UsageError(f"cannot mount a tmpfs for /{os.fsdecode(s.target)}: {r.stderr.strip()}")
+        os.chmod(d, s.tmpfs_mode)
         return Graft(s.target, d, s.read_only, "tmpfs", None, uidmap, gidmap, True), False
     if s.kind == "bind":
         assert s.source is not None
@@ -255,8 +305,26 @@ def _graft(store: Store | None, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]
         raise UsageError(str(e)) from None
     if not os.path.isdir(vol.mountpoint):
         raise UsageError(f"volume '{vol.name}' points to '{vol.mountpoint}', which is not a directory")
+    if created:  # a mount that fails leaves no volume it made (nothing but the image's files is in it yet)
+        root = store.root
+        cfg.undo.append(lambda: _forget_volume(root, vol.name))
     fresh = created or (not vol.populated and not os.listdir(vol.mountpoint))
     return Graft(s.target, vol.mountpoint, s.read_only, "volume", vol.name, uidmap, gidmap, s.nocopy), fresh
+
+
+def remove_tmpfs(d: str) -> None:
+    """Remove a tmpfs graft's directory, unmounting its own tmpfs first (tmpfs-size)."""
+    if os.path.ismount(d):
+        subprocess.run(["umount", "-l", d], capture_output=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _forget_volume(root: str, name: str) -> None:
+    store = Store(root)
+    try:
+        vols.remove(store, name, force=True)
+    finally:
+        store.close()
 
 
 # -- filling a new volume from the union --------------------------------------------------

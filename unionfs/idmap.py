@@ -41,8 +41,9 @@ class IdMap:
                     inside, outside, count = (int(x) for x in part.split(":"))
                 except ValueError:
                     raise IdMapError(f"{what} '{part}' is not INSIDE:OUTSIDE:COUNT") from None
-                if min(inside, outside) < 0 or count <= 0 or max(inside, outside) + count - 1 > MAX_ID:
-                    raise IdMapError(f"{what} '{part}' is out of range")
+                # MAX_ID is (uid_t)-1, "no id": the kernel's maps refuse it too
+                if min(inside, outside) < 0 or count <= 0 or max(inside, outside) + count - 1 >= MAX_ID:
+                    raise IdMapError(f"{what} '{part}' is out of range (ids are 0 to {MAX_ID - 1})")
                 ranges.append((inside, outside, count))
         for side in (0, 1):
             spans = sorted((r[side], r[side] + r[2]) for r in ranges)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 from contextlib import ExitStack
@@ -23,6 +22,7 @@ from . import stats
 from .config import MountConfig, UsageError
 from .fs import TIMEOUT, Options, UnionFS
 from .fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
+from .grafts import remove_tmpfs
 from .operations import Operations, getattr_reply
 
 log = logging.getLogger("unionmount")
@@ -111,7 +111,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     stack = ExitStack()
     timeout = TIMEOUT if cfg.timeout is None else cfg.timeout
     for d in cfg.cleanup:
-        stack.callback(shutil.rmtree, d, True)
+        stack.callback(remove_tmpfs, d)
     try:
         fs = UnionFS(
             Options(
@@ -207,6 +207,7 @@ def mount(cfg: MountConfig) -> int:
     if cfg.foreground:
         _setup_logging(cfg)
         fs, stack = _start(cfg)
+        cfg.went_live()
         log.info("mounted %s", cfg.mountpoint)
         return _run(fs, stack, cfg)
     rfd, wfd = os.pipe()
@@ -216,6 +217,7 @@ def mount(cfg: MountConfig) -> int:
         with os.fdopen(rfd, "rb") as r:
             msg = r.read()
         if msg == b"ok":
+            cfg.went_live()
             return 0
         _, status = os.waitpid(pid, 0)
         raise UsageError(msg.decode(errors="replace") or "the daemon died while mounting")
