@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 
 def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    name = fn.__name__
+    name = fn.__name__.lstrip("_")  # counted under the operation's name
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -225,12 +225,15 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
-    @_translate
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name in control.NAMES:  # the daemon's own, see unionfs.control
+        if inode == pyfuse3.ROOT_INODE and name in control.NAMES:  # the daemon's own (unionfs.control), not counted
             value = control.answer(name)
             if value is not None:
                 return value
+        return await self._getxattr(inode, name)
+
+    @_translate
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         return self.fs.getxattr(inode, name)
 
     @_translate
