@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,12 +157,118 @@ def _oci(root: str, ref: str | None, opts: SourceOptions) -> ImageSource:
     """An OCI image layout directory (skopeo, umoci, buildah)."""
 
     def open_file(name: str) -> BinaryIO:
-        try:
-            return open(os.path.join(root, name), "rb")
-        except FileNotFoundError:
-            raise SourceError(f"'{name}' is missing from {root}") from None
+        return open_regular(root, name)
 
     return _layout(open_file, "oci", root, ref, opts)
+
+
+def open_regular(root: str, name: str) -> BinaryIO:
+    """``root/name`` if it is a regular file inside ``root``: no component may be a symlink (a blob pointing at
+    ``/dev/zero`` or outside the layout), and a FIFO or device is refused before it is read (it could block forever)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(root, flags | os.O_DIRECTORY)
+    except OSError as e:
+        raise SourceError(f"cannot open '{root}': {e.strerror}") from None
+    try:
+        parts = name.split("/")
+        for part in parts[:-1]:
+            nxt = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        f = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    except FileNotFoundError:
+        raise SourceError(f"'{name}' is missing from {root}") from None
+    except OSError as e:
+        raise SourceError(f"'{name}' in {root} is not a regular file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(f).st_mode):
+        os.close(f)
+        raise SourceError(f"'{name}' in {root} is not a regular file")
+    os.set_blocking(f, True)
+    return os.fdopen(f, "rb")
+
+
+#: the most a manifest, an index or a config may take (containerd's and skopeo's limit)
+META_MAX = 4 << 20
+
+
+def read_meta(f: BinaryIO, what: str, size: object = None) -> bytes:
+    """Read image metadata (a manifest, index or config) from ``f``: at most :data:`META_MAX` bytes, and exactly
+    ``size`` where a descriptor gives it; more is refused before it is read."""
+    limit = size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= META_MAX else META_MAX
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        if limit == META_MAX:
+            raise SourceError(f"{what} is larger than {META_MAX >> 20} MiB")
+        raise SourceError(f"{what} is larger than its descriptor says ({size} bytes)")
+    if isinstance(size, int) and not isinstance(size, bool) and len(data) != size:
+        raise SourceError(f"{what} has {len(data)} bytes, its descriptor says {size}")
+    return data
+
+
+class Malformed(SourceError):
+    """Metadata JSON of the wrong shape (a missing key, a wrong type)."""
+
+
+def _obj(v: object, what: str) -> dict:  # type: ignore[type-arg]
+    if not isinstance(v, dict):
+        raise Malformed(f"{what} is not a JSON object")
+    return v
+
+
+def _str(d: dict, key: str, what: str) -> str:  # type: ignore[type-arg]
+    v = d.get(key)
+    if not isinstance(v, str):
+        raise Malformed(f"{what} has no '{key}' string")
+    return v
+
+
+def _list(d: dict, key: str, what: str) -> list:  # type: ignore[type-arg]
+    v = d.get(key, [])
+    if not isinstance(v, list):
+        raise Malformed(f"{what}: '{key}' is not a list")
+    return v
+
+
+def _json(data: bytes, what: str) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise Malformed(f"{what} is not JSON") from None
+
+
+class _Bounded:
+    """A layer blob read no further than its descriptor's size (a sparse 8 GiB file is refused, not hashed)."""
+
+    def __init__(self, f: BinaryIO, size: int, what: str) -> None:
+        self.f, self.left, self.what = f, size, what
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.left + 1 if n is None or n < 0 else min(n, self.left + 1)
+        data = self.f.read(want)
+        if len(data) > self.left:
+            raise SourceError(f"{self.what} is larger than its descriptor says")
+        self.left -= len(data)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> _Bounded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _oci_archive(path: str, ref: str | None, opts: SourceOptions) -> ImageSource:
@@ -201,42 +308,60 @@ def _layout(
             raise SourceError(f"unsupported digest '{digest}'")
         return f"blobs/{algo}/{hexd}"
 
-    def read_verified(digest: str) -> bytes:
+    def read_verified(desc: dict, what: str) -> bytes:  # type: ignore[type-arg]
+        digest = _str(desc, "digest", f"the descriptor of the {what}")
         with open_file(blob(digest)) as f:
-            data = f.read()
+            data = read_meta(f, f"the {what} {digest[:19]}", desc.get("size"))
         if _sha(data) != digest:
             raise SourceError(f"blob {digest[:19]} is corrupt")
         return data
 
+    def open_layer(name: str, size: object) -> Callable[[], BinaryIO]:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return lambda: open_file(name)
+        return lambda: _Bounded(open_file(name), size, f"layer {name[13:25]}")  # type: ignore[return-value]
+
     try:
         with open_file("index.json") as f:
-            index = json.load(f)
-    except (SourceError, OSError, ValueError):
+            index = _json(read_meta(f, "index.json"), "index.json")
+    except Malformed as e:
+        raise SourceError(f"'{where}' is not an OCI image layout: {e}") from None
+    except (SourceError, OSError):
         raise SourceError(f"'{where}' is not an OCI image layout (no readable index.json)") from None
-    manifests = index.get("manifests", []) if isinstance(index, dict) else []
+    manifests = [_obj(m, "an entry of index.json") for m in _list(_obj(index, "index.json"), "manifests", "index.json")]
     if ref is not None:
-        manifests = [m for m in manifests if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref]
+        manifests = [m for m in manifests if _annotations(m).get("org.opencontainers.image.ref.name") == ref]
         if not manifests:
             raise SourceError(f"no image '{ref}' in {where}")
     elif len(manifests) != 1:
         raise SourceError(f"{where} holds {len(manifests)} images: name one as {transport}:{where}:REF")
     desc = manifests[0]
-    manifest = json.loads(read_verified(desc["digest"]))
+    manifest = _obj(_json(read_verified(desc, "manifest"), "the manifest"), "the manifest")
     if "manifests" in manifest:  # an image index: pick the platform
-        desc = pick_platform(manifest["manifests"], opts.platform)
-        manifest = json.loads(read_verified(desc["digest"]))
-    config_digest = manifest["config"]["digest"]
-    config = read_verified(config_digest)
+        desc = pick_platform(_list(manifest, "manifests", "the image index"), opts.platform)
+        manifest = _obj(_json(read_verified(desc, "manifest"), "the manifest"), "the manifest")
+    config_desc = _obj(manifest.get("config"), "the manifest's config")
+    config_digest = _str(config_desc, "digest", "the manifest's config")
+    config = read_verified(config_desc, "config")
     ids = diff_ids(config)
-    blobs = manifest.get("layers", [])
+    blobs = [_obj(b, "a layer of the manifest") for b in _list(manifest, "layers", "the manifest")]
     if len(blobs) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
     layers = [
-        LayerRef(d, b["digest"], (lambda n=blob(b["digest"]): open_file(n)), b.get("size"))  # type: ignore[misc]
+        LayerRef(d, _str(b, "digest", "a layer"), open_layer(blob(b["digest"]), b.get("size")), _size(b.get("size")))
         for d, b in zip(ids, blobs, strict=True)
     ]
-    name = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
-    return ImageSource(config, config_digest, desc["digest"], layers, [name] if name else [])
+    name = _annotations(desc).get("org.opencontainers.image.ref.name")
+    return ImageSource(config, config_digest, desc["digest"], layers, [name] if isinstance(name, str) and name else [])
+
+
+def _annotations(desc: dict) -> dict:  # type: ignore[type-arg]
+    a = desc.get("annotations")
+    return a if isinstance(a, dict) else {}
+
+
+def _size(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 # -- docker save / podman save ----------------------------------------------------
@@ -246,9 +371,12 @@ def _docker_archive(path: str, ref: str | None) -> ImageSource:
     try:
         tar = tarfile.open(path, "r:*")
         members = {m.name.lstrip("./"): m for m in tar.getmembers()}
-        manifest = json.load(tar.extractfile(members["manifest.json"]))  # type: ignore[arg-type]
+        manifest = _json(read_meta(tar.extractfile(members["manifest.json"]), "manifest.json"), "manifest.json")  # type: ignore[arg-type]
     except (OSError, tarfile.TarError, KeyError, ValueError):
         raise SourceError(f"'{path}' is not a docker-archive (no manifest.json)") from None
+    if not isinstance(manifest, list) or not manifest:
+        raise SourceError(f"'{path}' is not a docker-archive: manifest.json is not a list of images")
+    manifest = [_obj(e, "an entry of manifest.json") for e in manifest]
     entries = manifest
     if ref is not None:
         entries = [e for e in manifest if ref in (e.get("RepoTags") or [])] or (
@@ -267,10 +395,14 @@ def _docker_archive(path: str, ref: str | None) -> ImageSource:
             raise SourceError(f"'{name}' is missing from {path}")
         return f  # type: ignore[return-value]
 
-    config = member(entry["Config"]).read()
+    config = read_meta(member(_str(entry, "Config", "the image in manifest.json")), "the config")
     config_digest = _sha(config)
     ids = diff_ids(config)
-    if len(entry["Layers"]) != len(ids):
+    names = _list(entry, "Layers", "the image in manifest.json")
+    if not all(isinstance(n, str) for n in names):
+        raise Malformed("manifest.json: 'Layers' is not a list of names")
+    if len(names) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
-    layers = [LayerRef(d, None, (lambda n=n: member(n))) for d, n in zip(ids, entry["Layers"], strict=True)]
-    return ImageSource(config, config_digest, config_digest, layers, list(entry.get("RepoTags") or []))
+    layers = [LayerRef(d, None, (lambda n=n: member(n))) for d, n in zip(ids, names, strict=True)]
+    tags = [t for t in _list(entry, "RepoTags", "the image in manifest.json") if isinstance(t, str)]
+    return ImageSource(config, config_digest, config_digest, layers, tags)

@@ -198,8 +198,15 @@ class Store:
             src.close()
 
     def _import(self, src: ImageSource, tag: str | None, progress: Progress | None) -> tuple[str, str]:
-        default = src.tags[0] if src.tags else src.config_digest[7:19]
-        name = valid_name(tag) if tag is not None else normalize_name(default)
+        if tag is not None:
+            name = valid_name(tag)
+        elif src.tags:
+            try:
+                name = valid_name(src.tags[0])
+            except StoreError:
+                raise StoreError(f"the source names the image '{src.tags[0][:64]}', not a valid name: give --tag") from None
+        else:
+            name = normalize_name(src.config_digest[7:19])
         assert self.blobs is not None
         new_blobs: list[bytes] = []
         with self.env.begin(write=True) as txn:

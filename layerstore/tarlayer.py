@@ -37,6 +37,40 @@ class LayerError(Exception):
     """A layer tar that cannot be imported (message is one line)."""
 
 
+#: the longest path the store indexes: an ``entries`` key is diff_id + NUL + path, and lmdb keys are at most 511 bytes
+MAX_PATH = 511 - len(b"sha256:") - 64 - 1
+NAME_MAX = 255  # bytes in one name, as every Linux file system has it (Docker refuses longer ones too)
+MAX_ID = 2**32 - 2  # (uid_t)-1 is "no id"
+_NS = 10**9
+_MTIME_MAX = (2**63 - 1) // _NS  # seconds that fit an int64 of nanoseconds (the year 2262)
+
+
+def mtime_ns(m: tarfile.TarInfo) -> int:
+    """The member's mtime in nanoseconds, exactly: from the PAX ``mtime`` text where there is one (tarfile reads it
+    through a float, which keeps only microseconds), else from the header's seconds. Out of range: LayerError."""
+    text = m.pax_headers.get("mtime")
+    if text is not None:
+        neg = text.startswith("-")
+        whole, _, frac = text.lstrip("+-").partition(".")
+        if not whole.isdigit() or (frac and not frac.isdigit()) or len(whole) > 12:
+            raise LayerError(f"layer entry '{m.name}' has an mtime out of range ('{text[:40]}')")
+        ns = int(whole) * _NS + int((frac + "0" * 9)[:9])
+        return -ns if neg else ns
+    if not -_MTIME_MAX <= m.mtime <= _MTIME_MAX:
+        raise LayerError(f"layer entry '{m.name}' has an mtime out of range ({m.mtime})")
+    return int(m.mtime) * _NS if float(m.mtime).is_integer() else round(m.mtime * _NS)
+
+
+def _check(m: tarfile.TarInfo, path: bytes) -> None:
+    """What no file system (or no store key) can hold: a refusal, one line."""
+    if len(path) > MAX_PATH:
+        raise LayerError(f"layer entry '{m.name[:60]}...' has a path of {len(path)} bytes (the store takes {MAX_PATH})")
+    if any(len(part) > NAME_MAX for part in path.split(b"/")):
+        raise LayerError(f"layer entry '{m.name[:60]}...' has a name longer than {NAME_MAX} bytes")
+    if not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
+        raise LayerError(f"layer entry '{m.name}' has an owner out of range ({m.uid}:{m.gid})")
+
+
 def clean_path(name: str) -> bytes:
     """Normalise a member name to a layer-relative path; rejects ``..``."""
     raw = name.encode("utf-8", "surrogateescape")
@@ -85,16 +119,20 @@ def read_layer(
             path = clean_path(m.name)
             if not path:
                 if m.isdir():  # the root itself: keep its metadata
-                    e = Entry(_mode(m), m.uid, m.gid, int(m.mtime * 1e9), xattrs=_xattrs(m))
+                    _check(m, path)
+                    e = Entry(_mode(m), m.uid, m.gid, mtime_ns(m), xattrs=_xattrs(m))
                     seen[b""] = e
                     yield b"", e
                 continue
+            _check(m, path)
             parent, _, base = path.rpartition(b"/")
             if base == OPQ:
                 e = Entry(stat.S_IFDIR, kind=KIND_OPAQUE)
                 yield parent, e
                 continue
             if base.startswith(WH):
+                if base[len(WH) :] in (b"", b".", b".."):  # would whiteout the root or a parent: no image has that
+                    raise LayerError(f"layer entry '{m.name}' is a whiteout of no name")
                 target = (parent + b"/" if parent else b"") + base[len(WH) :]
                 e = Entry(0, kind=KIND_WHITEOUT)
                 yield target, e
@@ -102,7 +140,7 @@ def read_layer(
             pe = seen.get(parent)
             if pe is not None and not pe.is_dir:  # (whiteouts below one are harmless: tools write them)
                 raise LayerError(f"layer entry '{m.name}' lies below a non-directory of the same layer")
-            mtime = int(m.mtime * 1e9)
+            mtime = mtime_ns(m)
             if m.islnk():
                 target = clean_path(m.linkname)
                 if target not in seen and not exists_below(target):

@@ -40,7 +40,7 @@ def info(
     t.mode = stat.S_IMODE(mode)
     t.uid, t.gid = uid, gid
     t.uname = t.gname = ""
-    t.mtime = mtime_ns // 10**9 if mtime_ns % 10**9 == 0 else mtime_ns / 1e9
+    _mtime(t, mtime_ns)
     fmt = stat.S_IFMT(mode)
     if fmt == stat.S_IFDIR:
         t.type = tarfile.DIRTYPE
@@ -58,15 +58,23 @@ def info(
         t.type = tarfile.REGTYPE
         t.size = size
     if xattrs:
-        t.pax_headers = {f"SCHILY.xattr.{_s(k)}": _s(v) for k, v in sorted(xattrs.items())}
+        t.pax_headers.update({f"SCHILY.xattr.{_s(k)}": _s(v) for k, v in sorted(xattrs.items())})
     return t
+
+
+def _mtime(t: tarfile.TarInfo, mtime_ns: int) -> None:
+    """Whole seconds in the header; the exact time as PAX ``mtime`` text when there is a fraction (never a float)."""
+    whole, frac = divmod(abs(mtime_ns), 10**9)
+    t.mtime = mtime_ns // 10**9 if mtime_ns >= 0 else 0
+    if frac or mtime_ns < 0:
+        t.pax_headers["mtime"] = ("-" if mtime_ns < 0 else "") + f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
 
 
 def hardlink(path: bytes, target: bytes, mtime_ns: int = 0) -> tarfile.TarInfo:
     t = tarfile.TarInfo(_s(path))
     t.type = tarfile.LNKTYPE
     t.linkname = _s(target)
-    t.mtime = mtime_ns // 10**9
+    _mtime(t, mtime_ns)
     return t
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import lmdb
@@ -13,26 +11,7 @@ import pytest
 
 from .images import um
 from .mounts import force_unmount, is_mounted
-
-
-def tree_digest(root: Path) -> str:
-    """What the store holds, as one digest (names, sizes and contents of every file; the lmdb file by its records)."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, files in sorted(os.walk(root)):
-        dirnames.sort()
-        for n in sorted(files) + dirnames:
-            p = Path(dirpath) / n
-            h.update(str(p.relative_to(root)).encode())
-            if p.is_file() and p.parent.name != "meta":
-                h.update(p.read_bytes())
-    env = lmdb.open(str(root / "meta"), max_dbs=16, readonly=True, lock=False)
-    with env.begin() as txn:
-        for name, _ in txn.cursor():
-            db = env.open_db(bytes(name), txn=txn, create=False)
-            for k, v in txn.cursor(db=db):
-                h.update(bytes(k) + b"=" + bytes(v))
-    env.close()
-    return h.hexdigest()
+from .tree import store_digest
 
 
 @pytest.fixture
@@ -90,7 +69,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
     out = tmp_path / "out"
     subst = {"MNT": str(mnt), "OUT": str(out)}
     argv = [subst.get(a, a).replace("IMAGE", str(image)).replace("OUT", str(out)) for a in args]
-    before = tree_digest(store)
+    before = store_digest(store)
     try:
         r = um(argv[0], "--root", store, *argv[1:])
         assert r.returncode != 0, r.stdout
@@ -100,7 +79,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
     finally:
         if is_mounted(mnt):
             force_unmount(mnt)
-    assert tree_digest(store) == before  # no half-made container, volume or image is left
+    assert store_digest(store) == before  # no half-made container, volume or image is left
     assert not out.exists()
 
 

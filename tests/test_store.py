@@ -18,7 +18,7 @@ import pytest
 
 from .images import sh, um
 from .mounts import COMMAND, fresh_dirs, is_mounted
-from .tree import snapshot
+from .tree import snapshot, store_digest
 
 
 def mtimes(root: Path) -> dict[str, int]:
@@ -267,6 +267,14 @@ HOSTILE = {
     "below a symlink": ([[_member("s", type=tarfile.SYMTYPE, linkname="/tmp"), _member("s/evil")]], "non-directory"),
     "truncated": ([[_member("big", b"y" * 100000)]], "truncated"),
     "corrupt blob": ([[_member("a")]], "corrupt"),
+    "whiteout of the root": ([[_member("a"), _member(".wh.", b"")]], "whiteout of no name"),
+    "whiteout of a parent": ([[_member("d/", type=tarfile.DIRTYPE), _member("d/.wh..", b"")]], "whiteout of no name"),
+    "name over 255 bytes": ([[_member("d/" + "n" * 256)]], "longer than 255 bytes"),
+    "path over the store's keys": ([[_member("/".join(["p" * 200] * 3))]], "has a path of"),
+    "uid over 2^32": ([[_member("a", uid=2**32 + 5)]], "owner out of range"),
+    "gid of (gid_t)-1": ([[_member("a", gid=2**32 - 1)]], "owner out of range"),
+    "mtime 1e300": ([[_member("a", pax_headers={"mtime": "1e300"})]], "mtime out of range"),
+    "mtime in the year 10^15": ([[_member("a", pax_headers={"mtime": "9" * 22})]], "mtime out of range"),
 }
 
 
@@ -275,6 +283,7 @@ def test_bad_layers_are_refused_and_change_nothing(case: str, image: Path, tmp_p
     store = tmp_path / "store"
     assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "good").returncode == 0
     before = sorted(str(p.relative_to(store)) for p in store.rglob("*") if "meta" not in p.parts)
+    digest_before = store_digest(store)
     layer_specs, needle = HOSTILE[case]
     tars = [_tar(m, truncate=5000 if case == "truncated" else 0) for m in layer_specs]
     layout = make_oci(tmp_path / "bad", tars, corrupt=case == "corrupt blob")
@@ -284,6 +293,7 @@ def test_bad_layers_are_refused_and_change_nothing(case: str, image: Path, tmp_p
     assert len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0], r.stderr
     after = sorted(str(p.relative_to(store)) for p in store.rglob("*") if "meta" not in p.parts)
     assert after == before
+    assert store_digest(store) == digest_before
     names = [i["Name"] for i in json.loads(um("image", "--root", store, "ls", "--format", "json").stdout)]
     assert names == ["good:latest"]
     assert not (tmp_path / "escape").exists() and not Path("/tmp/evil").exists()
@@ -522,3 +532,121 @@ def test_kill_during_import_then_import_again(tmp_path: Path) -> None:
     finally:
         um("umount", mnt)
     assert not list((store / "tmp").iterdir())
+
+
+def _index(layout: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((layout / "index.json").read_text())
+
+
+def _manifest_blob(layout: Path) -> Path:
+    return layout / "blobs" / "sha256" / _index(layout)["manifests"][0]["digest"][7:]
+
+
+def _rewrite_manifest(layout: Path, change: Callable[[dict], object]) -> None:  # type: ignore[type-arg]
+    """Replace the manifest by ``change(manifest)`` (stored under its new digest, the index updated)."""
+    old = _manifest_blob(layout)
+    data = json.dumps(change(json.loads(old.read_bytes()))).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    index = _index(layout)
+    index["manifests"][0].update(digest="sha256:" + digest, size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def _set_index(layout: Path, index: object) -> None:
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def _swap_blob(layout: Path, make: Callable[[Path], None], which: str = "manifest") -> None:
+    if which == "manifest":
+        p = _manifest_blob(layout)
+    else:
+        manifest = json.loads(_manifest_blob(layout).read_bytes())
+        p = layout / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]
+    p.unlink()
+    make(p)
+
+
+def _sparse(size: int) -> Callable[[Path], None]:
+    def make(p: Path) -> None:
+        with open(p, "wb") as f:
+            f.truncate(size)
+
+    return make
+
+
+REF_NAME = "org.opencontainers.image.ref.name"
+BAD_LAYOUTS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "manifests not a list": (lambda lay: _set_index(lay, {"manifests": "x"}), "not a list"),
+    "index not an object": (lambda lay: _set_index(lay, [1, 2]), "not a JSON object"),
+    "index entry without digest": (
+        lambda lay: _set_index(lay, {"manifests": [{"size": 3, "annotations": {REF_NAME: "t"}}]}),
+        "no 'digest' string",
+    ),
+    "config not an object": (lambda lay: _rewrite_manifest(lay, lambda m: {**m, "config": "x"}), "not a JSON object"),
+    "layers not a list": (lambda lay: _rewrite_manifest(lay, lambda m: {**m, "layers": {"a": 1}}), "not a list"),
+    "layer without digest": (lambda lay: _rewrite_manifest(lay, lambda m: {**m, "layers": [{"size": 1}] * 2}), "digest"),
+    "manifest a list": (lambda lay: _rewrite_manifest(lay, lambda m: [m]), "not a JSON object"),
+    "manifest a symlink to /dev/zero": (lambda lay: _swap_blob(lay, lambda p: p.symlink_to("/dev/zero")), "regular"),
+    "manifest a FIFO": (lambda lay: _swap_blob(lay, lambda p: os.mkfifo(p)), "not a regular file"),
+    "manifest a sparse 8 GiB file": (lambda lay: _swap_blob(lay, _sparse(8 << 30)), "larger than its descriptor"),
+    "layer a sparse 8 GiB file": (lambda lay: _swap_blob(lay, _sparse(8 << 30), "layer"), "larger than its descriptor"),
+    "layer a symlink out of the layout": (
+        lambda lay: _swap_blob(lay, lambda p: p.symlink_to("/etc/passwd"), "layer"),
+        "not a regular file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LAYOUTS))
+def test_malformed_layouts_are_refused_with_one_line(case: str, image: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    assert um("image", "--root", store, "import", f"oci:{image}/img:t", "--tag", "good").returncode == 0
+    before = store_digest(store)
+    layout = make_oci(tmp_path / "bad", [_tar([_member("a")]), _tar([_member("b")])])
+    spoil, needle = BAD_LAYOUTS[case]
+    spoil(layout)
+    r = subprocess.run([*COMMAND, "image", "--root", str(store), "import", f"oci:{layout}:t", "--tag", "bad"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and needle in lines[0], r.stderr
+    assert store_digest(store) == before
+
+
+def test_docker_archive_with_a_malformed_manifest(tmp_path: Path) -> None:
+    for manifest in (b'{"a": 1}', b"[1]", b'[{"Config": 5, "Layers": []}]', b'[{"Config": "c", "Layers": "x"}]'):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            info = tarfile.TarInfo("manifest.json")
+            info.size = len(manifest)
+            t.addfile(info, io.BytesIO(manifest))
+            info = tarfile.TarInfo("c")
+            info.size = 2
+            t.addfile(info, io.BytesIO(b"{}"))
+        (tmp_path / "a.tar").write_bytes(buf.getvalue())
+        r = um("image", "--root", tmp_path / "store", "import", f"docker-archive:{tmp_path / 'a.tar'}")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_nanosecond_mtimes_survive_import_mount_and_save(tmp_path: Path) -> None:
+    """A PAX mtime with nanoseconds comes back to the nanosecond: through the mount, and after save + umoci unpack."""
+    ns = 1796395976_421930827
+    layer = _tar([_member("f", b"data", pax_headers={"mtime": "1796395976.421930827"}),
+                  _member("old", b"x", pax_headers={"mtime": "-1.5"})])  # fmt: skip
+    layout = make_oci(tmp_path / "lay", [layer])
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    assert um("image", "--root", store, "import", f"oci:{layout}:t", "--tag", "ns:1").returncode == 0
+    r = um("mount", "--root", store, "--image", "ns:1", "--name", "c", mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.lstat(mnt / "f").st_mtime_ns == ns
+        assert os.lstat(mnt / "old").st_mtime_ns == -1_500_000_000
+    finally:
+        um("umount", mnt)
+    r = um("image", "--root", store, "save", "ns:1", f"oci:{tmp_path / 'out'}:t")
+    assert r.returncode == 0, r.stderr
+    sh(f"umoci unpack --image {tmp_path / 'out'}:t {tmp_path / 'b'} >/dev/null", tmp_path)
+    assert os.lstat(tmp_path / "b" / "rootfs" / "f").st_mtime_ns == ns
+    assert os.lstat(tmp_path / "b" / "rootfs" / "old").st_mtime_ns == -1_500_000_000

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lmdb
+
 
 def make_lowers(base: Path) -> list[Path]:
     """Two lower layers (top first) using the dialects kernel overlayfs reads.
@@ -134,3 +136,23 @@ def _plain(v: Any) -> Any:
     if isinstance(v, tuple):
         return tuple(_plain(x) for x in v)
     return v
+
+
+def store_digest(root: Path) -> str:
+    """What the store holds, as one digest (names, sizes and contents of every file; the lmdb file by its records)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in sorted(os.walk(root)):
+        dirnames.sort()
+        for n in sorted(files) + dirnames:
+            p = Path(dirpath) / n
+            h.update(str(p.relative_to(root)).encode())
+            if p.is_file() and p.parent.name != "meta":
+                h.update(p.read_bytes())
+    env = lmdb.open(str(root / "meta"), max_dbs=16, readonly=True, lock=False)
+    with env.begin() as txn:
+        for name, _ in txn.cursor():
+            db = env.open_db(bytes(name), txn=txn, create=False)
+            for k, v in txn.cursor(db=db):
+                h.update(bytes(k) + b"=" + bytes(v))
+    env.close()
+    return h.hexdigest()
