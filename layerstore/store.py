@@ -204,7 +204,8 @@ class Store:
             try:
                 name = valid_name(src.tags[0])
             except StoreError:
-                raise StoreError(f"the source names the image '{src.tags[0][:64]}', not a valid name: give --tag") from None
+                shown = src.tags[0][:64]
+                raise StoreError(f"the source names the image '{shown}', not a valid name: give --tag") from None
         else:
             name = normalize_name(src.config_digest[7:19])
         assert self.blobs is not None

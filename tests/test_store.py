@@ -585,7 +585,7 @@ BAD_LAYOUTS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "config not an object": (lambda lay: _rewrite_manifest(lay, lambda m: {**m, "config": "x"}), "not a JSON object"),
     "layers not a list": (lambda lay: _rewrite_manifest(lay, lambda m: {**m, "layers": {"a": 1}}), "not a list"),
-    "layer without digest": (lambda lay: _rewrite_manifest(lay, lambda m: {**m, "layers": [{"size": 1}] * 2}), "digest"),
+    "layer without digest": (lambda lay: _rewrite_manifest(lay, lambda m: {**m, "layers": [{"size": 1}] * 2}), "dig"),
     "manifest a list": (lambda lay: _rewrite_manifest(lay, lambda m: [m]), "not a JSON object"),
     "manifest a symlink to /dev/zero": (lambda lay: _swap_blob(lay, lambda p: p.symlink_to("/dev/zero")), "regular"),
     "manifest a FIFO": (lambda lay: _swap_blob(lay, lambda p: os.mkfifo(p)), "not a regular file"),
