@@ -74,9 +74,10 @@ def union(
 
 
 @contextmanager
-def overlay(mnt: Path, lowers: Sequence[Path], upper: Path, work: Path) -> Iterator[Path]:
-    """Mount kernel overlayfs, configured as our reference (redirect_dir=on,index=on)."""
+def overlay(mnt: Path, lowers: Sequence[Path], upper: Path, work: Path, extra: str = "") -> Iterator[Path]:
+    """Mount kernel overlayfs, configured as our reference (redirect_dir=on,index=on); ``extra``: more options."""
     opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work},redirect_dir=on,index=on"
+    opts += f",{extra}" if extra else ""
     run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)])
     try:
         yield mnt

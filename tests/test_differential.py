@@ -355,3 +355,43 @@ def compare(scenario: Scenario, args: list[str], lowers: list[Path], tmp_path: P
     assert got_tree == expected_tree
     with union(om, lowers, ou, ow):
         assert snapshot(om) == expected_tree, "the tree changed across a remount"
+
+
+def _privileges(mnt: Path) -> tuple[str, str]:
+    """(euid of a setuid-root program run by nobody, what opening a device node gives) through ``mnt``."""
+    import subprocess
+
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(mnt / "id"), "-u"],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    try:
+        with open(mnt / "null", "wb") as f:
+            f.write(b"x")
+        dev = "opened"
+    except OSError as e:
+        dev = errno_name(e.errno)
+    return r.stdout.strip() or r.stderr.strip(), dev
+
+
+def errno_name(n: int | None) -> str:
+    import errno
+
+    return errno.errorcode.get(n or 0, str(n))
+
+
+@pytest.mark.parametrize("options", ["", "nosuid", "nodev", "nosuid,nodev"])
+def test_setuid_and_devices_as_kernel_overlay(options: str, tmp_path: Path) -> None:
+    """As root, setuid programs and device nodes work unless nosuid/nodev are asked for: as on `mount -t overlay`."""
+    import shutil
+
+    lower, up1, wk1, up2, wk2, m1, m2 = fresh_dirs(tmp_path, "lower", "u1", "w1", "u2", "w2", "m1", "m2")
+    shutil.copy("/usr/bin/id", lower / "id")
+    os.chmod(lower / "id", 0o4755)
+    os.mknod(lower / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    tmp_path.chmod(0o755)  # nobody must reach the program
+    extra = ["-o", options] if options else []
+    with union(m1, [lower], up1, wk1, extra=extra) as ours:
+        got = _privileges(ours)
+    with overlay(m2, [lower], up2, wk2, extra=options) as ref:
+        want = _privileges(ref)
+    assert got == want
+    assert want[0] == ("65534" if "nosuid" in options else "0")

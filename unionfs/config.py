@@ -23,8 +23,6 @@ class UsageError(Exception):
 #: Options containers/storage, fstab and mount(8) pass that need nothing from us.
 _IGNORED = {
     "rw",
-    "dev",
-    "suid",
     "exec",
     "atime",
     "relatime",
@@ -73,7 +71,7 @@ _IGNORED = {
     "rootcontext",
 }
 #: Options handed on to FUSE (they change what the kernel does).
-_FUSE = {"ro", "nodev", "nosuid", "noexec", "fsname", "subtype"}
+_FUSE = {"ro", "nodev", "nosuid", "noexec", "dev", "suid", "fsname", "subtype"}
 #: fuse-overlayfs' id maps: ``uidmapping=IN:OUT:N[:IN:OUT:N...]`` (what containers/storage passes).
 _IDMAP = {"uidmapping", "gidmapping"}
 

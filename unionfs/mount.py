@@ -29,7 +29,20 @@ log = logging.getLogger("unionmount")
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
+    """The options for the FUSE mount.
+
+    As root the mount honours setuid bits and device files, as kernel overlayfs does,
+    unless ``nosuid``/``nodev`` are asked for (libfuse's own default is both off, which
+    breaks ``su``, ``sudo``, ``ping`` and ``passwd`` in containers). A plain user's FUSE
+    mount is always ``nosuid,nodev`` (fusermount3 enforces it), so ``suid``/``dev`` are
+    dropped there.
+    """
     opts = set(cfg.fuse_options)
+    for want, off in (("suid", "nosuid"), ("dev", "nodev")):
+        if os.geteuid() != 0 or off in opts:
+            opts.discard(want)
+        else:
+            opts.add(want)
     if not any(o.startswith("fsname=") for o in opts):
         opts.add("fsname=unionmount")
     if not any(o.startswith("subtype=") for o in opts):
