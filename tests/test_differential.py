@@ -395,3 +395,47 @@ def test_setuid_and_devices_as_kernel_overlay(options: str, tmp_path: Path) -> N
         want = _privileges(ref)
     assert got == want
     assert want[0] == ("65534" if "nosuid" in options else "0")
+
+
+def _orphans(mnt: Path) -> list[object]:
+    """Removed entries the kernel still holds: written then removed files, a removed working directory."""
+    import subprocess
+
+    out: list[object] = []
+    for i in range(5):
+        (mnt / f"f{i}").write_text("hello\n" * (i + 1))
+    fd = os.open(mnt / "open", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"abc")
+    for i in range(5):
+        os.unlink(mnt / f"f{i}")
+    os.unlink(mnt / "open")
+    os.fsync(fd)
+    os.ftruncate(fd, 1)
+    os.fchmod(fd, 0o600)
+    st = os.fstat(fd)
+    out.append((st.st_nlink, st.st_size, oct(st.st_mode)))
+    os.close(fd)
+    out.append(subprocess.run(["sync", "-f", str(mnt)], capture_output=True, text=True).returncode)
+    (mnt / "d").mkdir()
+    cwd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+    os.rmdir(mnt / "d")
+    st = os.fstat(cwd)
+    out.append((st.st_nlink, stat.S_ISDIR(st.st_mode)))
+    try:
+        os.open("x", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=cwd)
+    except OSError as e:
+        out.append(e.errno)
+    os.close(cwd)
+    out.append(subprocess.run(["sync", "-f", str(mnt)], capture_output=True, text=True).returncode)
+    return out
+
+
+def test_removed_but_known_entries_as_kernel_overlay(tmp_path: Path) -> None:
+    """After `rm` of files written through the cache, the kernel's late SETATTR succeeds (`sync -f` gives 0)."""
+    lower, up1, wk1, up2, wk2, m1, m2 = fresh_dirs(tmp_path, "lower", "u1", "w1", "u2", "w2", "m1", "m2")
+    with union(m1, [lower], up1, wk1) as ours:
+        got = _orphans(ours)
+    with overlay(m2, [lower], up2, wk2) as ref:
+        want = _orphans(ref)
+    assert got == want
+    assert want[1] == 0

@@ -375,6 +375,8 @@ class UnionFS:
                 for h in self.files.values():
                     if h.node is node:
                         return os.fstat(h.fd), 0  # open but unlinked
+                if node.gone is not None:
+                    return node.gone, 0  # type: ignore[return-value]  # removed, still known to the kernel
                 raise _err(errno.ENOENT)
             up = self.realms[node.realm].resolver.upper
             if node.upper and up is not None:
@@ -970,6 +972,7 @@ class UnionFS:
                 found = self._lookup_found(parent, name)
             await self._remove(parent, name, found, is_dir=False)
             node.drop_link(parent, name)
+            self._orphaned(node, found)
             self.table.maybe_drop(node)
 
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
@@ -985,7 +988,19 @@ class UnionFS:
                 raise _err(errno.ENOTEMPTY)
             await self._remove(parent, name, found, is_dir=True)
             node.links = []
+            self._orphaned(node, found)
             self.table.maybe_drop(node)
+
+    @staticmethod
+    def _orphaned(node: Node, found: Found | None) -> None:
+        """``node`` lost a name; if that was its last, keep its attributes for the kernel, which may still ask.
+
+        After ``rm`` of a file written through the writeback cache, the kernel sends the
+        file's times (SETATTR) when it writes the inode back, and ``fstat`` of a removed
+        directory still asks: overlayfs answers both from the orphan inode, and so do we.
+        """
+        if not node.links and found is not None:
+            node.gone = found.upper_st or found.lower_st
 
     async def _remove(self, parent: Node, name: bytes, found: Found, *, is_dir: bool) -> None:
         """Take ``name`` out of the union: delete its upper part, whiteout its lower part."""
@@ -1069,6 +1084,7 @@ class UnionFS:
                     dst_node.drop_link(p2, new)
                     if dst_node.is_dir:
                         dst_node.links = []
+                    self._orphaned(dst_node, dst)
                     self.table.maybe_drop(dst_node)
 
     async def _move_prepare(self, node: Node, to_parent: Node, to_name: bytes) -> None:
@@ -1167,6 +1183,8 @@ class UnionFS:
                 if handle is None or not handle.writable:
                     handle = self._writable_handle(node)
                 if handle is None:
+                    if node.gone is not None:  # an orphan: the change is its last word, as on an orphan inode
+                        node.gone = _with_attrs(node.gone, attr, fields)  # type: ignore[arg-type]
                     return self.attrs(node)  # nothing of it is in the upper layer to change
             if handle is not None and handle.writable:
                 self._apply_attrs(handle.fd, attr, fields, False)  # open for writing: the upper file
@@ -1293,3 +1311,25 @@ class UnionFS:
         d.f_favail = sv.f_favail
         d.f_namemax = sv.f_namemax
         return d
+
+
+def _with_attrs(st: os.stat_result, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> os.stat_result:
+    """``st`` with a SETATTR's fields applied (for an orphan, which has no file left to change)."""
+    v = list(st)
+    names = ("st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blksize", "st_blocks", "st_rdev")
+    extra = {k: getattr(st, k) for k in names}
+    if fields.update_mode:
+        v[stat.ST_MODE] = stat.S_IFMT(st.st_mode) | stat.S_IMODE(attr.st_mode)
+    if fields.update_uid:
+        v[stat.ST_UID] = attr.st_uid
+    if fields.update_gid:
+        v[stat.ST_GID] = attr.st_gid
+    if fields.update_size:
+        v[stat.ST_SIZE] = attr.st_size
+    if fields.update_atime:
+        extra["st_atime_ns"] = attr.st_atime_ns
+    if fields.update_mtime:
+        extra["st_mtime_ns"] = attr.st_mtime_ns
+    for i, k in ((stat.ST_ATIME, "st_atime_ns"), (stat.ST_MTIME, "st_mtime_ns"), (stat.ST_CTIME, "st_ctime_ns")):
+        v[i] = extra[k] // 10**9
+    return os.stat_result(v, extra)

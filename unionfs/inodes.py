@@ -66,6 +66,9 @@ class Node:
     #: trusted by :meth:`unionfs.fs.UnionFS.attrs` only while ``upper`` is false
     attrs: object | None = None
     attrs_reply: bytes | None = None  # ``attrs`` as a GETATTR reply body (unionfs.operations.getattr_reply)
+    #: the last attributes of an entry removed while the kernel still knows it (its nlink now 0): what
+    #: GETATTR and SETATTR of it answer once no open file reaches it, as overlayfs answers for an orphan
+    gone: object | None = None
 
     @property
     def metacopy(self) -> bool:
