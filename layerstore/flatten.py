@@ -13,7 +13,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterable
 
-from .entry import Entry
+from .entry import Entry, dir_size
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
 from .tarlayer import LayerError
 
@@ -126,7 +126,8 @@ class Tree:
             e = self.entries[path]
             g = self.group[path]
             if e.is_dir:
-                nlink = 2 + sum(1 for c in self.children.get(path, ()) if self.entries[_join(path, c)].is_dir)
+                kids = self.children.get(path, set())
+                nlink = 2 + sum(1 for c in kids if self.entries[_join(path, c)].is_dir)
+                yield path, e.with_(ino=g, nlink=nlink, size=dir_size(kids))
             else:
-                nlink = links[g]
-            yield path, e.with_(ino=g, nlink=nlink)
+                yield path, e.with_(ino=g, nlink=links[g])

@@ -44,6 +44,10 @@ def test_mounted_image_is_what_umoci_unpacks(image: Path, tmp_path: Path) -> Non
         oracle = image / "ref" / "rootfs"
         assert snapshot(mnt) == snapshot(oracle)
         assert mtimes(mnt) == mtimes(oracle)
+        dirs = [Path(d).relative_to(oracle) for d, _, _ in os.walk(oracle)]
+        assert len(dirs) > 3
+        for d in dirs:  # a directory's size as the unpacked tree has it on disk (not 0)
+            assert (d, os.lstat(mnt / d).st_size) == (d, os.lstat(oracle / d).st_size)
         assert os.stat(mnt / "etc" / "motd").st_ino == os.stat(mnt / "etc" / "motd.hard").st_ino
         assert os.stat(mnt / "d" / "sparse").st_size == 5 * 2**20 + 5
         for path, attr in (("d/ping", "security.capability"), ("d/sub", "system.posix_acl_default")):

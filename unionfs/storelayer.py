@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-from layerstore.entry import Entry
+from layerstore.entry import Entry, dir_size
 from layerstore.schema import SEP
 from layerstore.store import Store, image_key, merged_key
 
@@ -56,7 +56,11 @@ class StoreLayer:
 
     def lstat(self, path: bytes) -> os.stat_result | None:
         e = self._get(path)
-        return e.stat_result() if e is not None else None
+        if e is None:
+            return None
+        if e.is_dir and e.size == 0:  # flattened before directories had sizes
+            e = e.with_(size=dir_size(self.listdir(path)))
+        return e.stat_result()
 
     def listdir(self, path: bytes) -> list[bytes]:
         prefix = self._prefix + path + SEP
