@@ -32,6 +32,7 @@ from . import names
 from .blobs import BlobStore
 from .entry import Entry
 from .flatten import Tree
+from .host import real_root
 from .layerstream import open_layer
 from .oci import ImageSource, LayerRef, SourceError, SourceOptions, parse
 from .rootfs import open_rootfs
@@ -46,10 +47,12 @@ class StoreError(Exception):
 
 
 def default_root() -> str:
+    """``$UNIONMOUNT_ROOT``; else ``/var/lib/unionmount`` for root; else, for a plain user, also inside a user
+    namespace where it is uid 0, ``$XDG_DATA_HOME/unionmount`` (``~/.local/share/unionmount``)."""
     env = os.environ.get("UNIONMOUNT_ROOT")
     if env:
         return env
-    if os.geteuid() == 0:
+    if real_root():
         return "/var/lib/unionmount"
     data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(data, "unionmount")

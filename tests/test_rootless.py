@@ -154,3 +154,22 @@ def test_plain_user_pulls_with_podmans_login_file(image: Path, home: Path, tmp_p
         assert listing(seen, "d/sub/") == listing(ref.stdout, "d/sub/")  # (d/sub is 0700, root's)
     finally:
         as_user(home, "umount", "mnt")
+
+
+def test_plain_user_in_a_user_namespace_gets_a_store_of_its_own(image: Path, home: Path) -> None:
+    """Inside `unshare -r` the user is uid 0 but still not root: the default store is in its home, not /var/lib."""
+    layout = home / "layout"
+    shutil.copytree(image / "img", layout)
+    subprocess.run(["chown", "-R", f"{USER}:{USER}", str(layout)], check=True)
+    (home / "mnt").mkdir()
+    os.chown(home / "mnt", USER, USER)
+    um = f"{PY} -m unionfs"
+    script = (
+        f"{um} image import oci:{layout}:t --tag app && {um} mount --image app --name c --image-volumes ignore mnt"
+        f" && echo hi > mnt/new && {um} diff c && {um} umount mnt && {um} store check"
+    )
+    r = user_run(home, "unshare", "-rm", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    assert "A /new" in r.stdout and "store is consistent" in r.stdout
+    assert (home / ".local" / "share" / "unionmount" / "meta").is_dir()
+    assert os.stat(home / ".local" / "share" / "unionmount" / "meta").st_uid == USER

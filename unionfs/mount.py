@@ -18,6 +18,8 @@ from contextlib import ExitStack
 import pyfuse3
 import trio
 
+from layerstore.host import real_root
+
 from . import stats
 from .config import MountConfig, UsageError
 from .fs import TIMEOUT, Options, UnionFS
@@ -38,8 +40,9 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     dropped there.
     """
     opts = set(cfg.fuse_options)
+    root = real_root()  # (root of a user namespace mounts nodev whatever it asks)
     for want, off in (("suid", "nosuid"), ("dev", "nodev")):
-        if os.geteuid() != 0 or off in opts:
+        if not root or off in opts:
             opts.discard(want)
         else:
             opts.add(want)
