@@ -1298,8 +1298,9 @@ class UnionFS:
             os.removexattr(proc_path(*self._upper_at(node)), name, follow_symlinks=False)
 
     def statfs(self) -> pyfuse3.StatvfsData:
-        root = self.upper.layer.root if self.upper is not None else self.lowers[0].root
-        sv = os.statvfs(root)
+        layer = self.upper.layer if self.upper is not None else self.lowers[0]
+        # by fd, never by path: a path could lead into this very mount (a layer containing the mount point)
+        sv = os.statvfs(layer.root_fd if isinstance(layer, DirLayer) else layer.root)
         d = pyfuse3.StatvfsData()
         d.f_bsize = sv.f_bsize
         d.f_frsize = sv.f_frsize

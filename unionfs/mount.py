@@ -26,6 +26,7 @@ from .fs import TIMEOUT, Options, UnionFS
 from .fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
 from .grafts import remove_tmpfs
 from .operations import Operations, getattr_reply
+from .views import isolate
 
 log = logging.getLogger("unionmount")
 
@@ -128,6 +129,11 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     timeout = TIMEOUT if cfg.timeout is None else cfg.timeout
     for d in cfg.cleanup:
         stack.callback(remove_tmpfs, d)
+    try:
+        stack.callback(isolate(cfg).close)  # layers that contain the mount point: private views (unionfs.views)
+    except UsageError:
+        stack.close()
+        raise
     try:
         fs = UnionFS(
             Options(
