@@ -33,6 +33,7 @@ from .mutex import Mutex
 from .namei import Found, Resolver
 from .readdir import merged_names
 from .settle import DELAY as SETTLE_DELAY
+from .space import Room
 from .storelayer import StoreLayer
 from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
 from .upper import Upper
@@ -172,6 +173,8 @@ class UnionFS:
         self.resolver = Resolver(up_layer, self.lowers, dialect)
         # rootless: owners, modes and devices the daemon cannot set live in an xattr (unionfs.override)
         self.rootless = not override.can_chown(opts.work) if opts.work else self.euid != 0
+        # with the writeback cache, the room left in the upper layer decides how files are opened for writing
+        self.room = Room(self.upper.layer.root_fd) if self.upper is not None and opts.writeback else None
         self.copy = (
             CopyUp(self.resolver, self.upper, sync=not opts.volatile, rootless=self.rootless, defer=opts.settle)
             if self.upper
@@ -732,7 +735,8 @@ class UnionFS:
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, writable, node.version)
         node.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=node.realm == 0)  # a volume may change behind our back
+        # keep_cache: a volume may change behind our back; direct_io: see unionfs.space
+        return pyfuse3.FileInfo(fh=fh, keep_cache=node.realm == 0, direct_io=writable and self._room_low())
 
     def _killer(self, ctx: Caller | None) -> Caller | None:
         """Who the request being started drops setuid/setgid for, if anyone; call before any await.
@@ -851,7 +855,11 @@ class UnionFS:
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, True, node.version)
         node.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), a
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=self._room_low()), a
+
+    def _room_low(self) -> bool:
+        """Whether a file opened for writing now must bypass the writeback cache (:mod:`unionfs.space`)."""
+        return self.room is not None and self.room.low()
 
     def _chown_new(self, target: int | bytes, uid: int, gid: int) -> None:
         """Give a new entry its creator's ids, keeping set-id bits that chown would clear.

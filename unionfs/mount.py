@@ -26,6 +26,7 @@ from .fs import TIMEOUT, Options, UnionFS
 from .fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
 from .grafts import remove_tmpfs
 from .operations import Operations, getattr_reply
+from .space import dirty_limit
 from .views import isolate
 
 log = logging.getLogger("unionmount")
@@ -162,25 +163,25 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
         raise UsageError(f"cannot graft on {os.fsdecode(e.filename or b'')}: {e.strerror}") from None
     where = os.path.realpath(cfg.mountpoint)  # before the mount: a stat of it would wait for us
     try:
-        pyfuse3.init(Operations(fs, on_init=lambda: _after_init(where)), cfg.mountpoint, fuse_options(cfg))
+        pyfuse3.init(Operations(fs, on_init=lambda: _after_init(where, fs)), cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as e:
         stack.close()
         raise UsageError(f"cannot mount on '{cfg.mountpoint}': {e}") from None
     return fs, stack
 
 
-def _after_init(where: str) -> None:
+def _after_init(where: str, fs: UnionFS) -> None:
     """Runs inside the INIT request: what must wait until the kernel has the reply runs next.
 
     Under our loop, before any other request is answered (so whoever sees the mount
     answer sees the larger readahead); under pyfuse3's, at its next wait.
     """
     if _loop is not None:
-        _loop.after_reply.append(lambda: _raise_readahead(where))
+        _loop.after_reply.append(lambda: _tune(where, fs))
         return
 
     async def later() -> None:
-        _raise_readahead(where)
+        _tune(where, fs)
 
     trio.lowlevel.spawn_system_task(later)
 
@@ -188,12 +189,19 @@ def _after_init(where: str) -> None:
 READAHEAD_KB = 1024
 
 
-def _raise_readahead(mountpoint: str) -> None:
+def _tune(where: str, fs: UnionFS) -> None:
+    """What depends on the mount's backing device: its readahead, and how much dirty data it may hold."""
+    dev = _raise_readahead(where)
+    if fs.room is not None:
+        fs.room.set_dirty_limit(dirty_limit(dev))
+
+
+def _raise_readahead(mountpoint: str) -> str | None:
     """Let the kernel read ahead 1 MiB at a time on this mount: one READ request per MiB instead of eight.
 
     The kernel gives a FUSE mount the default 128 KiB window (and lowers it again when
     the INIT reply arrives) although libfuse takes 1 MiB requests. Best effort: sysfs
-    needs root. The mount's device number comes from /proc/self/mountinfo.
+    needs root. The mount's device number comes from /proc/self/mountinfo; it is returned.
     """
     dev = None
     try:
@@ -207,6 +215,7 @@ def _raise_readahead(mountpoint: str) -> None:
                 f.write(str(READAHEAD_KB))
     except OSError as e:
         log.debug("readahead left as it is: %s", e)
+    return dev
 
 
 def _run(fs: UnionFS, stack: ExitStack, cfg: MountConfig) -> int:
