@@ -566,3 +566,36 @@ def test_rootless_in_a_user_namespace(tmp_path: Path) -> None:
         assert sorted(os.listdir(m)) == ["dir2", "file"]
         assert (m / "dir2" / "sub" / "f").read_text() == "a"
         assert os.listdir(m / "file") == []
+
+
+def test_the_daemon_lets_go_of_what_the_kernel_forgets(tmp_path: Path) -> None:
+    """After the kernel forgets the inodes of a walk, the daemon holds no node and no listing for them."""
+    import json
+    import subprocess
+
+    from .mounts import COMMAND, union
+
+    lower, up, work, mnt = (tmp_path / n for n in ("l", "u", "w", "m"))
+    for d in (up, work, mnt):
+        d.mkdir()
+    for i in range(10):
+        (lower / f"d{i}").mkdir(parents=True)
+        for j in range(600):
+            (lower / f"d{i}" / f"f{j}").touch()
+
+    def settings(m: Path) -> dict:  # type: ignore[type-arg]
+        return json.loads(subprocess.run([*COMMAND, "stats", str(m), "--format", "json"], capture_output=True,
+                                         text=True, check=True).stdout)["settings"]  # fmt: skip
+
+    with union(mnt, [lower], up, work) as m:
+        subprocess.run(["find", str(m), "-printf", "%s\n"], check=True, capture_output=True)
+        held = settings(m)
+        assert held["inodes"] > 6000 and held["listed"] > 0
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+        deadline = time.monotonic() + 10
+        while settings(m)["inodes"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = settings(m)
+        assert after["inodes"] <= 2 and after["listed"] == 0, after
+        assert len(os.listdir(m / "d3")) == 600  # and it lists again as before

@@ -35,7 +35,7 @@ from .readdir import merged_names
 from .settle import DELAY as SETTLE_DELAY
 from .space import Room
 from .storelayer import StoreLayer
-from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
+from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, release_free_memory, renameat2
 from .upper import Upper
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
 LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
+LISTING_ENTRIES = 1 << 15  # and at most this many of their entries in all (memory: about 200 bytes each)
 GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: attributes show within a second
 
 
@@ -189,6 +190,7 @@ class UnionFS:
         # stable inode number, so a lookup costs one dict probe and no path walk.
         self.graft_at: dict[tuple[int, bytes], int] = {}
         self._listings: OrderedDict[int, tuple[Node, list[bytes], dict]] = OrderedDict()  # type: ignore[type-arg]
+        self._listed = 0  # entries in all of _listings
         for k, g in enumerate(opts.grafts, start=1):
             self._add_graft(k, g, opts, dialect)
         self.lock = Mutex()
@@ -201,6 +203,8 @@ class UnionFS:
         self.dircache = DirCache() if opts.dircache else None
         stats.SETTINGS["writeback"] = lambda: opts.writeback
         stats.SETTINGS["dircache"] = lambda: self.dircache is not None and self.dircache.enabled
+        stats.SETTINGS["inodes"] = lambda: len(self.table)  # known to the kernel (or open)
+        stats.SETTINGS["listed"] = lambda: self._listed  # resolutions kept in the listing cache
         self._next_fh = 1
 
     def _add_graft(self, k: int, g: Graft, opts: Options, dialect: WriteDialect) -> None:
@@ -511,6 +515,18 @@ class UnionFS:
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
             self.table.forget(ino, n)
+        if len(items) > 1 and self.table.shrink():  # the kernel let go of most of its inodes: so do we
+            self._drop_caches()
+
+    def _drop_caches(self) -> None:
+        """Drop what is kept of directories: each of them pins the memory its entries' nodes used."""
+        self._listings.clear()
+        self._listed = 0
+        for ino in [i for i, h in self._unopened_dirs.items() if h.names is None or self.table.get(i) is None]:
+            del self._unopened_dirs[ino]
+        for r in self.realms:
+            r.resolver.forget_cache()
+        release_free_memory()
 
     def list_without_open(
         self, request_ino: Callable[[], int], after_reply: Callable[[Callable[[], None]], None]
@@ -591,8 +607,11 @@ class UnionFS:
         h = self.dirs[fh] if fh else self._unopened()
         if start == 0 or h.names is None:
             self._take_listing(h)  # rewinddir sees changes
-        if self._send_entries(h, start, token) == 0 and not fh and h.node.realm:
-            self._forget_listing(h.node.ino)  # the empty reply that ends a listing
+        if self._send_entries(h, start, token) == 0 and not fh:  # the empty reply that ends a listing
+            if self._unopened_dirs.get(h.node.ino) is h:
+                del self._unopened_dirs[h.node.ino]  # nothing to continue (memory: the listing cache is bounded)
+            if h.node.realm:
+                self._forget_listing(h.node.ino)
 
     def _send_entries(self, h: DirHandle, start: int, token: pyfuse3.ReaddirToken) -> int:
         """Reply with the entries from ``start`` on; returns how many, or -1 if the reply is full."""
@@ -622,6 +641,8 @@ class UnionFS:
             try:
                 a = known if known is not None and not node.upper else self.attrs(node, found)
                 if h.found is not None and known is None:
+                    if not node.upper:
+                        found.lower_st = None  # its attributes are kept as ``a``: the stat is not needed again
                     h.found[name] = (found, None if node.upper else a)
             except FileNotFoundError:
                 self.table.maybe_drop(node)
@@ -652,9 +673,13 @@ class UnionFS:
         h.names = [b".", b".."] + self._names(node)
         resolver = self.realms[node.realm].resolver
         h.found = {n: (f, None) for n, f in resolver.lookup_listing(node, h.names[2:])}
+        old = self._listings.pop(node.ino, None)
+        if old is not None:
+            self._listed -= len(old[2])
         self._listings[node.ino] = (node, h.names, h.found)
-        if len(self._listings) > LISTING_CACHE:
-            self._listings.popitem(last=False)
+        self._listed += len(h.found)
+        while self._listings and (len(self._listings) > LISTING_CACHE or self._listed > LISTING_ENTRIES):
+            self._listed -= len(self._listings.popitem(last=False)[1][2])
 
     def _names(self, node: Node) -> list[bytes]:
         names = merged_names(self.realms[node.realm].resolver, node)

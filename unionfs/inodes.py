@@ -98,12 +98,30 @@ class Node:
             pass
 
 
+SHRINK_FROM = 4096  # a table that never held more nodes is not worth rebuilding
+
+
 class InodeTable:
     """Maps inode numbers to nodes and enforces the lookup-count protocol."""
 
     def __init__(self, root: Node) -> None:
         self._nodes: dict[int, Node] = {ROOT_INO: root}
         self.root = root
+        self._peak = 1  # the most nodes since the table last shrank
+
+    def shrink(self) -> bool:
+        """After the kernel forgot most of what it held: rebuild the table at its new size; True if it did.
+
+        A Python dict never gives back the room of deleted keys; a table that held 500,000
+        nodes would keep their slots for good.
+        """
+        n = len(self._nodes)
+        if self._peak < SHRINK_FROM or n * 8 > self._peak:
+            self._peak = max(self._peak, n)
+            return False
+        self._nodes = dict(self._nodes)
+        self._peak = n
+        return True
 
     def get(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
@@ -116,7 +134,10 @@ class InodeTable:
 
     def add(self, node: Node) -> Node:
         """Insert a node (or return the one already holding its number)."""
-        return self._nodes.setdefault(node.ino, node)
+        got = self._nodes.setdefault(node.ino, node)
+        if len(self._nodes) > self._peak:
+            self._peak = len(self._nodes)
+        return got
 
     def remember(self, node: Node) -> None:
         """Count one lookup reply sent to the kernel."""

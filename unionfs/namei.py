@@ -84,6 +84,10 @@ class Resolver:
         #: the union's entries report their layers' own inode numbers (see :meth:`ino`)
         self.raw_inos = upper_id == UPPER_ID and _one_filesystem([*lowers, *([upper] if upper else [])])
 
+    def forget_cache(self) -> None:
+        """Drop what is kept of lower directories (only a cache: it is rebuilt as needed)."""
+        self._dirs.clear()
+
     def ino(self, layer_id: int, st_ino: int) -> int:
         """The union inode number of real inode ``st_ino`` of layer ``layer_id``.
 

@@ -42,6 +42,7 @@ def snapshot() -> dict[str, object]:
         "cpu_system_s": ru.ru_stime,
         "max_rss_kb": ru.ru_maxrss,
         "rss_kb": _rss_kb(),
+        "allocations": _top_allocations(),
         "settings": {name: read() for name, read in sorted(SETTINGS.items())},
         "ops": {
             name: {"count": n, "mean_us": round(ns / n / 1000, 2) if n else 0.0, "total_s": ns / 1e9, "errors": err}
@@ -57,3 +58,13 @@ def _rss_kb() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _top_allocations(n: int = 15) -> list[str]:
+    """Where the daemon's memory is, by source line, when it runs under ``PYTHONTRACEMALLOC`` (else nothing)."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        return []
+    stats = tracemalloc.take_snapshot().statistics("lineno")
+    return [f"{s.size >> 10} KiB in {s.count} blocks: {s.traceback}" for s in stats[:n]]

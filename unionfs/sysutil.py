@@ -110,6 +110,13 @@ def private_clone(path: str) -> int:
     return int(fd)
 
 
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
     """``renameat2(2)``; names are single components relative to the directory fds."""
     if _libc.renameat2(olddirfd, oldname, newdirfd, newname, flags) != 0:
