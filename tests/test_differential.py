@@ -412,6 +412,12 @@ def _orphans(mnt: Path) -> list[object]:
     os.fsync(fd)
     os.ftruncate(fd, 1)
     os.fchmod(fd, 0o600)
+    for op in (lambda: os.setxattr(fd, "user.a", b"1"), lambda: os.getxattr(fd, "user.a"), lambda: os.listxattr(fd),
+               lambda: os.removexattr(fd, "user.a"), lambda: os.listxattr(fd)):  # fmt: skip
+        try:
+            out.append(op())
+        except OSError as e:
+            out.append(errno_name(e.errno))
     st = os.fstat(fd)
     out.append((st.st_nlink, st.st_size, oct(st.st_mode)))
     os.close(fd)

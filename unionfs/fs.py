@@ -471,7 +471,7 @@ class UnionFS:
         """The owner/mode/device override of a node's real entry, if it has one."""
         try:
             at = self._xattr_at(node)
-            if isinstance(at, bytes):
+            if isinstance(at, (bytes, int)):
                 return override.read(at, st.st_mode)
             return override.decode(at[0].getxattr(at[1], override.XATTR), st.st_mode)
         except (OSError, IndexError):
@@ -1280,8 +1280,10 @@ class UnionFS:
             else:
                 os.utime(at[1], ns=times, dir_fd=at[0], follow_symlinks=False)
 
-    def _xattr_at(self, node: Node) -> tuple[Layer, bytes] | bytes:
-        """Where a node's xattrs are: a host path (upper, index) or (lower layer, path)."""
+    def _xattr_at(self, node: Node) -> tuple[Layer, bytes] | bytes | int:
+        """Where a node's xattrs are: a host path (upper, index), an fd (an open orphan) or (lower layer, path)."""
+        if not node.links and node.ino != ROOT_INO:
+            return self._orphan_file(node, writing=False)
         if node.upper and self.realms[node.realm].resolver.upper is not None:
             return proc_path(*self._upper_at(node))
         li, lpath = node.lowers[0]
@@ -1295,6 +1297,8 @@ class UnionFS:
             raise _err(errno.ENODATA)
         at = self._xattr_at(node)
         try:
+            if isinstance(at, int):
+                return os.getxattr(at, name)
             if isinstance(at, bytes):
                 return os.getxattr(at, name, follow_symlinks=False)
             return at[0].getxattr(at[1], name)
@@ -1306,7 +1310,9 @@ class UnionFS:
 
     def listxattr(self, ino: int) -> list[bytes]:
         at = self._xattr_at(self.node(ino))
-        if isinstance(at, bytes):
+        if isinstance(at, int):
+            names = [os.fsencode(n) for n in os.listxattr(at)]
+        elif isinstance(at, bytes):
             names = [os.fsencode(n) for n in os.listxattr(at, follow_symlinks=False)]
         else:
             names = at[0].listxattr(at[1])
@@ -1318,6 +1324,9 @@ class UnionFS:
         node = self.node(ino)
         node.no_caps = False
         async with self.lock:
+            if not node.links and node.ino != ROOT_INO:  # open but unlinked: its open file is all there is
+                os.setxattr(self._orphan_file(node, writing=True), name, value)
+                return
             await self._copy_meta(node)
             os.setxattr(proc_path(*self._upper_at(node)), name, value, follow_symlinks=False)
 
@@ -1327,8 +1336,19 @@ class UnionFS:
         self.getxattr(ino, name)  # ENODATA before any copy-up
         node = self.node(ino)
         async with self.lock:
+            if not node.links and node.ino != ROOT_INO:
+                os.removexattr(self._orphan_file(node, writing=True), name)
+                return
             await self._copy_meta(node)
             os.removexattr(proc_path(*self._upper_at(node)), name, follow_symlinks=False)
+
+    def _orphan_file(self, node: Node, *, writing: bool) -> int:
+        """An fd of an open file of an unlinked ``node``; for ``writing``, one of the upper layer's (a handle
+        open for writing, or one opened since its copy-up), never a lower layer's."""
+        for h in self.files.values():
+            if h.node is node and (not writing or h.writable or (node.upper and h.version == node.version)):
+                return h.fd
+        raise _err(errno.EROFS if writing and any(h.node is node for h in self.files.values()) else errno.ENOENT)
 
     def statfs(self) -> pyfuse3.StatvfsData:
         layer = self.upper.layer if self.upper is not None else self.lowers[0]
