@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import names
+from . import names, volmount
 from .store import Store, StoreError
 
 _BIND_KEYS = {"type", "o", "device"}
@@ -71,8 +71,13 @@ def _db(store: Store):  # noqa: ANN202
     return db
 
 
+def is_bind(options: dict[str, str]) -> bool:
+    """The local driver's bind form (``type=none,o=bind,device=DIR``); other options name a file system to mount."""
+    return options.get("o") == "bind" or options.get("type") == "none"
+
+
 def mountpoint(store: Store, name: str, options: dict[str, str]) -> str:
-    if options.get("o") == "bind" or options.get("type") == "none":
+    if is_bind(options):
         return options.get("device", "")
     return os.path.join(store.root, "volumes", name, "_data")
 
@@ -114,13 +119,18 @@ def create(
     unknown = set(options) - _BIND_KEYS
     if unknown:
         raise StoreError(f"unknown volume option '{sorted(unknown)[0]}' (the local driver takes type, o, device)")
-    if options:
+    if is_bind(options):
         if options.get("o") != "bind" or options.get("type", "none") != "none" or not options.get("device"):
             raise StoreError("the local driver binds a directory with -o type=none -o o=bind -o device=/path")
         dev = options["device"]
         if not os.path.isabs(dev) or not os.path.isdir(dev):
             raise StoreError(f"volume device '{dev}' is not an existing absolute directory")
         options["device"] = os.path.realpath(dev)
+    elif options:
+        try:
+            volmount.check(options)
+        except volmount.MountError as e:
+            raise StoreError(str(e)) from None
     name = name or secrets.token_hex(32)
     try:
         names.volume(name)
@@ -134,7 +144,7 @@ def create(
             if exist_ok:
                 return _from_record(store, name, raw), False
             raise StoreError(f"volume '{name}' already exists")
-        if not options:
+        if not is_bind(options):
             os.makedirs(os.path.join(store.root, "volumes"), mode=0o701, exist_ok=True)
             os.makedirs(os.path.join(store.root, "volumes", name), mode=0o701, exist_ok=True)
             os.makedirs(vol.mountpoint, mode=0o755, exist_ok=True)
@@ -151,8 +161,8 @@ def mark_populated(store: Store, name: str) -> None:
             txn.put(name.encode(), v.record(), db=_db(store))
 
 
-def _users_dir(store: Store, name: str) -> str:
-    return os.path.join(store.root, "volumes", name, "users")
+def _users_dir(root: str, name: str) -> str:
+    return os.path.join(root, "volumes", name, "users")
 
 
 def lease(store: Store, name: str, mountpoint: str, container: str | None) -> int:
@@ -165,7 +175,7 @@ def lease(store: Store, name: str, mountpoint: str, container: str | None) -> in
     with store.env.begin(write=True) as txn:  # serialized with remove()
         if txn.get(name.encode(), db=_db(store)) is None:
             raise StoreError(f"volume '{name}' was removed meanwhile")
-        d = _users_dir(store, name)
+        d = _users_dir(store.root, name)
         os.makedirs(d, mode=0o700, exist_ok=True)
         path = os.path.join(d, f"{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -179,9 +189,11 @@ def lease(store: Store, name: str, mountpoint: str, container: str | None) -> in
     return fd
 
 
-def live_users(store: Store, name: str) -> list[dict[str, str | None]]:
-    """The live mounts that use volume ``name``: ``{"mountpoint", "container"}`` each; stale leases are removed."""
-    d = _users_dir(store, name)
+def live_users(store: Store | str, name: str) -> list[dict[str, str | None]]:
+    """The live mounts that use volume ``name``: ``{"mountpoint", "container"}`` each; stale leases are removed.
+
+    ``store``: the store, or its root (a daemon at its exit has no lmdb to spare)."""
+    d = _users_dir(store if isinstance(store, str) else store.root, name)
     try:
         ids = sorted(os.listdir(d))
     except FileNotFoundError:
@@ -230,13 +242,17 @@ def _in_use(name: str, recorded: list[str], live: list[dict[str, str | None]]) -
 
 def remove(store: Store, name: str, *, force: bool = False) -> None:
     """Remove a volume and its data: refused while a live mount uses it or a container records it (unless force)."""
-    get(store, name)
+    vol = get(store, name)
     recorded = [c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", []))]
     base = os.path.join(store.root, "volumes", name)
     with store.env.begin(write=True) as txn:  # no lease can be taken meanwhile
         live = live_users(store, name)
         if live or (recorded and not force):
             raise StoreError(_in_use(name, recorded, live))
+        if not is_bind(vol.options) and vol.options:
+            volmount.release(store.root, name)  # nobody uses it: a mount left by a dead daemon goes
+            if os.path.ismount(vol.mountpoint):
+                raise StoreError(f"volume '{name}' is still mounted at {vol.mountpoint} and cannot be unmounted")
         txn.delete(name.encode(), db=_db(store))
         trash = None
         if os.path.isdir(base):  # out of the way before another mount may create the name again
@@ -244,6 +260,26 @@ def remove(store: Store, name: str, *, force: bool = False) -> None:
             os.rename(base, trash)
     if trash is not None:  # for a bind (options) only our bookkeeping: the device is the user's
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def mounts(vol: Volume) -> bool:
+    """Whether the volume is a file system the local driver mounts (not a directory, not a bind)."""
+    return bool(vol.options) and not is_bind(vol.options)
+
+
+def acquire(store: Store, vol: Volume) -> bool:
+    """Mount the volume's file system if it is one and nobody has yet (call holding a lease; see :mod:`.volmount`)."""
+    if not mounts(vol):
+        return False
+    try:
+        return volmount.acquire(store.root, vol.name, vol.options)
+    except volmount.MountError as e:
+        raise StoreError(str(e)) from None
+
+
+def sweep(store: Store) -> None:
+    """Unmount the file systems of volumes that dead daemons left mounted and nobody uses."""
+    volmount.sweep(store.root, [v.name for v in all_volumes(store) if mounts(v)])
 
 
 def prune(store: Store, *, everything: bool = False) -> list[str]:

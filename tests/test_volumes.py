@@ -329,3 +329,119 @@ def test_a_volume_in_use_by_a_live_mount_is_not_removed(store: Path, tmp_path: P
         force_unmount(mnt)
     assert um("volume", "--root", store, "rm", "keep").returncode == 0
     assert not (store / "volumes" / "keep").exists()
+
+
+def _stacked(path: Path) -> int:
+    """How many mounts sit on ``path``."""
+    with open("/proc/self/mountinfo") as f:
+        return sum(line.split()[4] == str(path) for line in f)
+
+
+def test_local_driver_tmpfs_is_mounted_while_used_and_shared(store: Path, tmp_path: Path) -> None:
+    """`-o type=tmpfs`: mounted when the first user starts, shared, unmounted after the last; a crash is swept."""
+    lower, u1, w1, m1, u2, w2, m2 = dirs(tmp_path, "l", "u1", "w1", "m1", "u2", "w2", "m2")
+    r = um("volume", "--root", store, "create", "scratch", "-o", "type=tmpfs", "-o", "device=tmpfs",
+           "-o", "o=size=64m,uid=1000")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = store / "volumes" / "scratch" / "_data"
+    assert _stacked(data) == 0  # nothing is mounted before a container needs it
+    with (
+        mounted("--root", store, "--image", "base", "--name", "c", "-v", "scratch:/s", m1),
+        mounted("--root", store, "--lower", lower, "--upper", u2, "--work", w2, "-v", "scratch:/s", m2),
+    ):
+        assert _stacked(data) == 1
+        opts = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,OPTIONS", str(data)], capture_output=True, text=True)
+        assert opts.stdout.split()[0] == "tmpfs" and "size=65536k" in opts.stdout and "uid=1000" in opts.stdout
+        (m1 / "s" / "f").write_text("shared\n")
+        assert (m2 / "s" / "f").read_text() == "shared\n"
+        assert os.stat(m2 / "s").st_uid == 1000
+    assert _stacked(data) == 0  # the last user unmounted it
+    # a daemon killed with -9 leaves the mount; the next volume command or mount sweeps it, never stacks it
+    r = um("mount", "--root", store, "--lower", lower, "--upper", u1, "--work", w1, "-v", "scratch:/s", m1)
+    assert r.returncode == 0, r.stderr
+    pid = int(os.getxattr(m1, "user.unionmount.pid"))
+    os.kill(pid, 9)
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    force_unmount(m1)
+    assert _stacked(data) == 1
+    with mounted("--root", store, "--lower", lower, "--upper", u1, "--work", w1, "-v", "scratch:/s", m1):
+        assert _stacked(data) == 1
+    assert _stacked(data) == 0
+    r = um("mount", "--root", store, "--lower", lower, "--upper", u1, "--work", w1, "-v", "scratch:/s", m1)
+    pid = int(os.getxattr(m1, "user.unionmount.pid"))
+    os.kill(pid, 9)
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    force_unmount(m1)
+    assert um("volume", "--root", store, "ls").returncode == 0
+    assert _stacked(data) == 0
+    assert um("volume", "--root", store, "rm", "-f", "scratch").returncode == 0  # (container c records it)
+
+
+def test_local_driver_loop_ext4_keeps_its_data_in_the_image(store: Path, tmp_path: Path) -> None:
+    (mnt,) = dirs(tmp_path, "mnt")
+    img = tmp_path / "disk.img"
+    subprocess.run(["truncate", "-s", "32M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    r = um("volume", "--root", store, "create", "disk", "-o", "type=ext4", "-o", f"device={img}", "-o", "o=loop")
+    assert r.returncode == 0, r.stderr
+    with mounted("--root", store, "--image", "base", "--name", "c", "-v", "disk:/var/data", mnt):
+        (mnt / "var" / "data" / "db").write_text("on the ext4 image\n")
+        r = um("volume", "--root", store, "rm", "-f", "disk")
+        assert r.returncode != 0 and "in use" in r.stderr
+    assert _stacked(store / "volumes" / "disk" / "_data") == 0
+    loops = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True).stdout
+    assert loops == ""  # the loop device went with the unmount
+    check = tmp_path / "check"
+    check.mkdir()
+    subprocess.run(["mount", "-o", "loop,ro", str(img), str(check)], check=True)
+    try:
+        assert (check / "db").read_text() == "on the ext4 image\n"
+    finally:
+        force_unmount(check)
+    with mounted("--root", store, "--image", "base", "--name", "c", "-v", "disk:/var/data", mnt):
+        assert (mnt / "var" / "data" / "db").read_text() == "on the ext4 image\n"
+
+
+BAD_DRIVER_OPTIONS = [
+    (["-o", "type=ext4"], "needs -o device"),
+    (["-o", "device=/dev/sda"], "needs -o type"),
+    (["-o", "type=ext4", "-o", "device=/nonexistent.img", "-o", "o=loop"], "is not a file"),
+    (["-o", "type=Bad Type", "-o", "device=x"], "not a file system type"),
+    (["-o", "type=tmpfs", "-o", "device=tmpfs", "-o", "size=1"], "unknown volume option 'size'"),
+]
+
+
+@pytest.mark.parametrize(("opts", "needle"), BAD_DRIVER_OPTIONS, ids=[" ".join(o) for o, _ in BAD_DRIVER_OPTIONS])
+def test_local_driver_bad_options(opts: list[str], needle: str, store: Path) -> None:
+    r = um("volume", "--root", store, "create", "v", *opts)
+    assert r.returncode != 0 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert um("volume", "--root", store, "inspect", "v").returncode != 0
+
+
+def test_a_volume_that_cannot_be_mounted_fails_the_mount_cleanly(store: Path, tmp_path: Path) -> None:
+    (mnt,) = dirs(tmp_path, "mnt")
+    r = um("volume", "--root", store, "create", "gone", "-o", "type=ext4", "-o", "device=/dev/nonexistent-disk")
+    assert r.returncode == 0, r.stderr
+    r = um("mount", "--root", store, "--image", "base", "--name", "c", "-v", "gone:/d", mnt)
+    assert r.returncode != 0 and "cannot mount volume 'gone'" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not is_mounted(mnt)
+    assert _stacked(store / "volumes" / "gone" / "_data") == 0
+    (info,) = json.loads(um("volume", "--root", store, "inspect", "gone").stdout)
+    assert info["UsedBy"] == []  # no lease, no container left behind
+    assert um("volume", "--root", store, "rm", "gone").returncode == 0
+
+
+def test_selinux_relabel_flags_are_accepted_where_selinux_is_off(store: Path, tmp_path: Path) -> None:
+    """`:z`, `:Z` and `--mount ...,z` relabel where SELinux is enabled; this kernel has it off: they change nothing."""
+    from unionfs.grafts import selinux_enabled
+
+    assert not selinux_enabled()  # (this machine's kernel has SELinux built in but not enabled)
+    mnt, host = dirs(tmp_path, "mnt", "host")
+    before = subprocess.run(["getfattr", "-d", "-m", "-", str(host)], capture_output=True, text=True).stdout
+    with mounted("--root", store, "--image", "base", "--name", "c", "-v", f"{host}:/h:z", "-v", "vz:/v:Z",
+                 "--mount", f"type=bind,source={host},target=/h2,z", mnt):  # fmt: skip
+        (mnt / "h" / "f").write_text("x")
+        assert (mnt / "h2" / "f").read_text() == "x"
+    assert subprocess.run(["getfattr", "-d", "-m", "-", str(host)], capture_output=True, text=True).stdout == before

@@ -117,7 +117,9 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     log_file: str | None = None
     image: tuple[str, bytes] | None = None  # (store root, image id)
-    hold_fds: list[int] = field(default_factory=list)  # kept open for the daemon's life (container lock)
+    hold_fds: list[int] = field(default_factory=list)  # kept open for the daemon's life (container lock, leases)
+    #: volumes whose file system the local driver mounted for us: (store root, name, lease fd), released at exit
+    volume_mounts: list[tuple[str, str, int]] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)  # -v specs
     mounts: list[str] = field(default_factory=list)  # --mount specs
     volumes_from: list[str] = field(default_factory=list)

@@ -33,7 +33,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from layerstore import names
+from layerstore import names, volmount
 from layerstore import volumes as vols
 from layerstore.store import Store, StoreError
 
@@ -57,6 +57,7 @@ class Spec:
     make_source: bool = False  # -v creates a missing host directory
     tmpfs_size: int | None = None  # tmpfs-size= in bytes (a real tmpfs is mounted, as root)
     tmpfs_mode: int = 0o1777  # tmpfs-mode= (Docker's default: world-writable, sticky)
+    relabel: str | None = None  # "z" (shared) or "Z" (private): SELinux relabelling of the source
 
 
 def _target(path: str, spec: str) -> bytes:
@@ -90,6 +91,7 @@ def parse_volume(spec: str) -> Spec:
             raise UsageError(f"unknown volume option '{o}' in '{spec}' (ro, rw, nocopy)")
         s.read_only = s.read_only or o == "ro"
         s.nocopy = s.nocopy or o == "nocopy"
+        s.relabel = o if o in ("z", "Z") else s.relabel
     if source is None:
         return s
     if source.startswith("/"):
@@ -136,6 +138,9 @@ def parse_mount(spec: str) -> Spec:
             s.tmpfs_size = _size(kv.pop("tmpfs-size"), spec)
         if "tmpfs-mode" in kv:
             s.tmpfs_mode = _mode(kv.pop("tmpfs-mode"), spec)
+    for flag in ("z", "Z"):
+        if flag in flags:
+            s.relabel = flag
     for ignored in ("bind-propagation", "consistency", "volume-driver", "z", "Z"):
         kv.pop(ignored, None)
         flags.discard(ignored)
@@ -211,6 +216,8 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
 
     need_store = image_id is not None or cfg.volumes_from or any(s.kind == "volume" for s in specs)
     with open_store(root, create=True) if need_store else nullcontext() as store:  # binds alone need no store
+        if store is not None:
+            vols.sweep(store)  # what dead daemons left mounted
         specs += _volumes_from(store, cfg.volumes_from) if cfg.volumes_from else []
         if image_id is not None and cfg.image_volumes != "ignore":
             specs += _image_volumes(store, image_id, container, {s.target for s in specs}, cfg.image_volumes)
@@ -225,14 +232,8 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
                 if item is not None and not item.is_dir:
                     raise UsageError(f"mount target /{os.fsdecode(s.target)} is not a directory in the image")
             for s in specs:
-                g, created = _graft(store, s, cfg)
+                g, created = _graft(store, s, cfg, container)
                 cfg.grafts.append(g)
-                if g.name is not None:  # held by the daemon: `volume rm` and `prune` refuse it while it lives
-                    assert store is not None
-                    try:
-                        cfg.hold_fds.append(vols.lease(store, g.name, os.path.realpath(cfg.mountpoint), container))
-                    except StoreError as e:
-                        raise UsageError(str(e)) from None
                 if created and not s.nocopy:
                     item = view.lookup(g.target)
                     if item is not None and item.is_dir:
@@ -276,7 +277,7 @@ def _image_volumes(store: Store, image_id: bytes, container: str | None, taken: 
     return out
 
 
-def _graft(store: Store | None, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]:
+def _graft(store: Store | None, s: Spec, cfg: MountConfig, container: str | None) -> tuple[Graft, bool]:
     uidmap, gidmap = _idmap(s.uidmap, "uidmap"), _idmap(s.gidmap, "gidmap")
     if s.kind == "tmpfs":
         d = tempfile.mkdtemp(prefix="unionmount-tmpfs.", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
@@ -297,19 +298,45 @@ def _graft(store: Store | None, s: Spec, cfg: MountConfig) -> tuple[Graft, bool]
             os.makedirs(s.source, 0o755)
         if not os.path.isdir(s.source):
             raise UsageError(f"bind source '{s.source}' is not an existing directory")
+        _relabel(s.source, s.relabel)
         return Graft(s.target, os.path.realpath(s.source), s.read_only, "bind", None, uidmap, gidmap), False
     assert store is not None
     try:
         vol, created = vols.create(store, s.source, anonymous=s.source is None, exist_ok=True)
     except StoreError as e:
         raise UsageError(str(e)) from None
+    root = store.root
+    if created:  # a mount that fails leaves no volume it made (nothing but the image's files is in it yet)
+        cfg.undo.append(lambda: _forget_volume(root, vol.name))
+    try:  # held by the daemon: `volume rm` and `prune` refuse the volume while it lives
+        lease = vols.lease(store, vol.name, os.path.realpath(cfg.mountpoint), container)
+        cfg.hold_fds.append(lease)
+        if vols.mounts(vol):  # its file system is mounted while any mount uses it, unmounted after the last
+            cfg.undo.append(lambda: volmount.release(root, vol.name))
+            vols.acquire(store, vol)
+            cfg.volume_mounts.append((root, vol.name, lease))
+    except StoreError as e:
+        raise UsageError(str(e)) from None
     if not os.path.isdir(vol.mountpoint):
         raise UsageError(f"volume '{vol.name}' points to '{vol.mountpoint}', which is not a directory")
-    if created:  # a mount that fails leaves no volume it made (nothing but the image's files is in it yet)
-        root = store.root
-        cfg.undo.append(lambda: _forget_volume(root, vol.name))
+    _relabel(vol.mountpoint, s.relabel)
     fresh = created or (not vol.populated and not os.listdir(vol.mountpoint))
     return Graft(s.target, vol.mountpoint, s.read_only, "volume", vol.name, uidmap, gidmap, s.nocopy), fresh
+
+
+def selinux_enabled() -> bool:
+    return os.path.exists("/sys/fs/selinux/enforce")
+
+
+def _relabel(source: str, flag: str | None) -> None:
+    """``:z``/``:Z``: give the source the label containers may use, as Docker does where SELinux is enabled
+    (``container_file_t``; ``:Z`` gets the same shared level, there being no per-container category here).
+    Where SELinux is not enabled there is nothing to label: accepted, and nothing happens."""
+    if flag is None or not selinux_enabled():
+        return
+    r = subprocess.run(["chcon", "-R", "-t", "container_file_t", "-l", "s0", source], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UsageError(f"cannot relabel '{source}' for :{flag}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 def remove_tmpfs(d: str) -> None:

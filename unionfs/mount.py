@@ -18,6 +18,7 @@ from contextlib import ExitStack
 import pyfuse3
 import trio
 
+from layerstore import volmount
 from layerstore.host import real_root
 
 from . import stats
@@ -130,6 +131,8 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     timeout = TIMEOUT if cfg.timeout is None else cfg.timeout
     for d in cfg.cleanup:
         stack.callback(remove_tmpfs, d)
+    for root, name, lease in cfg.volume_mounts:  # the last user of a volume's file system unmounts it
+        stack.callback(_release_volume, cfg, root, name, lease)
     try:
         stack.callback(isolate(cfg).close)  # layers that contain the mount point: private views (unionfs.views)
     except UsageError:
@@ -168,6 +171,17 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
         stack.close()
         raise UsageError(f"cannot mount on '{cfg.mountpoint}': {e}") from None
     return fs, stack
+
+
+def _release_volume(cfg: MountConfig, root: str, name: str, lease: int) -> None:
+    """End this mount's use of a mounted volume: its lease first, then the unmount if it was the last user."""
+    if lease in cfg.hold_fds:
+        cfg.hold_fds.remove(lease)
+        os.close(lease)
+    try:
+        volmount.release(root, name)
+    except OSError as e:
+        log.warning("volume %s: cannot unmount its file system: %s", name, e)
 
 
 def _after_init(where: str, fs: UnionFS) -> None:

@@ -44,6 +44,7 @@ def _describe(store, v: vols.Volume) -> dict:  # type: ignore[no-untyped-def,typ
 
 def ls(root: str | None, fmt: str, quiet: bool) -> int:
     with open_store(root, create=True) as store:
+        vols.sweep(store)  # what dead daemons left mounted
         rows = [_describe(store, v) for v in vols.all_volumes(store)]
     if fmt == "json":
         print(json.dumps(rows, indent=2))
@@ -65,6 +66,7 @@ def inspect(root: str | None, names: list[str]) -> int:
 
 def rm(root: str | None, names: list[str], force: bool) -> int:
     with open_store(root) as store:
+        vols.sweep(store)
         for n in names:
             vols.remove(store, n, force=force)
             print(n)
@@ -73,6 +75,7 @@ def rm(root: str | None, names: list[str], force: bool) -> int:
 
 def prune(root: str | None, everything: bool) -> int:
     with open_store(root) as store:
+        vols.sweep(store)
         for n in vols.prune(store, everything=everything):
             print(n)
     return 0
