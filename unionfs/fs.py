@@ -456,7 +456,9 @@ class UnionFS:
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
-        if not node.upper and node.realm == 0 and node.links:
+        if not node.upper and node.realm == 0 and node.links and found is None:
+            # kept once the kernel asks for them again (GETATTR, after a read's atime or a timeout), not
+            # for every entry a walk resolves: that would be 200 bytes on each of them (see perf/memory.py)
             node.attrs, node.attrs_reply = e, None
         return e
 
