@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import names, volmount
+from . import names, plugins, volmount
 from .store import Store, StoreError
 
 _BIND_KEYS = {"type", "o", "device"}
@@ -76,7 +76,10 @@ def is_bind(options: dict[str, str]) -> bool:
     return options.get("o") == "bind" or options.get("type") == "none"
 
 
-def mountpoint(store: Store, name: str, options: dict[str, str]) -> str:
+def mountpoint(store: Store, name: str, options: dict[str, str], driver: str = "local") -> str:
+    """Where the volume's files are on this host (a plugin's volume: known only once mounted, "")."""
+    if driver != "local":
+        return ""
     if is_bind(options):
         return options.get("device", "")
     return os.path.join(store.root, "volumes", name, "_data")
@@ -85,7 +88,7 @@ def mountpoint(store: Store, name: str, options: dict[str, str]) -> str:
 def _from_record(store: Store, name: str, raw: bytes) -> Volume:
     r = msgpack.unpackb(raw, raw=False)
     v = Volume(name, r["driver"], r["options"], r["labels"], r["created"], r["anonymous"], r["populated"])
-    v.mountpoint = mountpoint(store, name, v.options)
+    v.mountpoint = mountpoint(store, name, v.options, v.driver)
     return v
 
 
@@ -112,9 +115,13 @@ def create(
     anonymous: bool = False,
     exist_ok: bool = False,
 ) -> tuple[Volume, bool]:
-    """Create a volume (a random 64-hex name when ``name`` is None); returns (volume, newly created)."""
+    """Create a volume (a random 64-hex name when ``name`` is None); returns (volume, newly created).
+
+    Another ``driver`` than ``local`` is a volume plugin (:mod:`.plugins`): the plugin creates the volume
+    (or already has it: another host made it), and the store records it with its driver and options.
+    """
     if driver != "local":
-        raise StoreError(f"volume driver '{driver}' is not supported (only 'local')")
+        return _create_with_plugin(store, name, driver, dict(options or {}), dict(labels or {}), anonymous, exist_ok)
     options = dict(options or {})
     unknown = set(options) - _BIND_KEYS
     if unknown:
@@ -152,6 +159,55 @@ def create(
     return vol, True
 
 
+def _create_with_plugin(
+    store: Store,
+    name: str | None,
+    driver: str,
+    options: dict[str, str],
+    labels: dict[str, str],
+    anonymous: bool,
+    exist_ok: bool,
+) -> tuple[Volume, bool]:
+    name = name or secrets.token_hex(32)
+    try:
+        names.volume(name)
+    except names.InvalidName as e:
+        raise StoreError(str(e)) from None
+    with store.env.begin() as txn:
+        raw = txn.get(name.encode(), db=_db(store))
+    if raw is not None:
+        old = _from_record(store, name, raw)
+        if not exist_ok:
+            raise StoreError(f"volume '{name}' already exists")
+        if old.driver != driver:
+            raise StoreError(f"volume '{name}' already exists with driver '{old.driver}'")
+        return old, False
+    try:
+        p = plugins.Plugin.open(driver)
+        try:
+            if p.get(name) is None:
+                p.create(name, options)
+        finally:
+            p.close()
+    except plugins.PluginError as e:
+        raise StoreError(str(e)) from None
+    vol = Volume(name, driver, options, labels, time.time(), anonymous)
+    with store.env.begin(write=True) as txn:
+        if txn.get(name.encode(), db=_db(store)) is None:
+            txn.put(name.encode(), vol.record(), db=_db(store))
+    return vol, True
+
+
+def plugin_of(vol: Volume) -> plugins.Plugin | None:
+    """The plugin that serves ``vol`` (to be closed by the caller), or None for the local driver."""
+    if vol.driver == "local":
+        return None
+    try:
+        return plugins.Plugin.open(vol.driver)
+    except plugins.PluginError as e:
+        raise StoreError(str(e)) from None
+
+
 def mark_populated(store: Store, name: str) -> None:
     with store.env.begin(write=True) as txn:
         raw = txn.get(name.encode(), db=_db(store))
@@ -165,28 +221,31 @@ def _users_dir(root: str, name: str) -> str:
     return os.path.join(root, "volumes", name, "users")
 
 
-def lease(store: Store, name: str, mountpoint: str, container: str | None) -> int:
-    """Record that the mount at ``mountpoint`` uses volume ``name``; returns the fd that holds the lease.
+def lease(store: Store, name: str, mountpoint: str, container: str | None, driver: str = "local") -> tuple[int, str]:
+    """Record that the mount at ``mountpoint`` uses volume ``name``; returns (the fd that holds the lease, its id).
 
     The caller keeps the fd open for the mount's life (the daemon inherits it); the
-    lease ends when the last copy of the fd is closed. Fails if the volume was
-    removed meanwhile.
+    lease ends when the last copy of the fd is closed. The id is unique: a plugin is
+    told it as the ID of this use of the volume (``Mount``/``Unmount``). Fails if the
+    volume was removed meanwhile.
     """
     with store.env.begin(write=True) as txn:  # serialized with remove()
         if txn.get(name.encode(), db=_db(store)) is None:
             raise StoreError(f"volume '{name}' was removed meanwhile")
         d = _users_dir(store.root, name)
         os.makedirs(d, mode=0o700, exist_ok=True)
-        path = os.path.join(d, f"{os.getpid()}.{secrets.token_hex(4)}")
+        ident = f"{os.getpid()}.{secrets.token_hex(8)}"
+        path = os.path.join(d, ident)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, json.dumps({"mountpoint": mountpoint, "container": container}).encode())
+            record = {"mountpoint": mountpoint, "container": container, "driver": driver, "id": ident}
+            os.write(fd, json.dumps(record).encode())
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-    return fd
+    return fd, ident
 
 
 def live_users(store: Store | str, name: str) -> list[dict[str, str | None]]:
@@ -213,10 +272,29 @@ def live_users(store: Store | str, name: str) -> list[dict[str, str | None]]:
                 except ValueError:
                     out.append({"mountpoint": "?", "container": None})
                 continue
+            _end_stale(name, fd)
             os.unlink(os.path.join(d, i))  # its daemon is gone
         finally:
             os.close(fd)
     return out
+
+
+def _end_stale(name: str, fd: int) -> None:
+    """A dead daemon's lease: a plugin it mounted the volume from is told the volume is unmounted (best effort)."""
+    try:
+        record = json.loads(os.read(fd, 1 << 16))
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict) or record.get("driver", "local") == "local" or not record.get("id"):
+        return
+    try:
+        p = plugins.Plugin.open(str(record["driver"]))
+        try:
+            p.unmount(name, str(record["id"]))
+        finally:
+            p.close()
+    except plugins.PluginError:
+        pass  # gone, or it forgot already: nothing of ours is left there
 
 
 def users(store: Store, name: str) -> list[str]:
@@ -253,6 +331,16 @@ def remove(store: Store, name: str, *, force: bool = False) -> None:
             volmount.release(store.root, name)  # nobody uses it: a mount left by a dead daemon goes
             if os.path.ismount(vol.mountpoint):
                 raise StoreError(f"volume '{name}' is still mounted at {vol.mountpoint} and cannot be unmounted")
+        if vol.driver != "local":
+            p = plugin_of(vol)
+            assert p is not None
+            try:
+                if p.get(name) is not None:
+                    p.remove(name)
+            except plugins.PluginError as e:
+                raise StoreError(str(e)) from None
+            finally:
+                p.close()
         txn.delete(name.encode(), db=_db(store))
         trash = None
         if os.path.isdir(base):  # out of the way before another mount may create the name again
@@ -263,8 +351,8 @@ def remove(store: Store, name: str, *, force: bool = False) -> None:
 
 
 def mounts(vol: Volume) -> bool:
-    """Whether the volume is a file system the local driver mounts (not a directory, not a bind)."""
-    return bool(vol.options) and not is_bind(vol.options)
+    """Whether the volume is a file system the local driver mounts (not a directory, not a bind, not a plugin's)."""
+    return vol.driver == "local" and bool(vol.options) and not is_bind(vol.options)
 
 
 def acquire(store: Store, vol: Volume) -> bool:
@@ -277,6 +365,18 @@ def acquire(store: Store, vol: Volume) -> bool:
         raise StoreError(str(e)) from None
 
 
+def _scope(vol: Volume) -> str:
+    try:
+        p = plugin_of(vol)
+    except StoreError:
+        return "local"
+    assert p is not None
+    try:
+        return p.scope()
+    finally:
+        p.close()
+
+
 def sweep(store: Store) -> None:
     """Unmount the file systems of volumes that dead daemons left mounted and nobody uses."""
     volmount.sweep(store.root, [v.name for v in all_volumes(store) if mounts(v)])
@@ -285,7 +385,12 @@ def sweep(store: Store) -> None:
 def prune(store: Store, *, everything: bool = False) -> list[str]:
     """Remove unused volumes: anonymous ones, or all with ``everything`` (Docker's ``--all``); live ones stay."""
     gone = []
+    scopes: dict[str, str] = {}
     for v in all_volumes(store):
+        if v.driver != "local" and v.driver not in scopes:
+            scopes[v.driver] = _scope(v)
+        if v.driver != "local" and scopes[v.driver] == "global":
+            continue  # shared with other hosts: not this host's to remove (as in Docker)
         if (v.anonymous or everything) and not users(store, v.name):
             try:
                 remove(store, v.name)

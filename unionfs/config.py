@@ -120,6 +120,8 @@ class MountConfig:
     hold_fds: list[int] = field(default_factory=list)  # kept open for the daemon's life (container lock, leases)
     #: volumes whose file system the local driver mounted for us: (store root, name, lease fd), released at exit
     volume_mounts: list[tuple[str, str, int]] = field(default_factory=list)
+    #: volumes a plugin mounted for us: (driver, name, ID, lease fd); Unmount is sent at exit
+    plugin_mounts: list[tuple[str, str, str, int]] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)  # -v specs
     mounts: list[str] = field(default_factory=list)  # --mount specs
     volumes_from: list[str] = field(default_factory=list)

@@ -33,7 +33,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from layerstore import names, volmount
+from layerstore import names, plugins, volmount
 from layerstore import volumes as vols
 from layerstore.store import Store, StoreError
 
@@ -58,6 +58,8 @@ class Spec:
     tmpfs_size: int | None = None  # tmpfs-size= in bytes (a real tmpfs is mounted, as root)
     tmpfs_mode: int = 0o1777  # tmpfs-mode= (Docker's default: world-writable, sticky)
     relabel: str | None = None  # "z" (shared) or "Z" (private): SELinux relabelling of the source
+    driver: str | None = None  # --mount volume-driver= (None: the volume's own, or local for a new one)
+    driver_opts: dict[str, str] = field(default_factory=dict)  # --mount volume-opt=KEY=VALUE
 
 
 def _target(path: str, spec: str) -> bytes:
@@ -107,9 +109,15 @@ def parse_mount(spec: str) -> Spec:
     """``--mount type=...,source=...,target=...,...``."""
     kv: dict[str, str] = {}
     flags = set()
+    volume_opts: dict[str, str] = {}
     for item in filter(None, spec.split(",")):
         k, eq, v = item.partition("=")
-        if eq:
+        if k == "volume-opt":  # volume-opt=KEY=VALUE, repeatable
+            ok, oeq, ov = v.partition("=")
+            if not oeq or not ok:
+                raise UsageError(f"volume-opt '{v}' in '{spec}' is not KEY=VALUE")
+            volume_opts[ok] = ov
+        elif eq:
             kv[k] = v
         else:
             flags.add(k)
@@ -141,7 +149,11 @@ def parse_mount(spec: str) -> Spec:
     for flag in ("z", "Z"):
         if flag in flags:
             s.relabel = flag
-    for ignored in ("bind-propagation", "consistency", "volume-driver", "z", "Z"):
+    s.driver = kv.pop("volume-driver", None) or None
+    s.driver_opts = volume_opts
+    if (s.driver or volume_opts) and kind != "volume":
+        raise UsageError(f"volume-driver and volume-opt are for type=volume ('{spec}')")
+    for ignored in ("bind-propagation", "consistency", "z", "Z"):
         kv.pop(ignored, None)
         flags.discard(ignored)
     if kv or flags:
@@ -302,19 +314,25 @@ def _graft(store: Store | None, s: Spec, cfg: MountConfig, container: str | None
         return Graft(s.target, os.path.realpath(s.source), s.read_only, "bind", None, uidmap, gidmap), False
     assert store is not None
     try:
-        vol, created = vols.create(store, s.source, anonymous=s.source is None, exist_ok=True)
+        vol, created = vols.create(
+            store, s.source, s.driver or "local", s.driver_opts, anonymous=s.source is None, exist_ok=True
+        )
+        if s.driver is not None and vol.driver != s.driver:
+            raise StoreError(f"volume '{vol.name}' has driver '{vol.driver}', not '{s.driver}'")
     except StoreError as e:
         raise UsageError(str(e)) from None
     root = store.root
     if created:  # a mount that fails leaves no volume it made (nothing but the image's files is in it yet)
         cfg.undo.append(lambda: _forget_volume(root, vol.name))
     try:  # held by the daemon: `volume rm` and `prune` refuse the volume while it lives
-        lease = vols.lease(store, vol.name, os.path.realpath(cfg.mountpoint), container)
+        lease, ident = vols.lease(store, vol.name, os.path.realpath(cfg.mountpoint), container, vol.driver)
         cfg.hold_fds.append(lease)
         if vols.mounts(vol):  # its file system is mounted while any mount uses it, unmounted after the last
             cfg.undo.append(lambda: volmount.release(root, vol.name))
             vols.acquire(store, vol)
             cfg.volume_mounts.append((root, vol.name, lease))
+        elif vol.driver != "local":  # a plugin mounts it for this use (ID: the lease's), before the graft
+            vol.mountpoint = _plugin_mount(vol, ident, cfg, lease)
     except StoreError as e:
         raise UsageError(str(e)) from None
     if not os.path.isdir(vol.mountpoint):
@@ -322,6 +340,34 @@ def _graft(store: Store | None, s: Spec, cfg: MountConfig, container: str | None
     _relabel(vol.mountpoint, s.relabel)
     fresh = created or (not vol.populated and not os.listdir(vol.mountpoint))
     return Graft(s.target, vol.mountpoint, s.read_only, "volume", vol.name, uidmap, gidmap, s.nocopy), fresh
+
+
+def _plugin_mount(vol: vols.Volume, ident: str, cfg: MountConfig, lease: int) -> str:
+    """Ask the volume's plugin to mount it for this mount; the daemon tells it ``Unmount`` at its end."""
+    p = vols.plugin_of(vol)
+    assert p is not None
+    try:
+        path = p.mount(vol.name, ident)
+    except plugins.PluginError as e:
+        raise StoreError(str(e)) from None
+    finally:
+        p.close()
+    driver, name = vol.driver, vol.name
+    cfg.undo.append(lambda: plugin_unmount(driver, name, ident))
+    cfg.plugin_mounts.append((driver, name, ident, lease))
+    return path
+
+
+def plugin_unmount(driver: str, name: str, ident: str) -> None:
+    """Tell a plugin this use of its volume has ended (best effort: a plugin that is gone has nothing to undo)."""
+    try:
+        p = plugins.Plugin.open(driver)
+        try:
+            p.unmount(name, ident)
+        finally:
+            p.close()
+    except plugins.PluginError as e:
+        raise UsageError(str(e)) from None
 
 
 def selinux_enabled() -> bool:

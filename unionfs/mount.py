@@ -25,7 +25,7 @@ from . import stats
 from .config import MountConfig, UsageError
 from .fs import TIMEOUT, Options, UnionFS
 from .fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
-from .grafts import remove_tmpfs
+from .grafts import plugin_unmount, remove_tmpfs
 from .operations import Operations, getattr_reply
 from .space import dirty_limit
 from .views import isolate
@@ -133,6 +133,8 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
         stack.callback(remove_tmpfs, d)
     for root, name, lease in cfg.volume_mounts:  # the last user of a volume's file system unmounts it
         stack.callback(_release_volume, cfg, root, name, lease)
+    for driver, name, ident, lease in cfg.plugin_mounts:  # a plugin is told when this use of its volume ends
+        stack.callback(_end_plugin_use, cfg, driver, name, ident, lease)
     try:
         stack.callback(isolate(cfg).close)  # layers that contain the mount point: private views (unionfs.views)
     except UsageError:
@@ -182,6 +184,17 @@ def _release_volume(cfg: MountConfig, root: str, name: str, lease: int) -> None:
         volmount.release(root, name)
     except OSError as e:
         log.warning("volume %s: cannot unmount its file system: %s", name, e)
+
+
+def _end_plugin_use(cfg: MountConfig, driver: str, name: str, ident: str, lease: int) -> None:
+    """``Unmount`` with this mount's ID, then the lease goes (a daemon that dies instead: the next command's sweep)."""
+    try:
+        plugin_unmount(driver, name, ident)
+    except UsageError as e:
+        log.warning("volume %s: %s", name, e)
+    if lease in cfg.hold_fds:
+        cfg.hold_fds.remove(lease)
+        os.close(lease)
 
 
 def _after_init(where: str, fs: UnionFS) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
+from layerstore import plugins
 from layerstore import volumes as vols
 
 from .commands import open_store
@@ -29,7 +31,7 @@ def create(root: str | None, name: str | None, driver: str, opts: list[str], lab
 
 
 def _describe(store, v: vols.Volume) -> dict:  # type: ignore[no-untyped-def,type-arg]  # noqa: ANN001
-    return {
+    d = {
         "Name": v.name,
         "Driver": v.driver,
         "Mountpoint": v.mountpoint,
@@ -40,21 +42,56 @@ def _describe(store, v: vols.Volume) -> dict:  # type: ignore[no-untyped-def,typ
         "Anonymous": v.anonymous,
         "UsedBy": vols.users(store, v.name),
     }
+    if v.driver != "local":  # what the plugin says of it: where it is mounted, its status, its scope
+        try:
+            p = plugins.Plugin.open(v.driver)
+            try:
+                info = p.get(v.name) or {}
+                d["Mountpoint"] = info.get("Mountpoint") or ""
+                d["Status"] = info.get("Status") or {}
+                d["Scope"] = p.scope()
+            finally:
+                p.close()
+        except plugins.PluginError as e:
+            d["Status"] = {"Error": str(e)}
+    return d
+
+
+def _plugin_only(store, known: set[str]) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]  # noqa: ANN001
+    """The volumes of the plugins this store uses that the store does not record (made by another host)."""
+    out = []
+    for driver in sorted({v.driver for v in vols.all_volumes(store)} - {"local"}):
+        try:
+            p = plugins.Plugin.open(driver)
+            try:
+                listed = p.list()
+            finally:
+                p.close()
+        except plugins.PluginError as e:
+            print(f"unionmount: warning: {e}", file=sys.stderr)
+            continue
+        for v in listed:
+            if v["Name"] not in known:
+                out.append({"Name": v["Name"], "Driver": driver, "Mountpoint": v.get("Mountpoint") or "",
+                            "Status": v.get("Status") or {}, "UsedBy": [], "InStore": False})  # fmt: skip
+    return out
 
 
 def ls(root: str | None, fmt: str, quiet: bool) -> int:
     with open_store(root, create=True) as store:
         vols.sweep(store)  # what dead daemons left mounted
         rows = [_describe(store, v) for v in vols.all_volumes(store)]
+        rows += _plugin_only(store, {r["Name"] for r in rows})
     if fmt == "json":
         print(json.dumps(rows, indent=2))
     elif quiet:
         for r in rows:
             print(r["Name"])
     else:
-        print(f"{'DRIVER':<8} {'VOLUME NAME':<66} USED BY")
+        width = max([8] + [len(r["Driver"]) for r in rows])
+        print(f"{'DRIVER':<{width}} {'VOLUME NAME':<66} USED BY")
         for r in rows:
-            print(f"{r['Driver']:<8} {r['Name']:<66} {','.join(r['UsedBy']) or '-'}")
+            print(f"{r['Driver']:<{width}} {r['Name']:<66} {','.join(r['UsedBy']) or '-'}")
     return 0
 
 
