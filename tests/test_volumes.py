@@ -445,3 +445,54 @@ def test_selinux_relabel_flags_are_accepted_where_selinux_is_off(store: Path, tm
         (mnt / "h" / "f").write_text("x")
         assert (mnt / "h2" / "f").read_text() == "x"
     assert subprocess.run(["getfattr", "-d", "-m", "-", str(host)], capture_output=True, text=True).stdout == before
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[tuple[int, Path, Path]]:
+    """An SSH server on loopback for root with a key of its own: (port, private key, a shared directory)."""
+    d = tmp_path / "ssh"
+    (d / "share").mkdir(parents=True)
+    for key in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "user.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nPidFile {d / 'pid'}\n"
+        "Subsystem sftp internal-sftp\n"
+    )
+    os.makedirs("/run/sshd", exist_ok=True)
+    subprocess.run(["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "log")], check=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (d / "pid").exists():
+            assert time.monotonic() < deadline, "sshd did not start"
+            time.sleep(0.05)
+        yield port, d / "user", d / "share"
+    finally:
+        if (d / "pid").exists():
+            os.kill(int((d / "pid").read_text()), 15)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_local_driver_mounts_through_a_helper_sshfs(sshd: tuple[int, Path, Path], store: Path, tmp_path: Path) -> None:
+    """`-o type=fuse.sshfs -o device=user@host:/dir`: mount(8) runs mount.fuse.sshfs; the data lands remotely."""
+    port, key, share = sshd
+    (mnt,) = dirs(tmp_path, "mnt")
+    o = f"o=port={port},IdentityFile={key},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null"
+    device = f"device=root@127.0.0.1:{share}"
+    r = um("volume", "--root", store, "create", "remote", "-o", "type=fuse.sshfs", "-o", device, "-o", o)
+    assert r.returncode == 0, r.stderr
+    data = store / "volumes" / "remote" / "_data"
+    with mounted("--root", store, "--image", "base", "--name", "c", "-v", "remote:/srv", mnt):
+        assert _stacked(data) == 1
+        (mnt / "srv" / "report.txt").write_text("over ssh\n")
+    assert (share / "report.txt").read_text() == "over ssh\n"
+    assert _stacked(data) == 0
