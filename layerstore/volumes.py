@@ -327,7 +327,7 @@ def remove(store: Store, name: str, *, force: bool = False) -> None:
         live = live_users(store, name)
         if live or (recorded and not force):
             raise StoreError(_in_use(name, recorded, live))
-        if not is_bind(vol.options) and vol.options:
+        if mounts(vol):
             volmount.release(store.root, name)  # nobody uses it: a mount left by a dead daemon goes
             if os.path.ismount(vol.mountpoint):
                 raise StoreError(f"volume '{name}' is still mounted at {vol.mountpoint} and cannot be unmounted")
