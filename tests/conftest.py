@@ -32,3 +32,21 @@ def ext4(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         force_unmount(mnt)
+
+
+#: modules of the fast tier: no root, no mount, no server (``pytest -m "not mount"``)
+FAST = {"test_units", "test_mutex"}
+#: what else a module needs, beyond root and real mounts
+NEEDS = {"test_registry": "registry", "test_runtime": "runtime", "test_plugins": "plugin", "test_rootless": "root"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test by what it needs, from its module: the fast tier is what carries no ``mount`` mark."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in FAST:
+            continue
+        item.add_marker(pytest.mark.mount)
+        item.add_marker(pytest.mark.root)
+        if module in NEEDS:
+            item.add_marker(getattr(pytest.mark, NEEDS[module]))
