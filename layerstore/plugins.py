@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 SOCKET_DIRS = ("/run/docker/plugins",)
@@ -74,7 +75,7 @@ class Plugin:
 
     name: str
     address: str
-    _client: httpx.Client | None = None
+    _client: httpx.Client | None = None  # (a string annotation: httpx is imported when first used)
     _base: str = ""
 
     @classmethod
@@ -82,6 +83,8 @@ class Plugin:
         return cls(name, find(name))
 
     def _connect(self) -> httpx.Client:
+        import httpx  # (here: a command that never meets a plugin does not pay for importing it)
+
         if self._client is not None:
             return self._client
         addr = self.address
@@ -100,6 +103,8 @@ class Plugin:
         return self._client
 
     def _post(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        import httpx
+
         assert self._client is not None
         try:
             r = self._client.post(
