@@ -228,3 +228,18 @@ def test_a_plugin_found_by_a_spec_file_with_a_tcp_address(tmp_path: Path, monkey
     finally:
         spec.unlink()
         r.stop()
+
+
+def test_a_plugin_error_or_a_plugin_gone_at_mount_time_is_one_line(rclone: Rclone, tmp_path: Path) -> None:
+    store, lower, up, work, mnt = (tmp_path / n for n in ("store", "l", "u", "w", "m"))
+    for d in (lower, up, work, mnt):
+        d.mkdir()
+    r = um("volume", "--root", store, "create", "-d", "rclone", "-o", "type=nosuchbackend", "bad")
+    assert r.returncode != 0 and "plugin 'rclone'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert um("volume", "--root", store, "create", "-d", "rclone", *rclone.opts(), "v").returncode == 0
+    rclone.stop()  # the plugin is gone when the mount needs it
+    r = um("mount", "--root", store, "--lower", lower, "--upper", up, "--work", work, "-v", "v:/data", mnt)
+    assert r.returncode != 0 and "plugin 'rclone'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not is_mounted(mnt)
+    (info,) = json.loads(um("volume", "--root", store, "inspect", "v").stdout)
+    assert info["UsedBy"] == [] and "Error" in info["Status"]  # no lease left; the plugin's absence is shown
