@@ -197,13 +197,14 @@ META_MAX = 4 << 20
 def read_meta(f: BinaryIO, what: str, size: object = None) -> bytes:
     """Read image metadata (a manifest, index or config) from ``f``: at most :data:`META_MAX` bytes, and exactly
     ``size`` where a descriptor gives it; more is refused before it is read."""
-    limit = size if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= META_MAX else META_MAX
+    given = _size(size)
+    limit = given if given is not None and given <= META_MAX else META_MAX
     data = f.read(limit + 1)
     if len(data) > limit:
         if limit == META_MAX:
             raise SourceError(f"{what} is larger than {META_MAX >> 20} MiB")
         raise SourceError(f"{what} is larger than its descriptor says ({size} bytes)")
-    if isinstance(size, int) and not isinstance(size, bool) and len(data) != size:
+    if given is not None and len(data) != given:
         raise SourceError(f"{what} has {len(data)} bytes, its descriptor says {size}")
     return data
 
@@ -317,9 +318,10 @@ def _layout(
         return data
 
     def open_layer(name: str, size: object) -> Callable[[], BinaryIO]:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        bound = _size(size)
+        if bound is None:
             return lambda: open_file(name)
-        return lambda: _Bounded(open_file(name), size, f"layer {name[13:25]}")  # type: ignore[return-value]
+        return lambda: _Bounded(open_file(name), bound, f"layer {name[13:25]}")  # type: ignore[return-value]
 
     try:
         with open_file("index.json") as f:

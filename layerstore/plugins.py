@@ -80,7 +80,14 @@ class Plugin:
 
     @classmethod
     def open(cls, name: str) -> Plugin:
+        """The plugin called ``name`` (not yet contacted); use it in a ``with`` block, which closes it."""
         return cls(name, find(name))
+
+    def __enter__(self) -> Plugin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _connect(self) -> httpx.Client:
         import httpx  # (here: a command that never meets a plugin does not pay for importing it)

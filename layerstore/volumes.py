@@ -30,6 +30,8 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import msgpack
@@ -120,6 +122,11 @@ def create(
     Another ``driver`` than ``local`` is a volume plugin (:mod:`.plugins`): the plugin creates the volume
     (or already has it: another host made it), and the store records it with its driver and options.
     """
+    name = name or secrets.token_hex(32)
+    try:
+        names.volume(name)
+    except names.InvalidName as e:
+        raise StoreError(str(e)) from None
     if driver != "local":
         return _create_with_plugin(store, name, driver, dict(options or {}), dict(labels or {}), anonymous, exist_ok)
     options = dict(options or {})
@@ -138,11 +145,6 @@ def create(
             volmount.check(options)
         except volmount.MountError as e:
             raise StoreError(str(e)) from None
-    name = name or secrets.token_hex(32)
-    try:
-        names.volume(name)
-    except names.InvalidName as e:
-        raise StoreError(str(e)) from None
     vol = Volume(name, driver, options, dict(labels or {}), time.time(), anonymous)
     vol.mountpoint = mountpoint(store, name, options)
     with store.env.begin(write=True) as txn:
@@ -161,18 +163,13 @@ def create(
 
 def _create_with_plugin(
     store: Store,
-    name: str | None,
+    name: str,
     driver: str,
     options: dict[str, str],
     labels: dict[str, str],
     anonymous: bool,
     exist_ok: bool,
 ) -> tuple[Volume, bool]:
-    name = name or secrets.token_hex(32)
-    try:
-        names.volume(name)
-    except names.InvalidName as e:
-        raise StoreError(str(e)) from None
     with store.env.begin() as txn:
         raw = txn.get(name.encode(), db=_db(store))
     if raw is not None:
@@ -182,15 +179,9 @@ def _create_with_plugin(
         if old.driver != driver:
             raise StoreError(f"volume '{name}' already exists with driver '{old.driver}'")
         return old, False
-    try:
-        p = plugins.Plugin.open(driver)
-        try:
-            if p.get(name) is None:
-                p.create(name, options)
-        finally:
-            p.close()
-    except plugins.PluginError as e:
-        raise StoreError(str(e)) from None
+    with plugin(driver) as p:
+        if p.get(name) is None:
+            p.create(name, options)
     vol = Volume(name, driver, options, labels, time.time(), anonymous)
     with store.env.begin(write=True) as txn:
         if txn.get(name.encode(), db=_db(store)) is None:
@@ -198,12 +189,12 @@ def _create_with_plugin(
     return vol, True
 
 
-def plugin_of(vol: Volume) -> plugins.Plugin | None:
-    """The plugin that serves ``vol`` (to be closed by the caller), or None for the local driver."""
-    if vol.driver == "local":
-        return None
+@contextmanager
+def plugin(driver: str) -> Iterator[plugins.Plugin]:
+    """The volume plugin ``driver`` for the ``with`` block; its failures are :class:`StoreError` lines."""
     try:
-        return plugins.Plugin.open(vol.driver)
+        with plugins.Plugin.open(driver) as p:
+            yield p
     except plugins.PluginError as e:
         raise StoreError(str(e)) from None
 
@@ -288,25 +279,27 @@ def _end_stale(name: str, fd: int) -> None:
     if not isinstance(record, dict) or record.get("driver", "local") == "local" or not record.get("id"):
         return
     try:
-        p = plugins.Plugin.open(str(record["driver"]))
-        try:
+        with plugin(str(record["driver"])) as p:
             p.unmount(name, str(record["id"]))
-        finally:
-            p.close()
-    except plugins.PluginError:
+    except StoreError:
         pass  # gone, or it forgot already: nothing of ours is left there
+
+
+def _recorded(store: Store, name: str) -> list[str]:
+    """The containers whose recorded mounts (of their last mount) name volume ``name``."""
+    return [c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", []))]
 
 
 def users(store: Store, name: str) -> list[str]:
     """Who uses volume ``name``: the containers that record it, and the mount points of live non-container mounts."""
-    names = {c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", []))}
-    mounts = set()
+    containers = set(_recorded(store, name))
+    places = set()
     for u in live_users(store, name):
         if u.get("container"):
-            names.add(str(u["container"]))
+            containers.add(str(u["container"]))
         else:
-            mounts.add(str(u.get("mountpoint")))
-    return sorted(names) + sorted(mounts)
+            places.add(str(u.get("mountpoint")))
+    return sorted(containers) + sorted(places)
 
 
 def _in_use(name: str, recorded: list[str], live: list[dict[str, str | None]]) -> str:
@@ -321,7 +314,7 @@ def _in_use(name: str, recorded: list[str], live: list[dict[str, str | None]]) -
 def remove(store: Store, name: str, *, force: bool = False) -> None:
     """Remove a volume and its data: refused while a live mount uses it or a container records it (unless force)."""
     vol = get(store, name)
-    recorded = [c for c, rec in store.containers() if any(m.get("Name") == name for m in rec.get("mounts", []))]
+    recorded = _recorded(store, name)
     base = os.path.join(store.root, "volumes", name)
     with store.env.begin(write=True) as txn:  # no lease can be taken meanwhile
         live = live_users(store, name)
@@ -332,15 +325,9 @@ def remove(store: Store, name: str, *, force: bool = False) -> None:
             if os.path.ismount(vol.mountpoint):
                 raise StoreError(f"volume '{name}' is still mounted at {vol.mountpoint} and cannot be unmounted")
         if vol.driver != "local":
-            p = plugin_of(vol)
-            assert p is not None
-            try:
+            with plugin(vol.driver) as p:
                 if p.get(name) is not None:
                     p.remove(name)
-            except plugins.PluginError as e:
-                raise StoreError(str(e)) from None
-            finally:
-                p.close()
         txn.delete(name.encode(), db=_db(store))
         trash = None
         if os.path.isdir(base):  # out of the way before another mount may create the name again
@@ -367,14 +354,10 @@ def acquire(store: Store, vol: Volume) -> bool:
 
 def _scope(vol: Volume) -> str:
     try:
-        p = plugin_of(vol)
+        with plugin(vol.driver) as p:
+            return p.scope()
     except StoreError:
         return "local"
-    assert p is not None
-    try:
-        return p.scope()
-    finally:
-        p.close()
 
 
 def sweep(store: Store) -> None:

@@ -78,12 +78,18 @@ def test_same_python_abi() -> None:
     assert out.stdout.strip() == str(sys.version_info[:2]), "the rootless tests need Debian's python3 = the venv's"
 
 
-def test_plain_user_mounts_an_image_with_a_volume(image: Path, home: Path) -> None:
+def user_layout(image: Path, home: Path) -> Path:
+    """The test image's layout and a mount point ``mnt``, both the plain user's, in ``home``."""
     layout = home / "layout"
     shutil.copytree(image / "img", layout)
     subprocess.run(["chown", "-R", f"{USER}:{USER}", str(layout)], check=True)
     (home / "mnt").mkdir()
     os.chown(home / "mnt", USER, USER)
+    return layout
+
+
+def test_plain_user_mounts_an_image_with_a_volume(image: Path, home: Path) -> None:
+    layout = user_layout(image, home)
     r = as_user(home, "image", "--root", "store", "import", f"oci:{layout}:t", "--tag", "app")
     assert r.returncode == 0, r.stderr
     assert os.stat(home / "store" / "meta").st_uid == USER
@@ -158,11 +164,7 @@ def test_plain_user_pulls_with_podmans_login_file(image: Path, home: Path, tmp_p
 
 def test_plain_user_in_a_user_namespace_gets_a_store_of_its_own(image: Path, home: Path) -> None:
     """Inside `unshare -r` the user is uid 0 but still not root: the default store is in its home, not /var/lib."""
-    layout = home / "layout"
-    shutil.copytree(image / "img", layout)
-    subprocess.run(["chown", "-R", f"{USER}:{USER}", str(layout)], check=True)
-    (home / "mnt").mkdir()
-    os.chown(home / "mnt", USER, USER)
+    layout = user_layout(image, home)
     um = f"{PY} -m unionfs"
     script = (
         f"{um} image import oci:{layout}:t --tag app && {um} mount --image app --name c --image-volumes ignore mnt"

@@ -135,11 +135,6 @@ class MountConfig:
     undo: list[Callable[[], None]] = field(default_factory=list)  # run, newest first, if the mount never goes live
     on_live: list[Callable[[], None]] = field(default_factory=list)  # run once the mount is live
 
-    def went_live(self) -> None:
-        """The mount is up: nothing is to be undone from here on."""
-        self.undo.clear()
-        for step in self.on_live:
-            step()
     writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
     timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
@@ -147,6 +142,12 @@ class MountConfig:
     killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
     spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuseloop)
     settle_ms: float = 5.0  # -o settle=MS: the pause in copy-ups after which they are settled (0: in the open)
+
+    def went_live(self) -> None:
+        """The mount is up: nothing is to be undone from here on."""
+        self.undo.clear()
+        for step in self.on_live:
+            step()
 
 
 def parse_o(opts: list[str], cfg: MountConfig) -> None:

@@ -515,9 +515,10 @@ class UnionFS:
         return e
 
     def forget(self, items: list[tuple[int, int]]) -> None:
+        before = len(self.table)
         for ino, n in items:
             self.table.forget(ino, n)
-        if len(items) > 1 and self.table.shrink():  # the kernel let go of most of its inodes: so do we
+        if len(items) > 1 and self.table.shrink(before):  # the kernel let go of most of its inodes: so do we
             self._drop_caches()
 
     def _drop_caches(self) -> None:

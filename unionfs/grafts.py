@@ -33,7 +33,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from layerstore import names, plugins, volmount
+from layerstore import names, volmount
 from layerstore import volumes as vols
 from layerstore.store import Store, StoreError
 
@@ -344,14 +344,8 @@ def _graft(store: Store | None, s: Spec, cfg: MountConfig, container: str | None
 
 def _plugin_mount(vol: vols.Volume, ident: str, cfg: MountConfig, lease: int) -> str:
     """Ask the volume's plugin to mount it for this mount; the daemon tells it ``Unmount`` at its end."""
-    p = vols.plugin_of(vol)
-    assert p is not None
-    try:
+    with vols.plugin(vol.driver) as p:
         path = p.mount(vol.name, ident)
-    except plugins.PluginError as e:
-        raise StoreError(str(e)) from None
-    finally:
-        p.close()
     driver, name = vol.driver, vol.name
     cfg.undo.append(lambda: plugin_unmount(driver, name, ident))
     cfg.plugin_mounts.append((driver, name, ident, lease))
@@ -361,12 +355,9 @@ def _plugin_mount(vol: vols.Volume, ident: str, cfg: MountConfig, lease: int) ->
 def plugin_unmount(driver: str, name: str, ident: str) -> None:
     """Tell a plugin this use of its volume has ended (best effort: a plugin that is gone has nothing to undo)."""
     try:
-        p = plugins.Plugin.open(driver)
-        try:
+        with vols.plugin(driver) as p:
             p.unmount(name, ident)
-        finally:
-            p.close()
-    except plugins.PluginError as e:
+    except StoreError as e:
         raise UsageError(str(e)) from None
 
 

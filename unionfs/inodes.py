@@ -109,12 +109,14 @@ class InodeTable:
         self.root = root
         self._peak = 1  # the most nodes since the table last shrank
 
-    def shrink(self) -> bool:
+    def shrink(self, before: int) -> bool:
         """After the kernel forgot most of what it held: rebuild the table at its new size; True if it did.
 
-        A Python dict never gives back the room of deleted keys; a table that held 500,000
-        nodes would keep their slots for good.
+        ``before``: the table's size before the forgets that called this (the peak is taken
+        there, not on every insertion). A Python dict never gives back the room of deleted
+        keys; a table that held 500,000 nodes would keep their slots for good.
         """
+        self._peak = max(self._peak, before)
         n = len(self._nodes)
         if self._peak < SHRINK_FROM or n * 8 > self._peak:
             self._peak = max(self._peak, n)
@@ -134,10 +136,7 @@ class InodeTable:
 
     def add(self, node: Node) -> Node:
         """Insert a node (or return the one already holding its number)."""
-        got = self._nodes.setdefault(node.ino, node)
-        if len(self._nodes) > self._peak:
-            self._peak = len(self._nodes)
-        return got
+        return self._nodes.setdefault(node.ino, node)
 
     def remember(self, node: Node) -> None:
         """Count one lookup reply sent to the kernel."""

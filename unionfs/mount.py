@@ -175,11 +175,15 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     return fs, stack
 
 
-def _release_volume(cfg: MountConfig, root: str, name: str, lease: int) -> None:
-    """End this mount's use of a mounted volume: its lease first, then the unmount if it was the last user."""
+def _drop_lease(cfg: MountConfig, lease: int) -> None:
     if lease in cfg.hold_fds:
         cfg.hold_fds.remove(lease)
         os.close(lease)
+
+
+def _release_volume(cfg: MountConfig, root: str, name: str, lease: int) -> None:
+    """End this mount's use of a mounted volume: its lease first, then the unmount if it was the last user."""
+    _drop_lease(cfg, lease)
     try:
         volmount.release(root, name)
     except OSError as e:
@@ -192,9 +196,7 @@ def _end_plugin_use(cfg: MountConfig, driver: str, name: str, ident: str, lease:
         plugin_unmount(driver, name, ident)
     except UsageError as e:
         log.warning("volume %s: %s", name, e)
-    if lease in cfg.hold_fds:
-        cfg.hold_fds.remove(lease)
-        os.close(lease)
+    _drop_lease(cfg, lease)
 
 
 def _after_init(where: str, fs: UnionFS) -> None:

@@ -94,6 +94,12 @@ def getattr_reply(fs: UnionFS) -> Callable[[int], bytes | None]:
     return reply
 
 
+async def _value(value: bytes | None) -> bytes:
+    if value is None:
+        raise FUSEError(errno.ENODATA)
+    return value
+
+
 class Operations(pyfuse3.Operations):
     """The FUSE face of a union filesystem."""
 
@@ -225,12 +231,15 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name in control.NAMES:  # the daemon's own (unionfs.control), not counted
-            value = control.answer(name)
-            if value is not None:
-                return value
-        return await self._getxattr(inode, name)
+    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Awaitable[bytes]:
+        """The union's xattr, or one of the daemon's own on the root (:mod:`unionfs.control`, not counted).
+
+        A plain function that returns the handler's coroutine: pyfuse3 awaits it, and the
+        request costs no second coroutine (the kernel asks security.capability before writes).
+        """
+        if inode == pyfuse3.ROOT_INODE and name in control.NAMES:
+            return _value(control.answer(name))
+        return self._getxattr(inode, name)
 
     @_translate
     async def _getxattr(self, inode: int, name: bytes) -> bytes:

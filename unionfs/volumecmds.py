@@ -6,8 +6,8 @@ import json
 import sys
 import time
 
-from layerstore import plugins
 from layerstore import volumes as vols
+from layerstore.store import StoreError
 
 from .commands import open_store
 from .config import UsageError
@@ -44,15 +44,12 @@ def _describe(store, v: vols.Volume) -> dict:  # type: ignore[no-untyped-def,typ
     }
     if v.driver != "local":  # what the plugin says of it: where it is mounted, its status, its scope
         try:
-            p = plugins.Plugin.open(v.driver)
-            try:
+            with vols.plugin(v.driver) as p:
                 info = p.get(v.name) or {}
                 d["Mountpoint"] = info.get("Mountpoint") or ""
                 d["Status"] = info.get("Status") or {}
                 d["Scope"] = p.scope()
-            finally:
-                p.close()
-        except plugins.PluginError as e:
+        except StoreError as e:
             d["Status"] = {"Error": str(e)}
     return d
 
@@ -62,12 +59,9 @@ def _plugin_only(store, known: set[str]) -> list[dict]:  # type: ignore[no-untyp
     out = []
     for driver in sorted({v.driver for v in vols.all_volumes(store)} - {"local"}):
         try:
-            p = plugins.Plugin.open(driver)
-            try:
+            with vols.plugin(driver) as p:
                 listed = p.list()
-            finally:
-                p.close()
-        except plugins.PluginError as e:
+        except StoreError as e:
             print(f"unionmount: warning: {e}", file=sys.stderr)
             continue
         for v in listed:
