@@ -18,7 +18,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import os
@@ -28,9 +27,10 @@ from typing import BinaryIO
 
 import xxhash
 
+from .host import syncfs
+
 _CHUNK = 1 << 20
 _counter = itertools.count()
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class CollisionError(Exception):
@@ -193,12 +193,3 @@ def _unlink_quiet(path: str) -> None:
             raise
 
 
-def syncfs(path: str) -> None:
-    """``syncfs(2)`` of the filesystem holding the directory ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e), path)
-    finally:
-        os.close(fd)

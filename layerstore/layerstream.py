@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from .oci import LayerRef, SourceError
+from layerstore.oci import LayerRef, SourceError
 
 
 class ChunkReader(io.RawIOBase):

@@ -71,7 +71,7 @@ def parse(spec: str, opts: SourceOptions | None = None) -> ImageSource:
             "docker://REF)"
         )
     if transport == "docker":
-        from .registry import open_registry
+        from layerstore.registry import open_registry
 
         src = open_registry(rest, opts)
     elif transport in ("oci", "oci-archive", "docker-archive"):

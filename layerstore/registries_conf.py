@@ -22,7 +22,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-from .oci import SourceError
+from layerstore.oci import SourceError
 
 
 @dataclass(slots=True, frozen=True)

@@ -110,7 +110,7 @@ def acquire(root: str, name: str, options: dict[str, str]) -> bool:
 
 def release(root: str, name: str) -> None:
     """Unmount the volume's file system if no live mount uses it any more (call after closing one's lease)."""
-    from .volumes import live_users
+    from layerstore.volumes import live_users
 
     path = data_dir(root, name)
     if not os.path.isdir(os.path.dirname(path)):

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from . import names, plugins, volmount
-from .store import Store, StoreError
+from layerstore import names, plugins, volmount
+from layerstore.store import Store, StoreError
 
 _BIND_KEYS = {"type", "o", "device"}
 

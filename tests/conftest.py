@@ -21,7 +21,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ext4(tmp_path: Path) -> Iterator[Path]:
     """A fresh journaled ext4 on a loop device, mounted at ``tmp_path/ext4`` (the loop goes with the umount).
 
-    Where copy-ups are settled behind the open (:mod:`unionfs.settle`): this VM's root has no journal.
+    Where copy-ups are settled behind the open (:mod:`unionfs.union.settle`): this VM's root has no journal.
     """
     img, mnt = tmp_path / "ext4.img", tmp_path / "ext4"
     mnt.mkdir()

@@ -1,4 +1,4 @@
-"""A tiny pyfuse3 file system served by :class:`unionfs.fuseloop.RequestLoop`, for its tests.
+"""A tiny pyfuse3 file system served by :class:`unionfs.fuse.fuseloop.RequestLoop`, for its tests.
 
 ``python tests/loopfs.py MNT`` mounts it in the foreground and exits 0 when unmounted
 (3 if the loop is not available). The root directory answers ``getxattr``:
@@ -18,7 +18,7 @@ import sys
 import pyfuse3
 import trio
 
-from unionfs.fuseloop import RequestLoop
+from unionfs.fuse.fuseloop import RequestLoop
 
 
 class LoopFS(pyfuse3.Operations):

@@ -97,5 +97,5 @@ def fresh_dirs(base: Path, *names: str) -> list[Path]:
 
 
 def daemon_pid(mnt: Path) -> int:
-    """The pid of the daemon serving ``mnt``, asked through the mount (see :mod:`unionfs.control`)."""
+    """The pid of the daemon serving ``mnt``, asked through the mount (see :mod:`unionfs.fuse.control`)."""
     return int(os.getxattr(mnt, "user.unionmount.pid"))

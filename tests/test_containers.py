@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from unionfs import containers
+from unionfs.cli import containers
 
 from .images import image_mount, sh, um
 from .mounts import daemon_pid, force_unmount, is_mounted

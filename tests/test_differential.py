@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from unionfs.sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from layerstore.host import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 from .mounts import fresh_dirs, overlay, union
 from .tree import Recorder, make_lowers, snapshot

@@ -1,4 +1,4 @@
-"""The daemon's request loop (:mod:`unionfs.fuseloop`) on a real mount of a tiny file system."""
+"""The daemon's request loop (:mod:`unionfs.fuse.fuseloop`) on a real mount of a tiny file system."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""The mutation lock (:mod:`unionfs.mutex`): exclusion, FIFO hand-over, cancellation."""
+"""The mutation lock (:mod:`unionfs.union.mutex`): exclusion, FIFO hand-over, cancellation."""
 
 from __future__ import annotations
 
 import trio
 import trio.testing
 
-from unionfs.mutex import Mutex
+from unionfs.union.mutex import Mutex
 
 
 async def test_one_holder_and_arrival_order() -> None:

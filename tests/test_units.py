@@ -18,9 +18,9 @@ from layerstore import names, plugins, tarwrite
 from layerstore.entry import dir_size
 from layerstore.oci import META_MAX, SourceError, open_regular, read_meta
 from layerstore.tarlayer import MAX_PATH, LayerError, mtime_ns, read_layer
-from unionfs.config import MountConfig, UsageError, parse_o
-from unionfs.grafts import parse_mount, parse_volume
-from unionfs.idmap import IdMap, IdMapError
+from unionfs.daemon.config import MountConfig, UsageError, parse_o
+from unionfs.daemon.grafts import parse_mount, parse_volume
+from unionfs.union.idmap import IdMap, IdMapError
 
 # -- command-line specs ------------------------------------------------------------------
 

@@ -435,7 +435,7 @@ def test_a_volume_that_cannot_be_mounted_fails_the_mount_cleanly(store: Path, tm
 
 def test_selinux_relabel_flags_are_accepted_where_selinux_is_off(store: Path, tmp_path: Path) -> None:
     """`:z`, `:Z` and `--mount ...,z` relabel where SELinux is enabled; this kernel has it off: they change nothing."""
-    from unionfs.grafts import selinux_enabled
+    from unionfs.daemon.grafts import selinux_enabled
 
     assert not selinux_enabled()  # (this machine's kernel has SELinux built in but not enabled)
     mnt, host = dirs(tmp_path, "mnt", "host")

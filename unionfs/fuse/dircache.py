@@ -15,7 +15,7 @@ positions are those of the libfuse headers pyfuse3 was built with, taken to be t
 library's own version.
 
 Guarantees: it is enabled only when every fact it relies on is checked first, once,
-against the loaded objects (see :mod:`unionfs.pyfuse3_abi`): pyfuse3's version, its static
+against the loaded objects (see :mod:`unionfs.fuse.pyfuse3_abi`): pyfuse3's version, its static
 ``py_retval``, the size of its ``_Container``, and on each call the inode number at
 its known offset (``c.ino``) equal to the directory being opened. If any check
 fails the mount works as before, without the kernel's listing cache, and

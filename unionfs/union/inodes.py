@@ -3,7 +3,7 @@
 Inode numbers are stable: they are derived from the real inode an entry comes
 from, never allocated. Where every layer is a plain directory on one filesystem,
 the number is the real inode's own, as overlayfs reports it then
-(:meth:`unionfs.namei.Resolver.ino`); elsewhere ``ino = layer_id << 48 | st_ino``
+(:meth:`unionfs.union.namei.Resolver.ino`); elsewhere ``ino = layer_id << 48 | st_ino``
 where ``layer_id`` is 1 for the upper layer and ``2 + i`` for lower layer ``i``
 (the leftmost lower is 0). A copied-up entry keeps the number of its lower origin
 (recorded in the upper as the ``unionmount.origin`` xattr), a directory takes the
@@ -63,9 +63,9 @@ class Node:
     realm_root: bool = False  # the root of a graft: its path in its realm is b""
     no_caps: bool = False  # known to have no security.capability (the kernel asks before every write)
     #: the attributes of a lower-only entry of the union (image layers do not change); set and
-    #: trusted by :meth:`unionfs.fs.UnionFS.attrs` only while ``upper`` is false
+    #: trusted by :meth:`unionfs.union.fs.UnionFS.attrs` only while ``upper`` is false
     attrs: object | None = None
-    attrs_reply: bytes | None = None  # ``attrs`` as a GETATTR reply body (unionfs.operations.getattr_reply)
+    attrs_reply: bytes | None = None  # ``attrs`` as a GETATTR reply body (unionfs.fuse.operations.getattr_reply)
     #: the last attributes of an entry removed while the kernel still knows it (its nlink now 0): what
     #: GETATTR and SETATTR of it answer once no open file reaches it, as overlayfs answers for an orphan
     gone: object | None = None

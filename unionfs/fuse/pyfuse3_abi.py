@@ -1,9 +1,9 @@
 """What unionmount reads of pyfuse3's and libfuse's insides, and the checks that guard it.
 
 pyfuse3 3.5 keeps two things module-private that the daemon needs: the libfuse session
-(for :mod:`unionfs.fuseloop`) and ``py_retval``, the slot in which each request's
-handler leaves the coroutine that will answer it (for both :mod:`unionfs.fuseloop` and
-:mod:`unionfs.dircache`). Both are Cython module statics: their addresses come from
+(for :mod:`unionfs.fuse.fuseloop`) and ``py_retval``, the slot in which each request's
+handler leaves the coroutine that will answer it (for both :mod:`unionfs.fuse.fuseloop` and
+:mod:`unionfs.fuse.dircache`). Both are Cython module statics: their addresses come from
 pyfuse3's ELF symbol table (read with pyelftools), relative to the exported
 ``PyInit_pyfuse3``.
 

@@ -8,9 +8,9 @@ import time
 
 from layerstore import volumes as vols
 from layerstore.store import StoreError
+from unionfs.daemon.config import UsageError
 
 from .commands import open_store
-from .config import UsageError
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:

@@ -3,7 +3,7 @@
 The image's layers were flattened at import (see :mod:`layerstore.flatten`),
 so whatever the depth of the stack a lookup is one lmdb read and a listing one
 prefix scan; file data is read from the blob named by the entry's digest. The
-layer has the same surface as :class:`unionfs.layers.DirLayer` (stat, list,
+layer has the same surface as :class:`unionfs.union.layers.DirLayer` (stat, list,
 open, readlink, xattrs) and holds no fd per entry.
 """
 

@@ -2,7 +2,7 @@
 
 Every FUSE handler is counted (:func:`record`, a few hundred nanoseconds per
 request); ``unionmount stats MNT`` reads them as JSON through the mount (the
-root's ``user.unionmount.stats``, see :mod:`unionfs.control`) and prints them,
+root's ``user.unionmount.stats``, see :mod:`unionfs.fuse.control`) and prints them,
 with the daemon's CPU seconds and peak RSS, so that a regression shows without a
 profiler.
 Times are wall time inside the handler, awaits (copy-up threads, the lock)

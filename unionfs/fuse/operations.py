@@ -1,4 +1,4 @@
-"""pyfuse3 request handlers: thin adapters from FUSE calls to :class:`unionfs.fs.UnionFS`.
+"""pyfuse3 request handlers: thin adapters from FUSE calls to :class:`unionfs.union.fs.UnionFS`.
 
 The errno is chosen here and only here: an :class:`OSError` from the union
 becomes ``FUSEError(errno)``; anything else is a bug, logged with its traceback
@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from unionfs.union.fs import UnionFS
+from unionfs.union.stats import record
+
 from . import control
-from .fs import UnionFS
-from .stats import record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -232,7 +233,7 @@ class Operations(pyfuse3.Operations):
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Awaitable[bytes]:
-        """The union's xattr, or one of the daemon's own on the root (:mod:`unionfs.control`, not counted).
+        """The union's xattr, or one of the daemon's own on the root (:mod:`unionfs.fuse.control`, not counted).
 
         A plain function that returns the handler's coroutine: pyfuse3 awaits it, and the
         request costs no second coroutine (the kernel asks security.capability before writes).

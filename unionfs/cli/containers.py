@@ -1,9 +1,9 @@
 """The bodies of the container commands: ls, inspect, rm, prune, diff, commit, export.
 
-Every one reads the container through a :class:`~unionfs.view.View` of its
+Every one reads the container through a :class:`~unionfs.union.view.View` of its
 layer over its image, so it works whether the container is mounted or not,
 and sees exactly what a mount shows. Every failure is one line
-(:class:`~unionfs.config.UsageError`).
+(:class:`~unionfs.daemon.config.UsageError`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from layerstore import tarwrite
-from layerstore.blobs import syncfs
+from layerstore.host import syncfs
 from layerstore.save import replacing
 from layerstore.store import Store, StoreError, normalize_name, valid_name
+from unionfs.daemon.config import UsageError
+from unionfs.fuse import control
+from unionfs.union.changes import Change, changes
+from unionfs.union.markers import WriteDialect
+from unionfs.union.settle import recover_dirs
+from unionfs.union.storelayer import StoreLayer
+from unionfs.union.view import Item, View
 
-from . import control
-from .changes import Change, changes
 from .commands import _human, open_store
-from .config import UsageError
-from .markers import WriteDialect
-from .settle import recover_dirs
-from .storelayer import StoreLayer
-from .view import Item, View
 
 
 @contextmanager
@@ -42,7 +42,7 @@ def container_view(store: Store, name: str) -> Iterator[tuple[View, StoreLayer, 
     A mounted container's mount is synced first: writes the kernel still caches
     (the writeback cache) reach the container layer before the view reads it. An
     unmounted one's copy-ups left unsettled by a crash are checked first
-    (:func:`unionfs.settle.recover`), as its next mount would.
+    (:func:`unionfs.union.settle.recover`), as its next mount would.
     """
     rec = store.container_record(name)
     where = store.mounted_at(name)

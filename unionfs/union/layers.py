@@ -22,7 +22,7 @@ import os
 from collections import OrderedDict
 from typing import Protocol
 
-from .sysutil import openat2_beneath, proc_path
+from layerstore.host import openat2_beneath, proc_path
 
 FD_CACHE_SIZE = 256
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY
@@ -63,7 +63,7 @@ class Layer(Protocol):
     """What the union needs from a lower layer; paths are layer-relative, the root is ``b""``.
 
     Implementations: :class:`DirLayer` (a host directory) and
-    :class:`unionfs.storelayer.StoreLayer` (an image in the layer store).
+    :class:`unionfs.union.storelayer.StoreLayer` (an image in the layer store).
     """
 
     index: int

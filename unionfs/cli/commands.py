@@ -1,6 +1,6 @@
 """The bodies of the store commands (``image ...``, ``mount --image``); cli.py only parses.
 
-Every store failure becomes a :class:`~unionfs.config.UsageError` with one line.
+Every store failure becomes a :class:`~unionfs.daemon.config.UsageError` with one line.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from layerstore.blobs import CollisionError
 from layerstore.oci import SourceError, SourceOptions
 from layerstore.store import Store, StoreError, default_root, normalize_name, valid_name
 from layerstore.tarlayer import LayerError
-
-from .config import MountConfig, UsageError
+from unionfs.daemon.config import MountConfig, UsageError
 
 
 @contextmanager
@@ -297,8 +296,7 @@ def _root_like_image(store: Store, image_id: bytes, upper: str) -> None:
     """
     from layerstore.entry import Entry
     from layerstore.store import image_key, merged_key
-
-    from . import override
+    from unionfs.union import override
 
     with store.env.begin() as txn:
         raw = txn.get(merged_key(image_key(image_id), b""), db=store.db["merged"])

@@ -1,7 +1,7 @@
 """Volumes and binds for a mount: ``-v``, ``--mount``, ``--volumes-from``, image VOLUMEs, id maps.
 
-:func:`resolve` turns the specs of a :class:`~unionfs.config.MountConfig` into
-its :class:`~unionfs.config.Graft` list, the way Docker does:
+:func:`resolve` turns the specs of a :class:`~unionfs.daemon.config.MountConfig` into
+its :class:`~unionfs.daemon.config.Graft` list, the way Docker does:
 
 * ``-v NAME:/path[:ro][,nocopy]`` names a volume (created when missing);
   ``-v /host/dir:/path[:ro]`` binds a host directory (created when missing, as
@@ -16,7 +16,7 @@ its :class:`~unionfs.config.Graft` list, the way Docker does:
 * a volume created by this mount is filled once with what the union holds at
   its path (owners, modes, times, xattrs, links), unless ``nocopy``.
 
-Every bad spec is a one-line :class:`~unionfs.config.UsageError`: relative host
+Every bad spec is a one-line :class:`~unionfs.daemon.config.UsageError`: relative host
 paths, relative or duplicate targets, unknown options, bad id maps. A target inside
 another mount's target is grafted onto that mount (its directory is made there).
 """
@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from layerstore import names, volmount
 from layerstore import volumes as vols
 from layerstore.store import Store, StoreError
+from unionfs.union.graft import Graft
+from unionfs.union.idmap import IdMap, IdMapError
+from unionfs.union.markers import WriteDialect
+from unionfs.union.view import Item, View
 
-from .config import Graft, MountConfig, UsageError
-from .idmap import IdMap, IdMapError
-from .markers import WriteDialect
-from .view import Item, View
+from .config import MountConfig, UsageError
 
 _V_OPTS = {"ro", "rw", "nocopy", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate", "copy"}
 
@@ -224,7 +225,7 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
     specs = [parse_volume(v) for v in cfg.volumes] + [parse_mount(m) for m in cfg.mounts]
     if not specs and not cfg.volumes_from and image_id is None:
         return
-    from .commands import open_store
+    from unionfs.cli.commands import open_store
 
     need_store = image_id is not None or cfg.volumes_from or any(s.kind == "volume" for s in specs)
     with open_store(root, create=True) if need_store else nullcontext() as store:  # binds alone need no store

@@ -4,7 +4,7 @@ The rules are overlayfs' (``Documentation/filesystems/overlayfs.rst``):
 
 * the upper layer is searched first, then the parent's lower directories from
   top to bottom;
-* a whiteout (in any dialect, see :mod:`unionfs.markers`) ends the search and
+* a whiteout (in any dialect, see :mod:`unionfs.union.markers`) ends the search and
   hides every lower entry of that name; a ``.wh.NAME`` hides only layers below
   the one that holds it;
 * a non-directory ends the search; a directory merges with the directories of
@@ -22,10 +22,19 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from layerstore.host import proc_path
+
 from .inodes import LAYER_SHIFT, ROOT_INO, UPPER_ID, Node, make_ino
 from .layers import DirLayer, Layer, join
-from .markers import WH_OPAQUE, WH_PREFIX, WriteDialect, dir_marks, is_whiteout_stat, is_xwhiteout, metacopy_source
-from .sysutil import proc_path
+from .markers import (
+    WH_OPAQUE,
+    WH_PREFIX,
+    WriteDialect,
+    dir_marks,
+    is_whiteout_stat,
+    is_xwhiteout,
+    metacopy_source,
+)
 
 S_IFDIR = stat.S_IFDIR
 LOWER_DIR_CACHE = 16384  # lower directories whose whiteout names are remembered
@@ -94,7 +103,7 @@ class Resolver:
         Where every layer is a plain directory on one filesystem, its own number, as
         overlayfs reports it then: unique there, and what a tool comparing full inode
         numbers with the layers' expects. Elsewhere
-        the layer is encoded in the high bits (:func:`unionfs.inodes.make_ino`); the two
+        the layer is encoded in the high bits (:func:`unionfs.union.inodes.make_ino`); the two
         ranges never meet, so numbers kept from either (``origin``) stay unique.
         """
         if self.raw_inos and ROOT_INO < st_ino < 1 << LAYER_SHIFT:

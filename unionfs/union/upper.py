@@ -10,14 +10,14 @@ Guarantees:
 * the work directory (``WORKDIR/work``) holds only in-flight temporaries and is
   emptied at mount, which is how an interrupted copy-up is cleaned;
 * copy-ups an earlier mount published before their data was on the disk are
-  checked at mount, before anything else (:func:`unionfs.settle.recover_dirs`).
+  checked at mount, before anything else (:func:`unionfs.union.settle.recover_dirs`).
 
 Layout of WORKDIR (kernel overlayfs uses ``work`` the same way; our hard-link
 index lives apart from the kernel's ``index`` so neither misreads the other):
 
     WORKDIR/work/               temporaries, emptied at every mount
     WORKDIR/unionmount-index/   one entry per copied-up lower hard-link group
-    WORKDIR/unsettled           while copy-ups may be unsettled (see unionfs.settle)
+    WORKDIR/unsettled           while copy-ups may be unsettled (see unionfs.union.settle)
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import itertools
 import os
 import stat
 
+from layerstore.host import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
 from .layers import DirLayer
 from .markers import WH_PREFIX, WriteDialect
 from .settle import Settler, recover_dirs
-from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 _counter = itertools.count()
 
@@ -63,7 +64,7 @@ class Upper:
         self.clean_work()
 
     def settler(self, delay: float) -> Settler:
-        """A :class:`~unionfs.settle.Settler` for copies into this layer (it owns a readable fd of the layer)."""
+        """A :class:`~unionfs.union.settle.Settler` for copies into this layer (it owns a readable fd of the layer)."""
         fd = os.open(_proc(self.layer.root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         return Settler(self.base_fd, fd, self.dialect.unsettled, delay)
 

@@ -9,7 +9,7 @@ one client asking in a loop; see ``perf/README.md``).
 :class:`RequestLoop` reads the device without blocking and hands each request to
 libfuse's ``fuse_session_process_buf``, which calls pyfuse3's own handler; the handler
 leaves the coroutine that will run our operation and reply in pyfuse3's ``py_retval``
-(see :mod:`unionfs.pyfuse3_abi`). The loop takes it from there and runs it in the same
+(see :mod:`unionfs.fuse.pyfuse3_abi`). The loop takes it from there and runs it in the same
 task. It waits for the device only when there is nothing to read.
 
 Concurrency is pyfuse3's: a request whose handler blocks (a copy-up awaiting a worker
@@ -28,7 +28,7 @@ polls per burst.
 
 The loop also keeps the inode each request is about (:attr:`RequestLoop.nodeid`, from the
 request's header), which pyfuse3 does not pass to ``readdir``: with it the union can list
-directories the kernel did not open (:meth:`unionfs.fs.UnionFS.list_without_open`).
+directories the kernel did not open (:meth:`unionfs.union.fs.UnionFS.list_without_open`).
 
 A GETATTR whose answer the union keeps ready (a lower-only entry, whose attributes cannot
 change) is answered by the loop itself (:attr:`RequestLoop.answer_getattr`): the reply is
@@ -45,7 +45,7 @@ that say when to drop them, which pyfuse3 does not pass on, are read from the re
 
 Guarantees: :meth:`RequestLoop.create` returns None (and the daemon runs
 ``pyfuse3.main()``) unless every fact it relies on is checked (see
-:mod:`unionfs.pyfuse3_abi`). Every coroutine a handler leaves is run to its end, exactly
+:mod:`unionfs.fuse.pyfuse3_abi`). Every coroutine a handler leaves is run to its end, exactly
 once, and ``py_retval`` holds it while its first step runs (as under ``pyfuse3.main``)
 and None again before any other request is processed, with the references counted as
 pyfuse3 counts them. The loop ends when the session ends: unmount, or

@@ -2,11 +2,11 @@
 
 A copy-up publishes its copy with a rename. Were the rename to reach the disk before
 the data, a crash would leave an empty or zeroed file hiding the lower one, so
-:mod:`unionfs.copy_up` waits for the data before the rename (~0.2 ms a file on the
+:mod:`unionfs.union.copy_up` waits for the data before the rename (~0.2 ms a file on the
 bench disk, most of an ``open`` that copies a small file up; for a 1 GiB file, the
 time to write it). For a file copied up by an ``open`` for writing, this module takes
 the wait off the request, on the filesystems where copy-up already relies on the
-journal's order (ext4 with a journal, xfs: :func:`unionfs.sysutil.journal_orders_data`).
+journal's order (ext4 with a journal, xfs: :func:`layerstore.host.journal_orders_data`).
 
 Guarantees:
 
@@ -25,7 +25,7 @@ Guarantees:
   syncs the upper filesystem and removes WORKDIR's ``unsettled`` file;
 * ``unsettled`` exists, fsynced, from the first deferred copy of a mount until its
   marks are all removed and synced; it names the mount of the upper filesystem it
-  was written under (:func:`unionfs.sysutil.mount_instance`). The next mount finds it
+  was written under (:func:`layerstore.host.mount_instance`). The next mount finds it
   and calls :func:`recover`: if the upper filesystem has been mounted again since (a
   crash, a reboot), every marked file whose first ``size`` bytes differ from the data
   named in its mark gets that data back, and changes never synced to it are lost, as
@@ -45,9 +45,7 @@ from functools import partial
 
 import trio
 
-from layerstore.blobs import syncfs
-
-from .sysutil import mount_instance, openat2_beneath, proc_path, start_write_out, write_out
+from layerstore.host import mount_instance, openat2_beneath, proc_path, start_write_out, syncfs, write_out
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ Guarantees:
   lower shows, as before) or holds all of its data -- never a hole or an empty
   file. Overlayfs gets this from an ``fsync`` per copy (a journal commit, ~0.5 ms);
   where the upper filesystem orders its journal after written data (ext4 with a
-  journal, xfs: :func:`~unionfs.sysutil.journal_orders_data`) the data is written
+  journal, xfs: :func:`~layerstore.host.journal_orders_data`) the data is written
   out and waited for instead (``sync_file_range``, no commit; 4 KiB: 0.09 vs
   0.47-0.61 ms here), and its allocation then commits no later than the rename.
   Elsewhere it is ``fsync``. Nothing for a ``volatile`` mount. ``tests/test_crash.py``
   checks this by shutting the filesystem down without flushing its log. A
   file copied up for an ``open`` (``defer``) is published before that wait, marked,
-  and settled behind the request (:mod:`unionfs.settle`);
+  and settled behind the request (:mod:`unionfs.union.settle`);
 * metadata-only: a regular file can be copied up without its data (``metacopy``);
   its upper entry is a sparse file of the right size marked as overlayfs does
   (``overlay.metacopy`` and an absolute ``overlay.redirect`` to the data), which
@@ -27,7 +27,7 @@ Guarantees:
   open for writing);
 * hard links: a lower file with several links is copied once into the index
   (``WORKDIR/unionmount-index/<ino>``) and linked from there, so all its names
-  stay one inode (see :mod:`unionfs.inodes`).
+  stay one inode (see :mod:`unionfs.union.inodes`).
 
 Callers hold the filesystem's mutation lock: copy-up awaits (threads), and no
 other change may interleave with one.
@@ -44,12 +44,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from layerstore.host import RENAME_NOREPLACE, journal_orders_data, proc_path, renameat2, write_out
+
 from . import override
 from .inodes import Node
 from .layers import Layer
 from .markers import CAPS_XATTR, is_private_xattr
 from .namei import Resolver
-from .sysutil import RENAME_NOREPLACE, journal_orders_data, proc_path, renameat2, write_out
 from .upper import Upper
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def copy_xattrs(layer: Layer, src: bytes, dst: bytes | int) -> list[bytes]:
 def _set_meta(target: bytes | int, st: os.stat_result, kind: int, rootless: bool = False) -> None:
     """Owner, then mode (chown clears set-id bits), then times, on a path (never followed) or an fd.
 
-    Rootless, an owner that cannot be given is kept in the override xattr (see :mod:`unionfs.override`).
+    Rootless, an owner that cannot be given is kept in the override xattr (see :mod:`unionfs.union.override`).
     """
     override.chown(target, st.st_uid, st.st_gid, rootless=rootless)
     if kind != stat.S_IFLNK:
@@ -171,7 +172,7 @@ class CopyUp:
         self.settler: Settler | None = upper.settler(defer) if defer > 0 and self.settle is write_out else None
 
     def close(self) -> None:
-        """Settle every deferred copy (see :meth:`unionfs.settle.Settler.close`)."""
+        """Settle every deferred copy (see :meth:`unionfs.union.settle.Settler.close`)."""
         if self.settler is not None:
             self.settler.close()
             self.settler = None
@@ -206,7 +207,7 @@ class CopyUp:
 
         The alias copied is ``node.links[0]``. For a lower hard-link group the data
         goes to the index once and every alias copied later is linked to it.
-        ``defer``: the copy may be settled after this returns (:mod:`unionfs.settle`).
+        ``defer``: the copy may be settled after this returns (:mod:`unionfs.union.settle`).
         """
         if node.index_name is not None:
             await self._index_alias(node)

@@ -20,8 +20,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import commands, control, grafts
-from .config import MountConfig, UsageError, parse_o, validate
+from unionfs.daemon import grafts
+from unionfs.daemon.config import MountConfig, UsageError, parse_o, validate
+from unionfs.fuse import control
+
+from . import commands
 
 EPILOG = """\
 examples:
@@ -397,7 +400,7 @@ def _container(ns: argparse.Namespace) -> int:
 
 def _mount(cfg: MountConfig, prepare: Callable[[], None]) -> int:
     """Prepare and mount; if the mount never goes live, undo what preparing recorded (``cfg.undo``)."""
-    from .mount import mount
+    from unionfs.daemon.mount import mount
 
     try:
         prepare()
@@ -432,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: list[str]) -> int:
 
     if args and args[0] == "--version":
-        from . import __version__
+        from unionfs import __version__
 
         print(f"unionmount {__version__}")
         return 0

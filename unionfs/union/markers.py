@@ -41,7 +41,7 @@ PRIVATE_XATTR_PREFIXES: tuple[bytes, ...] = (
     b"user.fuseoverlayfs.",
     b"trusted.unionmount.",
     b"user.unionmount.",
-    b"user.containers.override_stat",  # rootless owners and modes (see unionfs.override)
+    b"user.containers.override_stat",  # rootless owners and modes (see unionfs.union.override)
 )
 _OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque", b"user.fuseoverlayfs.opaque")
 _XWHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
@@ -195,7 +195,7 @@ class WriteDialect:
 
     @property
     def unsettled(self) -> bytes:
-        """On a copy-up whose data may not be on the disk yet (see :mod:`unionfs.settle`)."""
+        """On a copy-up whose data may not be on the disk yet (see :mod:`unionfs.union.settle`)."""
         return self.ns + b"unionmount.unsettled"
 
     @property

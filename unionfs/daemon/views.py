@@ -10,7 +10,7 @@ in uninterruptible sleep.
 :func:`isolate` gives each layer, upper and work directory and graft source that
 contains the mount point a view of its own that no mount shows through: a private,
 detached clone of the mount it is on, without the mounts below
-(:func:`unionfs.sysutil.private_clone`), reached as ``/proc/self/fd/N/...``. The
+(:func:`layerstore.host.private_clone`), reached as ``/proc/self/fd/N/...``. The
 upper and work directories share one clone (a copy-up renames from one into the
 other). That needs CAP_SYS_ADMIN; where it is refused, a mount point strictly inside
 a layer is refused with one line instead of hanging. A layer that *is* the mount
@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from layerstore.host import private_clone
+
 from .config import MountConfig, UsageError
-from .sysutil import private_clone
 
 
 def _inside(mnt: str, path: str) -> bool:

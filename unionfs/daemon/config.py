@@ -13,7 +13,8 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .idmap import IdMap
+from unionfs.union.graft import Graft
+from unionfs.union.idmap import IdMap
 
 
 class UsageError(Exception):
@@ -76,32 +77,6 @@ _FUSE = {"ro", "nodev", "nosuid", "noexec", "dev", "suid", "fsname", "subtype"}
 _IDMAP = {"uidmapping", "gidmapping"}
 
 
-@dataclass(slots=True, frozen=True)
-class Graft:
-    """A directory grafted on a path of the union: a volume, a host directory, a tmpfs.
-
-    Below ``target`` the mount shows ``source`` as it is (no layers, no
-    copy-up); ``uidmap``/``gidmap`` (empty: the mount's own) translate owners.
-    """
-
-    target: bytes  # path in the union, without the leading slash
-    source: str  # the host directory shown there
-    read_only: bool = False
-    kind: str = "bind"  # "volume", "bind" or "tmpfs"
-    name: str | None = None  # the volume's name
-    uidmap: IdMap = IdMap()
-    gidmap: IdMap = IdMap()
-    nocopy: bool = False
-
-    def describe(self) -> dict[str, object]:
-        """As recorded with a container (for ``--volumes-from`` and ``volume inspect``)."""
-        return {
-            "Type": self.kind,
-            "Name": self.name,
-            "Source": self.source,
-            "Destination": "/" + self.target.decode("utf-8", "surrogateescape"),
-            "RW": not self.read_only,
-        }
 
 
 @dataclass(slots=True)
@@ -138,9 +113,9 @@ class MountConfig:
     writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
     timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
-    fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuseloop) or pyfuse3.main()
+    fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuse.fuseloop) or pyfuse3.main()
     killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
-    spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuseloop)
+    spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuse.fuseloop)
     settle_ms: float = 5.0  # -o settle=MS: the pause in copy-ups after which they are settled (0: in the open)
 
     def went_live(self) -> None:

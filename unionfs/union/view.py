@@ -1,6 +1,6 @@
 """A read-only view of a union without mounting it: for diff, commit and export.
 
-:class:`View` resolves names with the same :class:`~unionfs.namei.Resolver` the
+:class:`View` resolves names with the same :class:`~unionfs.union.namei.Resolver` the
 daemon uses, so what it walks is exactly what a mount shows (whiteouts of every
 dialect, opaque and redirected directories, metadata-only copies, hard-link
 groups), but in-process: no FUSE, no mount point, nothing written. It may be
@@ -15,6 +15,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from layerstore.host import proc_path
 from layerstore.store import Store
 
 from .inodes import ROOT_INO, Node
@@ -23,7 +24,6 @@ from .markers import WriteDialect, is_private_xattr
 from .namei import Found, Resolver
 from .readdir import merged_names
 from .storelayer import StoreLayer
-from .sysutil import proc_path
 
 
 @dataclass(slots=True)

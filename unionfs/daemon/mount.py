@@ -20,14 +20,14 @@ import trio
 
 from layerstore import volmount
 from layerstore.host import real_root
+from unionfs.fuse.fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
+from unionfs.fuse.operations import Operations, getattr_reply
+from unionfs.union import stats
+from unionfs.union.fs import TIMEOUT, Options, UnionFS
+from unionfs.union.space import dirty_limit
 
-from . import stats
 from .config import MountConfig, UsageError
-from .fs import TIMEOUT, Options, UnionFS
-from .fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
 from .grafts import plugin_unmount, remove_tmpfs
-from .operations import Operations, getattr_reply
-from .space import dirty_limit
 from .views import isolate
 
 log = logging.getLogger("unionmount")
@@ -136,7 +136,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     for driver, name, ident, lease in cfg.plugin_mounts:  # a plugin is told when this use of its volume ends
         stack.callback(_end_plugin_use, cfg, driver, name, ident, lease)
     try:
-        stack.callback(isolate(cfg).close)  # layers that contain the mount point: private views (unionfs.views)
+        stack.callback(isolate(cfg).close)  # layers that contain the mount point: private views (unionfs.daemon.views)
     except UsageError:
         stack.close()
         raise

@@ -1,7 +1,7 @@
 """The union filesystem's operations, independent of FUSE's calling conventions.
 
 Every method either returns a result or raises :class:`OSError` with the errno
-the caller should see; :mod:`unionfs.operations` turns that into FUSE replies.
+the caller should see; :mod:`unionfs.fuse.operations` turns that into FUSE replies.
 
 Concurrency protocol (trio): code between two ``await`` points is atomic. Every
 operation that changes a layer runs under :attr:`UnionFS.lock`, because copy-up
@@ -21,10 +21,19 @@ from typing import TYPE_CHECKING, Protocol
 
 import pyfuse3
 
+from layerstore.host import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    proc_path,
+    release_free_memory,
+    renameat2,
+)
+from unionfs.fuse.dircache import DirCache
+
 from . import override, stats
-from .config import Graft
 from .copy_up import CopyUp
-from .dircache import DirCache
+from .graft import Graft
 from .idmap import IdMap
 from .inodes import GRAFT_ID, ROOT_INO, InodeTable, Node, make_ino
 from .layers import DirLayer, FdCache, Layer, join
@@ -35,11 +44,10 @@ from .readdir import merged_names
 from .settle import DELAY as SETTLE_DELAY
 from .space import Room
 from .storelayer import StoreLayer
-from .sysutil import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, release_free_memory, renameat2
 from .upper import Upper
 
 if TYPE_CHECKING:
-    from .fuseloop import RequestLoop
+    from unionfs.fuse.fuseloop import RequestLoop
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
 LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
@@ -52,7 +60,7 @@ def _err(code: int) -> OSError:
 
 
 class Caller(Protocol):
-    """Who sent a request: a ``pyfuse3.RequestContext`` or a :class:`unionfs.fuseloop.Caller`."""
+    """Who sent a request: a ``pyfuse3.RequestContext`` or a :class:`unionfs.fuse.fuseloop.Caller`."""
 
     @property
     def uid(self) -> int: ...
@@ -119,10 +127,10 @@ class Options:
     grafts: tuple[Graft, ...] = ()
     uidmap: IdMap = IdMap()
     gidmap: IdMap = IdMap()
-    writeback: bool = False  # the kernel caches writes (see :func:`unionfs.mount.writeback_wanted`)
+    writeback: bool = False  # the kernel caches writes (see :func:`unionfs.daemon.mount.writeback_wanted`)
     timeout: float = TIMEOUT  # how long the kernel keeps the union's entries, attributes and misses
-    dircache: bool = False  # the kernel keeps the union's directory listings (see :mod:`unionfs.dircache`)
-    settle: float = SETTLE_DELAY  # pause in copy-ups after which they are settled (0: in the open; unionfs.settle)
+    dircache: bool = False  # the kernel keeps the union's directory listings (see :mod:`unionfs.fuse.dircache`)
+    settle: float = SETTLE_DELAY  # pause in copy-ups after which they are settled (0: in the open; see settle)
 
 
 class _NoCopy:
@@ -172,7 +180,7 @@ class UnionFS:
         up_layer = DirLayer(-1, opts.upper, self.cache, writable=True) if opts.upper else None
         self.upper = Upper(up_layer, opts.work, dialect) if up_layer is not None and opts.work else None
         self.resolver = Resolver(up_layer, self.lowers, dialect)
-        # rootless: owners, modes and devices the daemon cannot set live in an xattr (unionfs.override)
+        # rootless: owners, modes and devices the daemon cannot set live in an xattr (unionfs.union.override)
         self.rootless = not override.can_chown(opts.work) if opts.work else self.euid != 0
         # with the writeback cache, the room left in the upper layer decides how files are opened for writing
         self.room = Room(self.upper.layer.root_fd) if self.upper is not None and opts.writeback else None
@@ -537,7 +545,7 @@ class UnionFS:
         """Let the kernel list directories without opening them; True if taken.
 
         ``request_ino`` gives the inode of the request being served (pyfuse3 does not
-        pass it to ``readdir``; :class:`unionfs.fuseloop.RequestLoop` reads it), and
+        pass it to ``readdir``; :class:`unionfs.fuse.fuseloop.RequestLoop` reads it), and
         ``after_reply`` runs a call once that request is answered, before the next. From
         then on OPENDIR is answered ENOSYS, after which the kernel never sends OPENDIR or
         RELEASEDIR again and keeps every directory's listing (FOPEN_CACHE_DIR), dropping
@@ -763,7 +771,7 @@ class UnionFS:
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, writable, node.version)
         node.opens += 1
-        # keep_cache: a volume may change behind our back; direct_io: see unionfs.space
+        # keep_cache: a volume may change behind our back; direct_io: see unionfs.union.space
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.realm == 0, direct_io=writable and self._room_low())
 
     def _killer(self, ctx: Caller | None) -> Caller | None:
@@ -886,7 +894,7 @@ class UnionFS:
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=self._room_low()), a
 
     def _room_low(self) -> bool:
-        """Whether a file opened for writing now must bypass the writeback cache (:mod:`unionfs.space`)."""
+        """Whether a file opened for writing now must bypass the writeback cache (:mod:`unionfs.union.space`)."""
         return self.room is not None and self.room.low()
 
     def _chown_new(self, target: int | bytes, uid: int, gid: int) -> None:

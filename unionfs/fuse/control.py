@@ -7,7 +7,7 @@ any layer, and never lists them):
 ``user.unionmount.pid``
     the daemon's process id, as decimal text;
 ``user.unionmount.stats``
-    its request counters as JSON (:func:`unionfs.stats.snapshot`).
+    its request counters as JSON (:func:`unionfs.union.stats.snapshot`).
 
 Because the kernel routes a ``getxattr`` on the mount's root to the daemon that
 serves that very mount, the answer cannot come from anybody else: no command line
@@ -33,7 +33,7 @@ def answer(name: bytes) -> bytes | None:
     if name == PID_XATTR:
         return str(os.getpid()).encode()
     if name == STATS_XATTR:
-        from .stats import snapshot
+        from unionfs.union.stats import snapshot
 
         return json.dumps(snapshot()).encode()
     return None

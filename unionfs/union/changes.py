@@ -6,7 +6,7 @@ when the image has an entry there that differs (contents, type, metadata), and
 Docker, a directory is also ``C`` when something below it changed, and a
 deleted directory is one ``D`` (its contents are implied).
 
-The comparison is between what the union shows (:class:`~unionfs.view.View`)
+The comparison is between what the union shows (:class:`~unionfs.union.view.View`)
 and the image's merged tree, so every way the container layer can record a
 change comes out right: copy-ups, metadata-only copies, whiteouts of every
 dialect, opaque directories (the image's old children come out ``D``) and
