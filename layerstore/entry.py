@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import msgpack
 
-from layerstore.schema import KIND_ENTRY
+from .schema import KIND_ENTRY
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterable
 
-from layerstore.entry import Entry, dir_size
-from layerstore.schema import KIND_OPAQUE, KIND_WHITEOUT
-from layerstore.tarlayer import LayerError
+from .entry import Entry, dir_size
+from .schema import KIND_OPAQUE, KIND_WHITEOUT
+from .tarlayer import LayerError
 
 _IMPLICIT_DIR = Entry(stat.S_IFDIR | 0o755)
 

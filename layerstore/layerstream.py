@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from layerstore.oci import LayerRef, SourceError
+from .oci import LayerRef, SourceError
 
 
 class ChunkReader(io.RawIOBase):

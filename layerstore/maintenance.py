@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import msgpack
 import xxhash
 
-from layerstore import names
-from layerstore.entry import Entry
-from layerstore.schema import SEP
-from layerstore.store import Store, image_key
+from . import names
+from .entry import Entry
+from .schema import SEP
+from .store import Store, image_key
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,5 +1,5 @@
-"""Image sources in skopeo's transport syntax: ``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
-``docker-archive:FILE[:REF]`` and ``docker://REFERENCE`` (a registry, :mod:`layerstore.registry`).
+"""The image model, and images read from local files: ``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``,
+``docker-archive:FILE[:REF]`` (:func:`layerstore.transports.parse` opens any of them, or a registry).
 
 An :class:`ImageSource` names the image's config and its layers bottom first;
 :func:`layerstore.layerstream.open_layer` streams one layer's tar while checking
@@ -61,49 +61,7 @@ class SourceOptions:
     cert_dir: str | None = None
 
 
-def parse(spec: str, opts: SourceOptions | None = None) -> ImageSource:
-    """Open ``oci:DIR[:REF]``, ``oci-archive:FILE[:REF]``, ``docker-archive:FILE[:REF]`` or ``docker://REFERENCE``."""
-    opts = opts or SourceOptions()
-    transport, _, rest = spec.partition(":")
-    if not rest:
-        raise SourceError(
-            f"'{spec}' is not TRANSPORT:PATH (oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:REF], "
-            "docker://REF)"
-        )
-    if transport == "docker":
-        from layerstore.registry import open_registry
-
-        src = open_registry(rest, opts)
-    elif transport in ("oci", "oci-archive", "docker-archive"):
-        path, ref = _split_ref(rest)
-        if transport == "docker-archive":
-            src = _docker_archive(path, ref)
-        else:
-            src = (_oci if transport == "oci" else _oci_archive)(path, ref, opts)
-    else:
-        raise SourceError(f"unknown transport '{transport}' (use oci:, oci-archive:, docker-archive: or docker://)")
-    if opts.platform is not None:
-        try:
-            _check_platform(src.config, opts.platform)
-        except BaseException:
-            src.close()
-            raise
-    return src
-
-
-def _check_platform(config: bytes, want: str) -> None:
-    """Refuse an image whose config names another platform than ``want`` (as ``docker pull --platform``)."""
-    try:
-        cfg = json.loads(config)
-        have = [cfg.get("os"), cfg.get("architecture"), cfg.get("variant")]
-    except (ValueError, AttributeError):
-        raise SourceError("the image config is not a JSON object") from None
-    wanted = (want.split("/") + [None])[:3]
-    if any(h and w and h != w for h, w in zip(have, wanted, strict=True)):
-        raise SourceError(f"the image is for {'/'.join(filter(None, have))}, not {want}")
-
-
-def _split_ref(rest: str) -> tuple[str, str | None]:
+def split_ref(rest: str) -> tuple[str, str | None]:
     if os.path.exists(rest):
         return rest, None
     path, _, ref = rest.rpartition(":")
@@ -153,7 +111,7 @@ def diff_ids(config: bytes) -> list[str]:
 # -- OCI image layout -----------------------------------------------------------
 
 
-def _oci(root: str, ref: str | None, opts: SourceOptions) -> ImageSource:
+def layout(root: str, ref: str | None, opts: SourceOptions) -> ImageSource:
     """An OCI image layout directory (skopeo, umoci, buildah)."""
 
     def open_file(name: str) -> BinaryIO:
@@ -272,7 +230,7 @@ class _Bounded:
         self.close()
 
 
-def _oci_archive(path: str, ref: str | None, opts: SourceOptions) -> ImageSource:
+def oci_archive(path: str, ref: str | None, opts: SourceOptions) -> ImageSource:
     """A tar of an OCI image layout (``podman save --format oci-archive``, ``buildx --output type=oci``)."""
     try:
         tar = tarfile.open(path, "r:*")
@@ -369,7 +327,7 @@ def _size(v: object) -> int | None:
 # -- docker save / podman save ----------------------------------------------------
 
 
-def _docker_archive(path: str, ref: str | None) -> ImageSource:
+def docker_archive(path: str, ref: str | None) -> ImageSource:
     try:
         tar = tarfile.open(path, "r:*")
         members = {m.name.lstrip("./"): m for m in tar.getmembers()}

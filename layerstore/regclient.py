@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 
 import httpx
 
-from layerstore.layerstream import ChunkReader
-from layerstore.oci import SourceError, SourceOptions
+from .layerstream import ChunkReader
+from .oci import SourceError, SourceOptions
 
 MAX_DOCUMENT = 4 << 20  # manifests and configs; containerd's limit for manifests
 RETRIES = 3  # a broken connection or a 502/503/504, as docker pull and push retry

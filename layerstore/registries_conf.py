@@ -22,7 +22,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-from layerstore.oci import SourceError
+from .oci import SourceError
 
 
 @dataclass(slots=True, frozen=True)

@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from layerstore import registries_conf
-from layerstore.layerstream import Growing, GrowingReader
-from layerstore.oci import ImageSource, LayerRef, SourceError, SourceOptions, diff_ids, pick_platform
-from layerstore.regclient import DOCKER_HUB, INDEX_TYPES, MANIFEST_TYPES, Session
+from . import registries_conf
+from .layerstream import Growing, GrowingReader
+from .oci import ImageSource, LayerRef, SourceError, SourceOptions, diff_ids, pick_platform
+from .regclient import DOCKER_HUB, INDEX_TYPES, MANIFEST_TYPES, Session
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")

@@ -26,8 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from layerstore.layerstream import DECODE_ERRORS, decompressed
-from layerstore.oci import ImageSource, LayerRef, SourceError, host_platform
+from .layerstream import DECODE_ERRORS, decompressed
+from .oci import ImageSource, LayerRef, SourceError, host_platform
 
 _CHUNK = 1 << 20
 

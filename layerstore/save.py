@@ -35,11 +35,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from layerstore import tarwrite
-from layerstore.entry import Entry
-from layerstore.oci import SourceOptions
-from layerstore.schema import KIND_OPAQUE, KIND_WHITEOUT
-from layerstore.store import Store, StoreError, valid_name
+from . import tarwrite
+from .entry import Entry
+from .oci import SourceOptions
+from .schema import KIND_OPAQUE, KIND_WHITEOUT
+from .store import Store, StoreError, valid_name
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -187,7 +187,7 @@ def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -
     """Push image ``name`` to the registry tag ``ref`` (``docker push``). Returns (manifest digest, blobs
     uploaded, blobs). Layers are gzipped and uploaded PUSH_PARALLEL at a time (zlib releases the GIL), each
     only if the repository lacks it; then the config, then the manifest."""
-    from layerstore.registry import Destination
+    from .registry import Destination
 
     image_id = store.resolve(name)
     dest = Destination(ref, opts or SourceOptions())

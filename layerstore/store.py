@@ -28,16 +28,17 @@ from typing import BinaryIO
 import lmdb
 import msgpack
 
-from layerstore import names
-from layerstore.blobs import BlobStore
-from layerstore.entry import Entry
-from layerstore.flatten import Tree
-from layerstore.host import real_root
-from layerstore.layerstream import open_layer
-from layerstore.oci import ImageSource, LayerRef, SourceError, SourceOptions, parse
-from layerstore.rootfs import open_rootfs
-from layerstore.schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
-from layerstore.tarlayer import read_layer
+from . import names
+from .blobs import BlobStore
+from .entry import Entry
+from .flatten import Tree
+from .host import real_root
+from .layerstream import open_layer
+from .oci import ImageSource, LayerRef, SourceError, SourceOptions
+from .rootfs import open_rootfs
+from .schema import DB_NAMES, KIND_OPAQUE, KIND_WHITEOUT, MAP_SIZE, SEP
+from .tarlayer import read_layer
+from .transports import parse
 
 Progress = Callable[[int, int, int | None, int], None]  # (layer, layers, blob size, bytes read)
 
@@ -127,7 +128,7 @@ def normalize_name(name: str) -> str:
 def normalize_digest_ref(ref: str) -> str:
     """``[HOST/]REPO[:TAG]@sha256:...`` as ``REPO@sha256:...`` in Docker's familiar form
     (``library/x``, ``docker.io/library/x`` and ``x`` are all ``x``)."""
-    from layerstore.registry import parse_reference
+    from .registry import parse_reference
 
     try:
         r = parse_reference(ref)

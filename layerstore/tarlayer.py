@@ -24,9 +24,9 @@ import tarfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from layerstore.blobs import BlobStore
-from layerstore.entry import Entry
-from layerstore.schema import KIND_OPAQUE, KIND_WHITEOUT
+from .blobs import BlobStore
+from .entry import Entry
+from .schema import KIND_OPAQUE, KIND_WHITEOUT
 
 WH = b".wh."
 OPQ = b".wh..wh..opq"

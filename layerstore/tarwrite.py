@@ -14,7 +14,7 @@ import stat
 import tarfile
 from typing import BinaryIO
 
-from layerstore.tarlayer import OPQ, WH
+from .tarlayer import OPQ, WH
 
 _ENC = "utf-8"
 _ERR = "surrogateescape"

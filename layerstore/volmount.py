@@ -6,17 +6,18 @@ the first mount that uses the volume starts, and unmounted when the last one end
 
 * who uses a volume is its live leases (:func:`layerstore.volumes.lease`, flocks that
   the kernel drops when a daemon dies), so the count cannot go stale;
-* :func:`acquire` and :func:`release` decide under ``volumes/NAME/mount.lock``
-  (``flock``), so two starting or ending mounts never both mount or both unmount;
+* :func:`acquire` here and :func:`layerstore.volumes.release` decide under
+  ``volumes/NAME/mount.lock`` (:func:`locked`), so two starting or ending mounts never
+  both mount or both unmount;
 * a ``_data`` that is already a mount point is reused, never mounted over again
   (a daemon killed with -9 leaves its mount; the next user takes it as it is, and
-  :func:`sweep`, which the ``mount`` and ``volume`` commands run, unmounts it when
-  nobody uses it);
+  :func:`layerstore.volumes.sweep`, which the ``mount`` and ``volume`` commands run,
+  unmounts it when nobody uses it);
 * mount(8) runs with a timeout: a dead NFS server or SSH host fails the mount with
   one line instead of hanging it.
 
-This module needs only the store's root path, not its lmdb: a daemon calls
-:func:`release` at its exit.
+This module needs only the store's root path, not its lmdb (a daemon releases its
+volumes at its exit), and knows nothing of leases: :mod:`layerstore.volumes` counts them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def data_dir(root: str, name: str) -> str:
 
 
 @contextmanager
-def _locked(root: str, name: str) -> Iterator[None]:
+def locked(root: str, name: str) -> Iterator[None]:
     path = os.path.join(root, "volumes", name, "mount.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -66,7 +67,7 @@ def _locked(root: str, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _mounted(path: str) -> int:
+def mounted(path: str) -> int:
     """How many mounts are stacked on ``path`` (0: none)."""
     n = 0
     with open("/proc/self/mountinfo") as f:
@@ -94,38 +95,23 @@ def acquire(root: str, name: str, options: dict[str, str]) -> bool:
     """Make sure the volume's file system is mounted on its ``_data`` (the caller holds a lease); True if this
     call mounted it. A mount already there (another user's, or one a dead daemon left) is used as it is."""
     path = data_dir(root, name)
-    with _locked(root, name):
-        if _mounted(path):
+    with locked(root, name):
+        if mounted(path):
             return False
         cmd = ["mount", "-t", options["type"]]
         if options.get("o"):
             cmd += ["-o", options["o"]]
         why = _run([*cmd, options["device"], path])
         if why is not None:
-            if _mounted(path):  # a timed-out helper that got there after all: not ours to keep
+            if mounted(path):  # a timed-out helper that got there after all: not ours to keep
                 _run(["umount", "-l", path])
             raise MountError(f"cannot mount volume '{name}' ({options['type']} {options['device']}): {why}")
         return True
 
 
-def release(root: str, name: str) -> None:
-    """Unmount the volume's file system if no live mount uses it any more (call after closing one's lease)."""
-    from layerstore.volumes import live_users
-
-    path = data_dir(root, name)
-    if not os.path.isdir(os.path.dirname(path)):
-        return
-    with _locked(root, name):
-        if live_users(root, name):
-            return
-        while _mounted(path):
-            if _run(["umount", path]) is not None:
-                _run(["umount", "-l", path])  # busy (a shell inside it): detached, gone when it lets go
-                break
-
-
-def sweep(root: str, mounted_names: list[str]) -> None:
-    """Unmount what dead daemons left mounted: volumes in ``mounted_names`` whose ``_data`` nobody uses."""
-    for name in mounted_names:
-        if _mounted(data_dir(root, name)):
-            release(root, name)
+def unmount(path: str) -> None:
+    """Unmount what is mounted on ``path``; lazily where it is busy (a shell inside it): gone when it lets go."""
+    while mounted(path):
+        if _run(["umount", path]) is not None:
+            _run(["umount", "-l", path])
+            break

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from layerstore import names, plugins, volmount
-from layerstore.store import Store, StoreError
+from . import names, plugins, volmount
+from .store import Store, StoreError
 
 _BIND_KEYS = {"type", "o", "device"}
 
@@ -270,6 +270,19 @@ def live_users(store: Store | str, name: str) -> list[dict[str, str | None]]:
     return out
 
 
+def release(root: str, name: str) -> None:
+    """Unmount the volume's file system (local driver, ``-o type/device``) if no live mount uses it any more.
+
+    Call after closing one's lease. Serialized with :func:`layerstore.volmount.acquire`.
+    """
+    path = volmount.data_dir(root, name)
+    if not os.path.isdir(os.path.dirname(path)):
+        return
+    with volmount.locked(root, name):
+        if not live_users(root, name):
+            volmount.unmount(path)
+
+
 def _end_stale(name: str, fd: int) -> None:
     """A dead daemon's lease: a plugin it mounted the volume from is told the volume is unmounted (best effort)."""
     try:
@@ -321,7 +334,7 @@ def remove(store: Store, name: str, *, force: bool = False) -> None:
         if live or (recorded and not force):
             raise StoreError(_in_use(name, recorded, live))
         if mounts(vol):
-            volmount.release(store.root, name)  # nobody uses it: a mount left by a dead daemon goes
+            release(store.root, name)  # nobody uses it: a mount left by a dead daemon goes
             if os.path.ismount(vol.mountpoint):
                 raise StoreError(f"volume '{name}' is still mounted at {vol.mountpoint} and cannot be unmounted")
         if vol.driver != "local":
@@ -362,7 +375,9 @@ def _scope(vol: Volume) -> str:
 
 def sweep(store: Store) -> None:
     """Unmount the file systems of volumes that dead daemons left mounted and nobody uses."""
-    volmount.sweep(store.root, [v.name for v in all_volumes(store) if mounts(v)])
+    for v in all_volumes(store):
+        if mounts(v) and volmount.mounted(volmount.data_dir(store.root, v.name)):
+            release(store.root, v.name)
 
 
 def prune(store: Store, *, everything: bool = False) -> list[str]:

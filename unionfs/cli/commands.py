@@ -18,29 +18,10 @@ from typing import Any
 from layerstore import maintenance
 from layerstore.blobs import CollisionError
 from layerstore.oci import SourceError, SourceOptions
-from layerstore.store import Store, StoreError, default_root, normalize_name, valid_name
+from layerstore.store import Store, StoreError, normalize_name, valid_name
 from layerstore.tarlayer import LayerError
 from unionfs.daemon.config import MountConfig, UsageError
-
-
-@contextmanager
-def open_store(root: str | None, *, readonly: bool = False, create: bool = False) -> Iterator[Store]:
-    """The store at ``root`` (default root if None); only commands that fill it may ``create`` it."""
-    path = root or default_root()
-    if not create and not os.path.isdir(os.path.join(path, "meta")):
-        raise UsageError(f"no store at '{path}' (import an image first, or give --root)")
-    try:
-        store = Store(root or default_root(), readonly=readonly)
-    except StoreError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:
-        raise UsageError(f"cannot open the store at '{root or default_root()}': {e.strerror}") from None
-    try:
-        yield store
-    except (StoreError, SourceError, LayerError, CollisionError) as e:
-        raise UsageError(str(e)) from None
-    finally:
-        store.close()
+from unionfs.daemon.store import open_store
 
 
 def _check_tag(tag: str | None) -> None:
@@ -149,14 +130,14 @@ def store_df(root: str | None) -> int:
         u = maintenance.usage(store)
     saved = u.logical - u.stored
     print(f"images {u.images}  layers {u.layers}  blobs {u.blobs}  containers {u.containers}")
-    print(f"logical {_human(u.logical)}  stored {_human(u.stored)}  saved by dedup {_human(max(saved, 0))}")
+    print(f"logical {human(u.logical)}  stored {human(u.stored)}  saved by dedup {human(max(saved, 0))}")
     return 0
 
 
 def store_gc(root: str | None) -> int:
     with open_store(root) as store:
         layers, blobs, freed = maintenance.gc(store)
-    print(f"removed {layers} layers and {blobs} blobs, freed {_human(freed)}")
+    print(f"removed {layers} layers and {blobs} blobs, freed {human(freed)}")
     return 0
 
 
@@ -187,7 +168,7 @@ def image_ls(root: str | None, fmt: str) -> int:
         return 0
     print(f"{'NAME':<40} {'IMAGE ID':<12} {'LAYERS':>6} {'SIZE':>10}")
     for i in images:
-        print(f"{i.name:<40} {i.image_id[7:19]:<12} {len(i.layers):>6} {_human(i.size):>10}")
+        print(f"{i.name:<40} {i.image_id[7:19]:<12} {len(i.layers):>6} {human(i.size):>10}")
     return 0
 
 
@@ -309,7 +290,7 @@ def _root_like_image(store: Store, image_id: bytes, upper: str) -> None:
     os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"

@@ -25,6 +25,7 @@ from layerstore.host import syncfs
 from layerstore.save import replacing
 from layerstore.store import Store, StoreError, normalize_name, valid_name
 from unionfs.daemon.config import UsageError
+from unionfs.daemon.store import open_store
 from unionfs.fuse import control
 from unionfs.union.changes import Change, changes
 from unionfs.union.markers import WriteDialect
@@ -32,7 +33,7 @@ from unionfs.union.settle import recover_dirs
 from unionfs.union.storelayer import StoreLayer
 from unionfs.union.view import Item, View
 
-from .commands import _human, open_store
+from .commands import human
 
 
 @contextmanager
@@ -144,7 +145,7 @@ def container_ls(root: str | None, fmt: str) -> int:
         return 0
     print(f"{'NAME':<20} {'IMAGE':<30} {'CREATED':<20} {'SIZE':>9}  MOUNTED AT")
     for r in rows:
-        print(f"{r['Name']:<20} {r['Image']:<30} {r['Created']:<20} {_human(r['Size']):>9}  {r['MountedAt'] or '-'}")
+        print(f"{r['Name']:<20} {r['Image']:<30} {r['Created']:<20} {human(r['Size']):>9}  {r['MountedAt'] or '-'}")
     return 0
 
 

@@ -9,8 +9,7 @@ import time
 from layerstore import volumes as vols
 from layerstore.store import StoreError
 from unionfs.daemon.config import UsageError
-
-from .commands import open_store
+from unionfs.daemon.store import open_store
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:

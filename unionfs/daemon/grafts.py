@@ -33,7 +33,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-from layerstore import names, volmount
+from layerstore import names
 from layerstore import volumes as vols
 from layerstore.store import Store, StoreError
 from unionfs.union.graft import Graft
@@ -225,7 +225,7 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
     specs = [parse_volume(v) for v in cfg.volumes] + [parse_mount(m) for m in cfg.mounts]
     if not specs and not cfg.volumes_from and image_id is None:
         return
-    from unionfs.cli.commands import open_store
+    from .store import open_store
 
     need_store = image_id is not None or cfg.volumes_from or any(s.kind == "volume" for s in specs)
     with open_store(root, create=True) if need_store else nullcontext() as store:  # binds alone need no store
@@ -329,7 +329,7 @@ def _graft(store: Store | None, s: Spec, cfg: MountConfig, container: str | None
         lease, ident = vols.lease(store, vol.name, os.path.realpath(cfg.mountpoint), container, vol.driver)
         cfg.hold_fds.append(lease)
         if vols.mounts(vol):  # its file system is mounted while any mount uses it, unmounted after the last
-            cfg.undo.append(lambda: volmount.release(root, vol.name))
+            cfg.undo.append(lambda: vols.release(root, vol.name))
             vols.acquire(store, vol)
             cfg.volume_mounts.append((root, vol.name, lease))
         elif vol.driver != "local":  # a plugin mounts it for this use (ID: the lease's), before the graft

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 import pyfuse3
 import trio
 
-from layerstore import volmount
+from layerstore import volumes as vols
 from layerstore.host import real_root
 from unionfs.fuse.fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
 from unionfs.fuse.operations import Operations, getattr_reply
@@ -185,7 +185,7 @@ def _release_volume(cfg: MountConfig, root: str, name: str, lease: int) -> None:
     """End this mount's use of a mounted volume: its lease first, then the unmount if it was the last user."""
     _drop_lease(cfg, lease)
     try:
-        volmount.release(root, name)
+        vols.release(root, name)
     except OSError as e:
         log.warning("volume %s: cannot unmount its file system: %s", name, e)
 
