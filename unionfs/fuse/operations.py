@@ -1,8 +1,10 @@
 """pyfuse3 request handlers: thin adapters from FUSE calls to :class:`unionfs.union.fs.UnionFS`.
 
-The errno is chosen here and only here: an :class:`OSError` from the union
-becomes ``FUSEError(errno)``; anything else is a bug, logged with its traceback
-and answered ``EIO`` (an exception escaping a handler would end the mount).
+The union answers with plain records (:mod:`unionfs.union.records`); they become
+pyfuse3's reply objects here and only here. The errno is chosen here and only here:
+an :class:`OSError` from the union becomes ``FUSEError(errno)``; anything else is a
+bug, logged with its traceback and answered ``EIO`` (an exception escaping a handler
+would end the mount).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from unionfs.union import stats
 from unionfs.union.fs import UnionFS
-from unionfs.union.stats import record
+from unionfs.union.records import Attrs, FsStats, Opened
 
 from . import control
+from .dircache import DirCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +50,7 @@ def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.exception("internal error in %s", name)
             raise FUSEError(errno.EIO) from None
         finally:
-            record(name, perf_counter_ns() - t0, failed)
+            stats.record(name, perf_counter_ns() - t0, failed)
 
     return wrapper
 
@@ -57,7 +61,39 @@ def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 _ATTR_OUT = struct.Struct("=QII6Q10I")
 
 
-def attr_out(e: pyfuse3.EntryAttributes) -> bytes:
+def entry(a: Attrs) -> pyfuse3.EntryAttributes:
+    """The union's attributes as pyfuse3's reply object."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.st_ino
+    e.generation = a.generation
+    e.entry_timeout = a.entry_timeout
+    e.attr_timeout = a.attr_timeout
+    e.st_mode = a.st_mode
+    e.st_nlink = a.st_nlink
+    e.st_uid = a.st_uid
+    e.st_gid = a.st_gid
+    e.st_rdev = a.st_rdev
+    e.st_size = a.st_size
+    e.st_blksize = a.st_blksize
+    e.st_blocks = a.st_blocks
+    e.st_atime_ns = a.st_atime_ns
+    e.st_mtime_ns = a.st_mtime_ns
+    e.st_ctime_ns = a.st_ctime_ns
+    return e
+
+
+def file_info(o: Opened) -> pyfuse3.FileInfo:
+    return pyfuse3.FileInfo(fh=o.fh, keep_cache=o.keep_cache, direct_io=o.direct_io)
+
+
+def statvfs(s: FsStats) -> pyfuse3.StatvfsData:
+    d = pyfuse3.StatvfsData()
+    for k in FsStats.__slots__:  # type: ignore[attr-defined]
+        setattr(d, k, getattr(s, k))
+    return d
+
+
+def attr_out(e: Attrs) -> bytes:
     """``struct fuse_attr_out`` for ``e``, filled as libfuse's ``fuse_reply_attr`` fills it."""
     valid = max(e.attr_timeout, 0.0)
     sec = int(valid)
@@ -88,8 +124,8 @@ def getattr_reply(fs: UnionFS) -> Callable[[int], bytes | None]:
             return None
         body = node.attrs_reply
         if body is None:
-            body = node.attrs_reply = attr_out(node.attrs)  # type: ignore[arg-type]
-        record("getattr", perf_counter_ns() - t0, False)
+            body = node.attrs_reply = attr_out(node.attrs)  # type: ignore[arg-type]  # kept_attrs: not None
+        stats.record("getattr", perf_counter_ns() - t0, False)
         return body
 
     return reply
@@ -112,6 +148,9 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.on_init = on_init
         self.enable_writeback_cache = fs.opts.writeback
+        self.dircache = DirCache() if fs.opts.dircache else None
+        stats.SETTINGS["dircache"] = lambda: self.dircache is not None and self.dircache.enabled
+        fs.invalidate = _invalidate
 
     def init(self) -> None:
         if self.on_init is not None:
@@ -119,14 +158,14 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.fs.lookup(parent_inode, name)
+        return entry(self.fs.lookup(parent_inode, name))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         self.fs.forget(inode_list)
 
     @_translate
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self.fs.attrs(self.fs.node(inode))
+        return entry(self.fs.attrs(self.fs.node(inode)))
 
     @_translate
     async def setattr(
@@ -137,7 +176,7 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        return await self.fs.setattr(inode, attr, fields, fh)
+        return entry(await self.fs.setattr(inode, attr, fields, fh))
 
     @_translate
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -145,11 +184,14 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return self.fs.opendir(inode)
+        o = self.fs.opendir(inode)
+        if o.cache_dir and self.dircache is not None:
+            self.dircache.mark(inode)
+        return o.fh
 
     @_translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self.fs.readdir(fh, start_id, token)
+        self.fs.readdir(fh, start_id, lambda name, a, nxt: pyfuse3.readdir_reply(token, name, entry(a), nxt))
 
     @_translate
     async def releasedir(self, fh: int) -> None:
@@ -161,7 +203,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return await self.fs.open(inode, flags, ctx)
+        return file_info(await self.fs.open(inode, flags, ctx))
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -186,31 +228,32 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        return await self.fs.create(parent_inode, name, mode, flags, ctx)
+        o, a = await self.fs.create(parent_inode, name, mode, flags, ctx)
+        return file_info(o), entry(a)
 
     @_translate
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return await self.fs.mknod(parent_inode, name, mode, rdev, ctx)
+        return entry(await self.fs.mknod(parent_inode, name, mode, rdev, ctx))
 
     @_translate
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return await self.fs.mkdir(parent_inode, name, mode, ctx)
+        return entry(await self.fs.mkdir(parent_inode, name, mode, ctx))
 
     @_translate
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return await self.fs.symlink(parent_inode, name, target, ctx)
+        return entry(await self.fs.symlink(parent_inode, name, target, ctx))
 
     @_translate
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return await self.fs.link(inode, new_parent_inode, new_name)
+        return entry(await self.fs.link(inode, new_parent_inode, new_name))
 
     @_translate
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -260,7 +303,11 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        return self.fs.statfs()
+        return statvfs(self.fs.statfs())
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True  # default_permissions: the kernel has already checked
+
+
+def _invalidate(ino: int) -> None:
+    pyfuse3.invalidate_inode(ino, attr_only=False)

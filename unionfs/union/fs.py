@@ -17,9 +17,6 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-import pyfuse3
 
 from layerstore.host import (
     RENAME_EXCHANGE,
@@ -29,7 +26,6 @@ from layerstore.host import (
     release_free_memory,
     renameat2,
 )
-from unionfs.fuse.dircache import DirCache
 
 from . import override, stats
 from .copy_up import CopyUp
@@ -41,13 +37,11 @@ from .markers import CAPS_XATTR, WriteDialect, is_marker_name, is_private_xattr
 from .mutex import Mutex
 from .namei import Found, Resolver
 from .readdir import merged_names
+from .records import Attrs, Caller, Changes, CreateCaller, FsStats, KillRequests, NewAttrs, Opened
 from .settle import DELAY as SETTLE_DELAY
 from .space import Room
 from .storelayer import StoreLayer
 from .upper import Upper
-
-if TYPE_CHECKING:
-    from unionfs.fuse.fuseloop import RequestLoop
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
 LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
@@ -57,17 +51,6 @@ GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: at
 
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
-
-
-class Caller(Protocol):
-    """Who sent a request: a ``pyfuse3.RequestContext`` or a :class:`unionfs.fuse.fuseloop.Caller`."""
-
-    @property
-    def uid(self) -> int: ...
-    @property
-    def gid(self) -> int: ...
-    @property
-    def pid(self) -> int: ...
 
 
 def _in_group(ctx: Caller, gid: int) -> bool:
@@ -84,12 +67,9 @@ def _in_group(ctx: Caller, gid: int) -> bool:
     return False
 
 
-def _dot_attrs(ino: int) -> pyfuse3.EntryAttributes:
+def _dot_attrs(ino: int) -> Attrs:
     """Attributes for a ``.`` or ``..`` entry: the kernel takes only the number and type from them."""
-    e = pyfuse3.EntryAttributes()
-    e.st_ino = ino
-    e.st_mode = stat.S_IFDIR
-    return e
+    return Attrs(ino, stat.S_IFDIR)
 
 
 @dataclass(slots=True)
@@ -114,7 +94,7 @@ class FileHandle:
 class DirHandle:
     node: Node
     names: list[bytes] | None = None  # taken at the first read from offset 0
-    found: dict[bytes, tuple[Found | None, pyfuse3.EntryAttributes | None]] | None = None  # lower-only dir
+    found: dict[bytes, tuple[Found | None, Attrs | None]] | None = None  # lower-only dir
 
 
 @dataclass(slots=True, frozen=True)
@@ -129,7 +109,7 @@ class Options:
     gidmap: IdMap = IdMap()
     writeback: bool = False  # the kernel caches writes (see :func:`unionfs.daemon.mount.writeback_wanted`)
     timeout: float = TIMEOUT  # how long the kernel keeps the union's entries, attributes and misses
-    dircache: bool = False  # the kernel keeps the union's directory listings (see :mod:`unionfs.fuse.dircache`)
+    dircache: bool = False  # the kernel may keep the union's directory listings (Opened.cache_dir)
     settle: float = SETTLE_DELAY  # pause in copy-ups after which they are settled (0: in the open; see settle)
 
 
@@ -205,12 +185,12 @@ class UnionFS:
         self.files: dict[int, FileHandle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._request_ino: Callable[[], int] | None = None  # see list_without_open
-        self._kills: RequestLoop | None = None  # see take_privilege_kills
+        self._kills: KillRequests | None = None  # see take_privilege_kills
+        #: tells the kernel to drop what it keeps of an inode (its attributes and pages); set by the FUSE layer
+        self.invalidate: Callable[[int], None] = lambda ino: None
         self._after_reply: Callable[[Callable[[], None]], None] = lambda call: None
         self._unopened_dirs: OrderedDict[int, DirHandle] = OrderedDict()
-        self.dircache = DirCache() if opts.dircache else None
         stats.SETTINGS["writeback"] = lambda: opts.writeback
-        stats.SETTINGS["dircache"] = lambda: self.dircache is not None and self.dircache.enabled
         stats.SETTINGS["inodes"] = lambda: len(self.table)  # known to the kernel (or open)
         stats.SETTINGS["listed"] = lambda: self._listed  # resolutions kept in the listing cache
         self._next_fh = 1
@@ -279,7 +259,7 @@ class UnionFS:
             os.mkdir(name, 0o755, dir_fd=r.upper.layer.dirfd(parent.path))
             return
         before = self._stat(parent)[0]
-        await self.mkdir(parent.ino, name, stat.S_IFDIR | 0o755, ctx)  # type: ignore[arg-type]
+        await self.mkdir(parent.ino, name, stat.S_IFDIR | 0o755, ctx)
         if self.upper is None:
             return
         os.setxattr(self.upper.layer.xpath(path), self.upper.dialect.graftpoint, b"1", follow_symlinks=False)
@@ -427,7 +407,7 @@ class UnionFS:
             proc_path(self.upper.index_fd, node.index_name), self.upper.dialect.nlink, b"%d" % n, follow_symlinks=False
         )
 
-    def attrs(self, node: Node, found: Found | None = None) -> pyfuse3.EntryAttributes:
+    def attrs(self, node: Node, found: Found | None = None) -> Attrs:
         """What the kernel is told of ``node``.
 
         A lower-only entry of the union keeps its answer on the node: lower layers do not
@@ -437,14 +417,10 @@ class UnionFS:
         (atime), and when its own copy times out.
         """
         if node.attrs is not None and not node.upper and node.links:
-            return node.attrs  # type: ignore[return-value]
+            return node.attrs
         st, nlink = self._stat(node, found)
         r = self.realms[node.realm]
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = node.ino
-        e.generation = 0
-        e.entry_timeout = r.timeout
-        e.attr_timeout = r.timeout
+        e = Attrs(node.ino, timeout=r.timeout)
         uid, gid, mode, rdev = override.apply(st, self._override(node, st)) if self.rootless else (
             st.st_uid, st.st_gid, st.st_mode, st.st_rdev
         )  # fmt: skip
@@ -488,7 +464,7 @@ class UnionFS:
             return None
 
     # -- lookup & listing ------------------------------------------------------------
-    def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_ino: int, name: bytes) -> Attrs:
         parent = self.node(parent_ino)
         if name == b".":
             node = parent
@@ -508,7 +484,7 @@ class UnionFS:
         self.table.remember(node)
         return a
 
-    def _negative(self, parent: Node) -> pyfuse3.EntryAttributes:
+    def _negative(self, parent: Node) -> Attrs:
         """No such entry, cached by the kernel as long as positive entries (inode 0 is a negative dentry).
 
         Only in the union realm, where every change comes through this mount: the kernel
@@ -517,10 +493,7 @@ class UnionFS:
         """
         if parent.realm:
             raise _err(errno.ENOENT)
-        e = pyfuse3.EntryAttributes()
-        e.st_ino = 0
-        e.entry_timeout = self.realms[0].timeout
-        return e
+        return Attrs(0, timeout=self.realms[0].timeout)
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         before = len(self.table)
@@ -553,13 +526,13 @@ class UnionFS:
         mount, so after each complete listing of one of theirs the kernel is told to
         forget it (:meth:`_forget_listing`). Only with the listing cache on (``dircache``).
         """
-        if self.dircache is None:
+        if not self.opts.dircache:
             return False
         self._request_ino = request_ino
         self._after_reply = after_reply
         return True
 
-    def take_privilege_kills(self, requests: RequestLoop) -> None:
+    def take_privilege_kills(self, requests: KillRequests) -> None:
         """Drop setuid/setgid where the kernel asks, once it leaves that to us (``killpriv``).
 
         With ``FUSE_HANDLE_KILLPRIV_V2`` granted, the kernel no longer drops the bits
@@ -570,8 +543,8 @@ class UnionFS:
         """
         self._kills = requests
 
-    def opendir(self, ino: int) -> int:
-        """A handle for listing ``ino``; the kernel may keep the listing if the union's realm owns it.
+    def opendir(self, ino: int) -> Opened:
+        """A handle for listing ``ino``; the kernel may keep the listing if the union's realm owns it (``dircache``).
 
         Only the union's own directories change solely through this mount (each change
         makes the kernel drop its copy); a volume or bind can change behind it.
@@ -581,9 +554,7 @@ class UnionFS:
         node = self.node(ino)
         fh = self._fh()
         self.dirs[fh] = DirHandle(node)
-        if self.dircache is not None and not node.realm:
-            self.dircache.mark(ino)
-        return fh
+        return Opened(fh, cache_dir=self.opts.dircache and not node.realm)
 
     def _unopened(self) -> DirHandle:
         """The listing state of a directory the kernel did not open: one per directory, kept from offset 0."""
@@ -608,23 +579,28 @@ class UnionFS:
 
         def forget() -> None:
             try:
-                pyfuse3.invalidate_inode(ino, attr_only=False)
+                self.invalidate(ino)
             except OSError:
                 pass  # unmounted meanwhile, or the inode is gone: nothing kept
 
         self._after_reply(forget)
 
-    def readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
+    def readdir(self, fh: int, start: int, emit: Callable[[bytes, Attrs, int], bool]) -> None:
+        """List the directory of handle ``fh`` (0: the request's, see :meth:`list_without_open`) from offset ``start``.
+
+        Each entry goes to ``emit(name, attrs, next offset)``, which returns False when the
+        reply is full (that entry not taken). An entry taken counts as a lookup (READDIRPLUS).
+        """
         h = self.dirs[fh] if fh else self._unopened()
         if start == 0 or h.names is None:
             self._take_listing(h)  # rewinddir sees changes
-        if self._send_entries(h, start, token) == 0 and not fh:  # the empty reply that ends a listing
+        if self._send_entries(h, start, emit) == 0 and not fh:  # the empty reply that ends a listing
             if self._unopened_dirs.get(h.node.ino) is h:
                 del self._unopened_dirs[h.node.ino]  # nothing to continue (memory: the listing cache is bounded)
             if h.node.realm:
                 self._forget_listing(h.node.ino)
 
-    def _send_entries(self, h: DirHandle, start: int, token: pyfuse3.ReaddirToken) -> int:
+    def _send_entries(self, h: DirHandle, start: int, emit: Callable[[bytes, Attrs, int], bool]) -> int:
         """Reply with the entries from ``start`` on; returns how many, or -1 if the reply is full."""
         names = h.names
         assert names is not None
@@ -633,7 +609,7 @@ class UnionFS:
             name = names[i]
             if i < 2:
                 target = h.node if i == 0 else (h.node.links[0][0] if h.node.links else h.node)
-                if not pyfuse3.readdir_reply(token, name, _dot_attrs(target.ino), i + 1):
+                if not emit(name, _dot_attrs(target.ino), i + 1):
                     return -1
                 sent += 1
                 continue
@@ -658,7 +634,7 @@ class UnionFS:
             except FileNotFoundError:
                 self.table.maybe_drop(node)
                 continue
-            if not pyfuse3.readdir_reply(token, name, a, i + 1):
+            if not emit(name, a, i + 1):
                 self.table.maybe_drop(node)
                 return -1
             self.table.remember(node)
@@ -750,7 +726,7 @@ class UnionFS:
                 raise
             return self._data_fd(node, (io & ~os.O_ACCMODE) | (flags & os.O_ACCMODE))
 
-    async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.FileInfo:
+    async def open(self, ino: int, flags: int, ctx: Caller | None = None) -> Opened:
         node = self.node(ino)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         killer = self._killer(ctx if flags & os.O_TRUNC else None)
@@ -772,7 +748,7 @@ class UnionFS:
         self.files[fh] = FileHandle(node, fd, writable, node.version)
         node.opens += 1
         # keep_cache: a volume may change behind our back; direct_io: see unionfs.union.space
-        return pyfuse3.FileInfo(fh=fh, keep_cache=node.realm == 0, direct_io=writable and self._room_low())
+        return Opened(fh, keep_cache=node.realm == 0, direct_io=writable and self._room_low())
 
     def _killer(self, ctx: Caller | None) -> Caller | None:
         """Who the request being started drops setuid/setgid for, if anyone; call before any await.
@@ -833,7 +809,7 @@ class UnionFS:
         self.table.maybe_drop(h.node)
 
     # -- creating entries ------------------------------------------------------------------
-    def _owner(self, parent: Node, ctx: pyfuse3.RequestContext, parent_st: os.stat_result) -> tuple[int, int]:
+    def _owner(self, parent: Node, ctx: CreateCaller, parent_st: os.stat_result) -> tuple[int, int]:
         """The ids a new entry gets on disk: its creator's, mapped out of the mount (EOVERFLOW if unmapped)."""
         r = self.realms[parent.realm]
         try:
@@ -855,7 +831,7 @@ class UnionFS:
         pst = os.stat(".", dir_fd=pfd)
         return upper, pfd, over, pst
 
-    def _new_node(self, parent: Node, name: bytes, found: Found | None = None) -> tuple[Node, pyfuse3.EntryAttributes]:
+    def _new_node(self, parent: Node, name: bytes, found: Found | None = None) -> tuple[Node, Attrs]:
         """The node and attributes of an entry just made in ``parent`` (resolved unless ``found`` is given)."""
         found = found or self._lookup_found(parent, name)
         node = self._found_node(found, parent, name)
@@ -864,8 +840,8 @@ class UnionFS:
         return node, a
 
     async def create(
-        self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: CreateCaller
+    ) -> tuple[Opened, Attrs]:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
@@ -891,7 +867,7 @@ class UnionFS:
         fh = self._fh()
         self.files[fh] = FileHandle(node, fd, True, node.version)
         node.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=self._room_low()), a
+        return Opened(fh, keep_cache=True, direct_io=self._room_low()), a
 
     def _room_low(self) -> bool:
         """Whether a file opened for writing now must bypass the writeback cache (:mod:`unionfs.union.space`)."""
@@ -915,8 +891,8 @@ class UnionFS:
                 os.chmod(target, stat.S_IMODE(st.st_mode))
 
     async def mkdir(
-        self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+        self, parent_ino: int, name: bytes, mode: int, ctx: CreateCaller
+    ) -> Attrs:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
@@ -940,8 +916,8 @@ class UnionFS:
             return self._new_node(parent, name)[1]
 
     async def mknod(
-        self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: CreateCaller
+    ) -> Attrs:
         if stat.S_ISCHR(mode) and rdev == 0:
             raise _err(errno.EPERM)  # a 0/0 device would be a whiteout, as overlayfs refuses it
         parent = self.node(parent_ino)
@@ -964,8 +940,8 @@ class UnionFS:
             return self._new_node(parent, name)[1]
 
     async def symlink(
-        self, parent_ino: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+        self, parent_ino: int, name: bytes, target: bytes, ctx: CreateCaller
+    ) -> Attrs:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
@@ -977,7 +953,7 @@ class UnionFS:
                 upper.place(dname, pfd, name, is_dir=False)
             return self._new_node(parent, name)[1]
 
-    async def link(self, ino: int, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+    async def link(self, ino: int, parent_ino: int, name: bytes) -> Attrs:
         node = self.node(ino)
         parent = self.node(parent_ino)
         if node.realm != parent.realm:
@@ -1206,8 +1182,8 @@ class UnionFS:
         return up.at(node.path)
 
     async def setattr(
-        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None
-    ) -> pyfuse3.EntryAttributes:
+        self, ino: int, attr: NewAttrs, fields: Changes, fh: int | None
+    ) -> Attrs:
         node = self.node(ino)
         r = self.realms[node.realm]
         killer = self._killer(None) if fields.update_size else None  # a truncation for a caller without CAP_FSETID
@@ -1228,7 +1204,7 @@ class UnionFS:
                     handle = self._writable_handle(node)
                 if handle is None:
                     if node.gone is not None:  # an orphan: the change is its last word, as on an orphan inode
-                        node.gone = _with_attrs(node.gone, attr, fields)  # type: ignore[arg-type]
+                        node.gone = _with_attrs(node.gone, attr, fields)
                     return self.attrs(node)  # nothing of it is in the upper layer to change
             if handle is not None and handle.writable:
                 self._apply_attrs(handle.fd, attr, fields, False)  # open for writing: the upper file
@@ -1250,8 +1226,8 @@ class UnionFS:
     def _apply_attrs(
         self,
         where: int | tuple[int, bytes],
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
+        attr: NewAttrs,
+        fields: Changes,
         is_link: bool,
     ) -> None:
         """Apply a setattr to an upper file given as an fd or as (dirfd, name).
@@ -1361,24 +1337,17 @@ class UnionFS:
                 return h.fd
         raise _err(errno.EROFS if writing and any(h.node is node for h in self.files.values()) else errno.ENOENT)
 
-    def statfs(self) -> pyfuse3.StatvfsData:
+    def statfs(self) -> FsStats:
         layer = self.upper.layer if self.upper is not None else self.lowers[0]
         # by fd, never by path: a path could lead into this very mount (a layer containing the mount point)
         sv = os.statvfs(layer.root_fd if isinstance(layer, DirLayer) else layer.root)
-        d = pyfuse3.StatvfsData()
-        d.f_bsize = sv.f_bsize
-        d.f_frsize = sv.f_frsize
-        d.f_blocks = sv.f_blocks
-        d.f_bfree = sv.f_bfree
-        d.f_bavail = sv.f_bavail
-        d.f_files = sv.f_files
-        d.f_ffree = sv.f_ffree
-        d.f_favail = sv.f_favail
-        d.f_namemax = sv.f_namemax
-        return d
+        return FsStats(
+            sv.f_bsize, sv.f_frsize, sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree, sv.f_favail,
+            sv.f_namemax,
+        )  # fmt: skip
 
 
-def _with_attrs(st: os.stat_result, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> os.stat_result:
+def _with_attrs(st: os.stat_result, attr: NewAttrs, fields: Changes) -> os.stat_result:
     """``st`` with a SETATTR's fields applied (for an orphan, which has no file left to change)."""
     v = list(st)
     names = ("st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blksize", "st_blocks", "st_rdev")

@@ -11,7 +11,7 @@ number of its topmost lower directory, so copy-up and remount never change a
 number. A lower hard-link group's index entry is named by the encoded number
 either way, and carries its name (``unionmount.index``) for its upper aliases.
 
-Lookup counts follow pyfuse3's rules: every successful lookup, create, mkdir,
+Lookup counts follow the FUSE protocol's rules: every successful lookup, create, mkdir,
 mknod, symlink, link and readdirplus entry adds one; ``forget`` subtracts; a
 node leaves the table only when its count is zero and no handle is open.
 """
@@ -21,9 +21,9 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass, field
 
-import pyfuse3
+from .records import Attrs
 
-ROOT_INO = pyfuse3.ROOT_INODE
+ROOT_INO = 1  # FUSE_ROOT_ID
 LAYER_SHIFT = 48
 UPPER_ID = 1
 GRAFT_ID = 0x8000  # graft k's entries use layer id GRAFT_ID + k
@@ -64,8 +64,8 @@ class Node:
     no_caps: bool = False  # known to have no security.capability (the kernel asks before every write)
     #: the attributes of a lower-only entry of the union (image layers do not change); set and
     #: trusted by :meth:`unionfs.union.fs.UnionFS.attrs` only while ``upper`` is false
-    attrs: object | None = None
-    attrs_reply: bytes | None = None  # ``attrs`` as a GETATTR reply body (unionfs.fuse.operations.getattr_reply)
+    attrs: Attrs | None = None
+    attrs_reply: bytes | None = None  # kept for the FUSE layer: ``attrs`` as it answers them (a GETATTR reply body)
     #: the last attributes of an entry removed while the kernel still knows it (its nlink now 0): what
     #: GETATTR and SETATTR of it answer once no open file reaches it, as overlayfs answers for an orphan
     gone: object | None = None
