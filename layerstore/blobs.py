@@ -191,5 +191,3 @@ def _unlink_quiet(path: str) -> None:
     except OSError as e:
         if e.errno != errno.ENOENT:
             raise
-
-

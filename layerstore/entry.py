@@ -33,7 +33,7 @@ class Entry:
         return stat.S_ISDIR(self.mode)
 
     def pack(self) -> bytes:
-        return msgpack.packb(
+        return msgpack.packb(  # type: ignore[no-any-return]
             [
                 self.mode,
                 self.uid,

@@ -215,6 +215,7 @@ def proc_path(dirfd: int, name: bytes) -> bytes:
     """
     return b"/proc/self/fd/%d/%s" % (dirfd, name)
 
+
 def syncfs(path: str) -> None:
     """``syncfs(2)`` of the filesystem holding the directory ``path``."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -234,12 +234,12 @@ def decompressed(buffered: io.BufferedReader) -> BinaryIO:
     if magic[:2] == b"\x1f\x8b":
         return _Gunzip(buffered)  # type: ignore[return-value]
     if magic[:4] == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
     if magic == b"\xfd7zXZ\x00":
         return lzma.LZMAFile(buffered)  # type: ignore[return-value]
     if magic[:3] == b"BZh":
         return bz2.BZ2File(buffered)  # type: ignore[return-value]
-    return buffered  # type: ignore[return-value]
+    return buffered
 
 
 @contextmanager
@@ -252,9 +252,9 @@ def open_layer(ref: LayerRef, on_read: Callable[[int], None] | None = None) -> I
     try:
         outer = _Hashing(raw, on_read)
         inner = _Hashing(decompressed(io.BufferedReader(outer, 1 << 20)))
-        ahead = _ReadAhead(inner)
+        ahead = _ReadAhead(inner)  # type: ignore[arg-type]  # a ChunkReader reads as a BinaryIO
         try:
-            yield io.BufferedReader(ahead, 1 << 20)  # type: ignore[misc]
+            yield io.BufferedReader(ahead, 1 << 20)
             ahead.drain()
         finally:
             ahead.close()  # the reader thread has ended: the hashes are ours again

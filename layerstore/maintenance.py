@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import lmdb
 import msgpack
 import xxhash
 
@@ -77,11 +78,11 @@ def gc(store: Store) -> tuple[int, int, int]:
         for image_id, _ in list(txn.cursor(db=store.db["configs"])):
             if bytes(image_id) not in named and not _used_by_container(store, txn, bytes(image_id)):
                 store._drop_merged(txn, bytes(image_id))
-        used = set()
+        used: set[bytes] = set()
         for _, raw in txn.cursor(db=store.db["configs"]):
             used.update(d.encode() for d in msgpack.unpackb(raw, raw=False)["layers"])
-        for diff, _ in list(txn.cursor(db=store.db["layers"])):
-            diff = bytes(diff)
+        for raw_diff, _ in list(txn.cursor(db=store.db["layers"])):
+            diff = bytes(raw_diff)
             if diff in used:
                 continue
             for path, e in list(store.layer_entries(txn, diff)):
@@ -95,15 +96,15 @@ def gc(store: Store) -> tuple[int, int, int]:
                 txn.delete(bytes(digest), db=store.db["blobs"])
     with store.env.begin(write=True) as txn:  # the lock only: this one writes no row
         live = {bytes(k) for k, _ in txn.cursor(db=store.db["blobs"])}
-        for digest, path in _blob_files(store).items():
-            if digest not in live:
-                freed += os.lstat(path).st_blocks * 512
-                store.blobs.remove(digest)
+        for name, file in _blob_files(store).items():
+            if name not in live:
+                freed += os.lstat(file).st_blocks * 512
+                store.blobs.remove(name)
                 dropped_blobs += 1
     return dropped_layers, dropped_blobs, freed
 
 
-def _used_by_container(store: Store, txn, image_id: bytes) -> bool:  # noqa: ANN001
+def _used_by_container(store: Store, txn: lmdb.Transaction, image_id: bytes) -> bool:
     return any(
         msgpack.unpackb(v, raw=False)["image"] == image_id.decode() for _, v in txn.cursor(db=store.db["containers"])
     )
@@ -155,7 +156,7 @@ def _shown(key: bytes) -> str:
     return name if len(name) <= 40 else f"{name[:24]}... ({len(name)} characters)"
 
 
-def _unusable_records(store: Store, txn) -> list[str]:  # noqa: ANN001
+def _unusable_records(store: Store, txn: lmdb.Transaction) -> list[str]:
     """Records no command can use: names outside the grammar, a container without its layer, dangling names."""
     out = []
     for k, v in txn.cursor(db=store.db["containers"]):

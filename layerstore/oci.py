@@ -11,6 +11,7 @@ mismatch raises :class:`SourceError` once the stream has been read to its end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -363,6 +364,6 @@ def docker_archive(path: str, ref: str | None) -> ImageSource:
         raise Malformed("manifest.json: 'Layers' is not a list of names")
     if len(names) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
-    layers = [LayerRef(d, None, (lambda n=n: member(n))) for d, n in zip(ids, names, strict=True)]
+    layers = [LayerRef(d, None, functools.partial(member, n)) for d, n in zip(ids, names, strict=True)]
     tags = [t for t in _list(entry, "RepoTags", "the image in manifest.json") if isinstance(t, str)]
     return ImageSource(config, config_digest, config_digest, layers, tags)

@@ -343,7 +343,7 @@ class _Transient(SourceError):
 
 
 def _backoff(attempt: int) -> float:
-    return 0.5 * 2 ** (attempt - 1)
+    return 0.5 * 2.0 ** (attempt - 1)
 
 
 def _reason(e: Exception | None) -> str:
@@ -414,11 +414,11 @@ def _credentials(host: str) -> tuple[str, str] | None:
             continue
         if not isinstance(doc, dict):
             continue
-        helpers = doc.get("credHelpers") if isinstance(doc.get("credHelpers"), dict) else {}
+        helpers = doc["credHelpers"] if isinstance(doc.get("credHelpers"), dict) else {}
         helper = next((h for k, h in helpers.items() if k in keys), None)
         if isinstance(helper, str) and (found := _from_helper(helper, server)):
             return found
-        auths = doc.get("auths") if isinstance(doc.get("auths"), dict) else {}
+        auths = doc["auths"] if isinstance(doc.get("auths"), dict) else {}
         for key, entry in auths.items():
             if key.rstrip("/") in keys or key in keys:
                 try:

@@ -81,9 +81,9 @@ def load(files: list[str] | None = None) -> dict[str, _Entry]:
             v1 = doc.get("registries", {})
             for kind in ("insecure", "block"):
                 for host in v1.get(kind, {}).get("registries", []):
-                    e = entries.setdefault(str(host), _Entry(str(host), str(host)))
-                    e.insecure |= kind == "insecure"
-                    e.blocked |= kind == "block"
+                    old = entries.setdefault(str(host), _Entry(str(host), str(host)))
+                    old.insecure |= kind == "insecure"
+                    old.blocked |= kind == "block"
         except (AttributeError, KeyError, TypeError) as e:
             raise SourceError(f"{path}: malformed registry table ({e})") from None
     return entries

@@ -86,7 +86,7 @@ def open_registry(text: str, opts: SourceOptions) -> ImageSource:
     the image serves it all. The image keeps the name it was asked for.
     """
     ref = parse_reference(text.removeprefix("//"))
-    failures = []
+    failures: list[str] = []
     places = registries_conf.endpoints(ref.host, ref.repo, ref.digest is not None)
     for place in places:
         try:

@@ -74,7 +74,7 @@ def write_layer_tar(store: Store, diff_id: bytes, out: BinaryIO) -> None:
     """The layer ``diff_id`` as an OCI layer tar."""
     links: list[tuple[bytes, Entry]] = []
     files: set[bytes] = set()  # non-directories of this layer
-    with store.env.begin() as txn, tarwrite.writer(out) as tar:  # type: ignore[arg-type]
+    with store.env.begin() as txn, tarwrite.writer(out) as tar:
         for path, e in store.layer_entries(txn, diff_id):
             if e.kind == KIND_WHITEOUT:
                 if not _below(path, files):  # one below a file of the same layer means nothing; tools choke on it
@@ -123,7 +123,7 @@ def _layer_blob(store: Store, diff_id: str, tmpdir: str, *, compress: bool = Fal
     with os.fdopen(fd, "wb") as f:
         outer = _HashWriter(f)
         if compress:
-            with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0, compresslevel=1) as gz:  # type: ignore[arg-type]
+            with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0, compresslevel=1) as gz:
                 inner = _HashWriter(gz)  # type: ignore[arg-type]
                 write_layer_tar(store, diff_id.encode(), inner)  # type: ignore[arg-type]
         else:
@@ -274,7 +274,7 @@ def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
         with open(index_path + ".tmp", "w") as f:
             json.dump(index, f)
         os.replace(index_path + ".tmp", index_path)
-    return mdigest
+    return str(mdigest)
 
 
 @contextmanager
@@ -344,7 +344,7 @@ def _save_oci_archive(store: Store, image_id: bytes, path: str, ref: str) -> str
         desc = _index_entry(raw, ref)
         put(f"blobs/sha256/{desc['digest'][7:]}", raw)
         put("index.json", json.dumps({"schemaVersion": 2, "manifests": [desc]}).encode())
-    return desc["digest"]
+    return str(desc["digest"])
 
 
 def _save_docker(store: Store, image_id: bytes, path: str, repotag: str) -> str:

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import lmdb
 import msgpack
@@ -70,11 +70,12 @@ def merged_key(prefix: bytes, path: bytes) -> bytes:
 
 
 def _pack(v: object) -> bytes:
-    return msgpack.packb(v, use_bin_type=True)
+    return cast(bytes, msgpack.packb(v, use_bin_type=True))
 
 
-def _unpack(v: bytes) -> dict:  # type: ignore[type-arg]
-    return msgpack.unpackb(v, raw=False)
+def _unpack(v: object) -> dict[str, Any]:
+    """A record as stored (lmdb hands out bytes; its types also allow a buffer or a miss)."""
+    return cast(dict[str, Any], msgpack.unpackb(v, raw=False))
 
 
 @dataclass(slots=True, frozen=True)
@@ -236,8 +237,13 @@ class Store:
                 raise
         return name, src.config_digest
 
-    def _import_layer(  # noqa: ANN001
-        self, txn: lmdb.Transaction, layer, below, new_blobs: list[bytes], on_read: Callable[[int], None] | None = None
+    def _import_layer(
+        self,
+        txn: lmdb.Transaction,
+        layer: LayerRef,
+        below: Sequence[LayerRef],
+        new_blobs: list[bytes],
+        on_read: Callable[[int], None] | None = None,
     ) -> None:
         diff = layer.diff_id.encode()
         lower_ids = [b.diff_id.encode() for b in below]
@@ -258,14 +264,14 @@ class Store:
                 else:
                     layer_entries[path] = e
         for path in whiteouts:
-            e = layer_entries.get(path)
-            if e is None:
+            got = layer_entries.get(path)
+            if got is None:
                 layer_entries[path] = Entry(0, kind=KIND_WHITEOUT)
-            elif e.is_dir:
+            elif got.is_dir:
                 opaque.add(path)  # deleted and re-created in one layer: nothing below shows through
         for path in opaque:
-            e = layer_entries.get(path)
-            layer_entries[path] = (e or Entry(0)).with_(kind=KIND_OPAQUE)
+            got = layer_entries.get(path)
+            layer_entries[path] = (got or Entry(0)).with_(kind=KIND_OPAQUE)
         size = 0
         for path, e in layer_entries.items():
             txn.put(diff + SEP + path, e.pack(), db=self.db["entries"])
@@ -284,7 +290,7 @@ class Store:
         prefix = diff_id + SEP
         cur = txn.cursor(db=self.db["entries"])
         if cur.set_range(prefix):
-            for k, v in cur:
+            for k, v in cast("Iterator[tuple[bytes, bytes]]", cur):
                 if not k.startswith(prefix):
                     break
                 yield k[len(prefix) :], Entry.unpack(v)
@@ -387,7 +393,7 @@ class Store:
         key = _key(normalize_name(name)) if name else None
         with self.env.begin(write=True) as txn:
             image_id = txn.get(key, db=self.db["images"]) if key is not None else None
-            if image_id is None:
+            if key is None or image_id is None:
                 raise StoreError(f"no image '{name}' in the store")
             users = [
                 k.decode() for k, v in txn.cursor(db=self.db["containers"]) if _unpack(v)["image"] == image_id.decode()
@@ -403,7 +409,7 @@ class Store:
         prefix = image_key(image_id)
         cur = txn.cursor(db=self.db["merged"])
         if cur.set_range(prefix):
-            while cur.key().startswith(prefix):
+            while cast(bytes, cur.key()).startswith(prefix):
                 if not cur.delete():
                     break
         txn.delete(image_id, db=self.db["configs"])

@@ -58,7 +58,7 @@ def info(
         t.type = tarfile.REGTYPE
         t.size = size
     if xattrs:
-        t.pax_headers.update({f"SCHILY.xattr.{_s(k)}": _s(v) for k, v in sorted(xattrs.items())})
+        t.pax_headers = {**t.pax_headers, **{f"SCHILY.xattr.{_s(k)}": _s(v) for k, v in sorted(xattrs.items())}}
     return t
 
 
@@ -67,7 +67,8 @@ def _mtime(t: tarfile.TarInfo, mtime_ns: int) -> None:
     whole, frac = divmod(abs(mtime_ns), 10**9)
     t.mtime = mtime_ns // 10**9 if mtime_ns >= 0 else 0
     if frac or mtime_ns < 0:
-        t.pax_headers["mtime"] = ("-" if mtime_ns < 0 else "") + f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+        text = ("-" if mtime_ns < 0 else "") + f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+        t.pax_headers = {**t.pax_headers, "mtime": text}
 
 
 def hardlink(path: bytes, target: bytes, mtime_ns: int = 0) -> tarfile.TarInfo:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -54,7 +55,7 @@ class Volume:
     mountpoint: str = ""
 
     def record(self) -> bytes:
-        return msgpack.packb(
+        return msgpack.packb(  # type: ignore[no-any-return]
             {
                 "driver": self.driver,
                 "options": self.options,
@@ -66,7 +67,7 @@ class Volume:
         )
 
 
-def _db(store: Store):  # noqa: ANN202
+def _db(store: Store) -> Any:
     db = store.db.get("volumes")
     if db is None:
         raise StoreError("this store has no volume table (open it writable once: any image or volume command)")

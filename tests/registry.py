@@ -40,7 +40,16 @@ class Registry:
     def push(self, src: str, name: str, *extra: str) -> str:
         """``skopeo copy SRC docker://HOST/NAME``; returns the manifest digest."""
         digest = self.data.parent / "digest"
-        cmd = ["skopeo", "copy", "--digestfile", str(digest), *self.push_args, *extra, src, f"docker://{self.host}/{name}"]
+        cmd = [
+            "skopeo",
+            "copy",
+            "--digestfile",
+            str(digest),
+            *self.push_args,
+            *extra,
+            src,
+            f"docker://{self.host}/{name}",
+        ]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         return digest.read_text().strip()
 

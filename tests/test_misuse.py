@@ -49,8 +49,10 @@ BAD: list[tuple[list[str], str]] = [
     (["mount", "--image", "base", "--gidmap", "0:4294967295:1", "MNT"], "out of range"),
     (["mount", "--image", "base", "--volumes-from", "nosuch", "MNT"], "no container 'nosuch'"),
     (["mount", "--image", "base", "-v", "fresh:/fresh", "--volumes-from", "nosuch", "MNT"], "no container 'nosuch'"),
-    (["mount", "--image", "base", "-v", "fresh:/fresh", "--mount", "type=bind,source=/nonexistent,target=/x", "MNT"],
-     "not an existing directory"),  # fmt: skip
+    (
+        ["mount", "--image", "base", "-v", "fresh:/fresh", "--mount", "type=bind,source=/nonexistent,target=/x", "MNT"],
+        "not an existing directory",
+    ),  # fmt: skip
     (["image", "import", "oci:IMAGE/img:t", "--tag", ""], "invalid image name ''"),
     (["image", "import", "oci:IMAGE/img:t", "--tag", "UPPER:1"], "invalid image name"),
     (["image", "save", "base", "docker-archive:OUT:Bad:tag:x"], "invalid image name"),

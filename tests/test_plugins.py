@@ -50,14 +50,31 @@ class Rclone:
         self.plugins.mkdir()
         (base / "remote").mkdir()
         self.procs = [
-            subprocess.Popen(["rclone", "serve", "webdav", str(base / "remote"), "--addr", f"127.0.0.1:{self.port}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            subprocess.Popen(
+                ["rclone", "serve", "webdav", str(base / "remote"), "--addr", f"127.0.0.1:{self.port}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         ]
         self.addr = f"127.0.0.1:{_free_port()}" if tcp else str(self.plugins / "rclone.sock")
         self.procs.append(
-            subprocess.Popen(["rclone", "serve", "docker", "--base-dir", str(base / "mounts"), "--socket-addr",
-                              self.addr, "--cache-dir", str(base / "cache"), "--config", str(base / "rclone.conf")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            subprocess.Popen(
+                [
+                    "rclone",
+                    "serve",
+                    "docker",
+                    "--base-dir",
+                    str(base / "mounts"),
+                    "--socket-addr",
+                    self.addr,
+                    "--cache-dir",
+                    str(base / "cache"),
+                    "--config",
+                    str(base / "rclone.conf"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         )
         if tcp:
             (self.plugins / "rclone.spec").write_text(f"tcp://{self.addr}\n")

@@ -199,8 +199,10 @@ def test_logins(auth: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         bin_dir.mkdir()
         docker_dir.mkdir()
         helper = bin_dir / "docker-credential-test"
-        helper.write_text(f"#!/bin/sh\nread host; [ \"$host\" = {reg.host} ] || exit 1\n"
-                          f'echo \'{{"ServerURL": "{reg.host}", "Username": "{USER}", "Secret": "{PASSWORD}"}}\'\n')
+        helper.write_text(
+            f'#!/bin/sh\nread host; [ "$host" = {reg.host} ] || exit 1\n'
+            f'echo \'{{"ServerURL": "{reg.host}", "Username": "{USER}", "Secret": "{PASSWORD}"}}\'\n'
+        )
         helper.chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
         for config in ({"credHelpers": {reg.host: "test"}}, {"credsStore": "test"}):
@@ -257,7 +259,6 @@ def test_reference_normalisation() -> None:
     ):
         r = parse_reference(text)
         assert (r.host, r.repo, r.tag, r.digest) == want, text
-
 
 
 @pytest.mark.parametrize("auth", ["htpasswd", "token"])

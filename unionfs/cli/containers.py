@@ -33,7 +33,7 @@ from unionfs.union.settle import recover_dirs
 from unionfs.union.storelayer import StoreLayer
 from unionfs.union.view import Item, View
 
-from .commands import human
+from .images import human
 
 
 @contextmanager

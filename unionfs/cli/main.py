@@ -13,6 +13,7 @@ Every error ends as one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from unionfs.daemon import grafts
 from unionfs.daemon.config import MountConfig, UsageError, parse_o, validate
 from unionfs.fuse import control
 
-from . import commands
+from . import images
 
 EPILOG = """\
 examples:
@@ -40,9 +41,62 @@ examples:
 """
 
 
+COMMANDS = ("mount", "umount", "stats", "image", "container", "volume", "diff", "commit", "export", "store")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
+
+
+ROOT_HELP = "the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)"
+
+
+def _shared(*, root: bool = False, fmt: bool = False, leaf: bool = False) -> list[argparse.ArgumentParser]:
+    """The options many commands share, defined here once: ``--root`` and ``--format``.
+
+    A group (``image``, ``container``, ...) takes ``--root`` before its action and every
+    action after it (``leaf``: there it overrides the group's only when given).
+    """
+    parents: list[argparse.ArgumentParser] = []
+    if root:
+        p = _Parser(add_help=False)
+        p.add_argument("--root", metavar="DIR", help=ROOT_HELP, default=argparse.SUPPRESS if leaf else None)
+        parents.append(p)
+    if fmt:
+        p = _Parser(add_help=False)
+        p.add_argument("--format", choices=("table", "json"), default="table")
+        parents.append(p)
+    return parents
+
+
+def _call(module: str, func: str, *names: str) -> Callable[[argparse.Namespace], int]:
+    """A command: ``unionfs.cli.MODULE.FUNC`` called with the parsed arguments ``names``, imported when it
+    runs (a command loads only what it needs); a body that talks to registries also gets their options."""
+
+    def run(ns: argparse.Namespace) -> int:
+        body = getattr(importlib.import_module(f"unionfs.cli.{module}"), func)
+        extra = _registry(ns) if hasattr(ns, "creds") else {}
+        return int(body(*(getattr(ns, n) for n in names), **extra))
+
+    return run
+
+
+def _group(sub: Any, name: str, help: str) -> Any:
+    g = sub.add_parser(name, help=help, parents=_shared(root=True))
+    return g.add_subparsers(dest=f"{name}_cmd", metavar="ACTION", required=True)
+
+
+def _action(group: Any, name: str, help: str, run: Callable[[argparse.Namespace], int], *, fmt: bool = False) -> Any:
+    a = group.add_parser(name, help=help, parents=_shared(root=True, fmt=fmt, leaf=True))
+    a.set_defaults(run=run)
+    return a
+
+
+def _command(sub: Any, name: str, help: str, run: Callable[[argparse.Namespace], int], **shared: bool) -> Any:
+    c = sub.add_parser(name, help=help, parents=_shared(**shared))
+    c.set_defaults(run=run)
+    return c
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,12 +107,128 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    _mount_parser(sub)
+    u = _command(sub, "umount", "unmount a union (the daemon exits 0)", lambda ns: _umount(ns.mountpoint, ns.timeout))
+    u.add_argument("mountpoint", metavar="MNT")
+    u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+    sx = _command(
+        sub, "stats", "a mounted daemon's requests per operation, mean cost, CPU and RSS",
+        lambda ns: _stats(ns.mountpoint, ns.format), fmt=True,
+    )  # fmt: skip
+    sx.add_argument("mountpoint", metavar="MNT")
+
+    im = _group(sub, "image", "import, list, inspect and remove images")
+    imp = _action(
+        im, "import",
+        "import oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:REF], docker://REFERENCE, "
+        "or a flat root filesystem tarball FILE|- (docker import)",
+        _image_import,
+    )  # fmt: skip
+    imp.add_argument("source", metavar="SOURCE")
+    imp.add_argument("name", metavar="NAME[:TAG]", nargs="?", help="for a tarball: the image's name (as --tag)")
+    imp.add_argument(
+        "-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+        help="for a tarball: a Dockerfile instruction for the config (CMD, ENTRYPOINT, ENV, VOLUME, ...)",
+    )  # fmt: skip
+    imp.add_argument("-m", "--message", help="for a tarball: the history comment")
+    _source_options(imp)
+    pl = _action(im, "pull", "import [HOST[:PORT]/]NAME[:TAG|@DIGEST] from a registry, as docker pull", _image_import)
+    pl.add_argument("source", metavar="REFERENCE")
+    _source_options(pl)
+    _action(im, "ls", "list images", _call("images", "image_ls", "root", "format"), fmt=True)
+    ii = _action(im, "inspect", "an image's config as JSON", _call("images", "image_inspect", "root", "name"))
+    ii.add_argument("name", metavar="NAME")
+    ir = _action(im, "rm", "remove an image name", _call("images", "image_rm", "root", "name"))
+    ir.add_argument("name", metavar="NAME")
+    sv = _action(
+        im, "save",
+        "write an image as oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:NAME:TAG], docker://REF",
+        _call("images", "image_save", "root", "name", "dest"),
+    )  # fmt: skip
+    sv.add_argument("name", metavar="NAME")
+    sv.add_argument("dest", metavar="DEST")
+    _registry_options(sv)
+    ps = _action(
+        im, "push", "push an image to a registry, as docker push (DEST default: NAME)",
+        _call("images", "image_push", "root", "name", "dest"),
+    )  # fmt: skip
+    ps.add_argument("name", metavar="NAME")
+    ps.add_argument("dest", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG]")
+    _registry_options(ps)
+    tg = _action(im, "tag", "give an image another name", _call("images", "image_tag", "root", "name", "new"))
+    tg.add_argument("name", metavar="NAME")
+    tg.add_argument("new", metavar="NEW:TAG")
+
+    c = _group(sub, "container", "list, inspect and remove containers (writable layers)")
+    _action(c, "ls", "list containers", _call("containers", "container_ls", "root", "format"), fmt=True)
+    ci = _action(c, "inspect", "a container as JSON", _call("containers", "container_inspect", "root", "name"))
+    ci.add_argument("name", metavar="NAME")
+    crm = _action(
+        c, "rm", "remove containers (-f: unmount first)", _call("containers", "container_rm", "root", "names", "force")
+    )
+    crm.add_argument("names", metavar="NAME", nargs="+")
+    crm.add_argument("-f", "--force", action="store_true")
+    _action(c, "prune", "remove every container that is not mounted", _call("containers", "container_prune", "root"))
+
+    v = _group(sub, "volume", "create, list, inspect and remove volumes")
+    vc = _action(
+        v, "create", "create a volume (local driver; -o type=none -o o=bind -o device=DIR)",
+        _call("volumes", "create", "root", "name", "driver", "opt", "label"),
+    )  # fmt: skip
+    vc.add_argument("name", metavar="NAME", nargs="?")
+    vc.add_argument("--driver", "-d", default="local")
+    vc.add_argument("--opt", "-o", action="append", default=[], metavar="KEY=VALUE")
+    vc.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    vl = _action(v, "ls", "list volumes", _call("volumes", "ls", "root", "format", "quiet"), fmt=True)
+    vl.add_argument("-q", "--quiet", action="store_true")
+    vi = _action(v, "inspect", "volumes as JSON", _call("volumes", "inspect", "root", "names"))
+    vi.add_argument("names", metavar="NAME", nargs="+")
+    vr = _action(
+        v, "rm", "remove volumes (refused while a container uses one, unless -f)",
+        _call("volumes", "rm", "root", "names", "force"),
+    )  # fmt: skip
+    vr.add_argument("names", metavar="NAME", nargs="+")
+    vr.add_argument("-f", "--force", action="store_true")
+    vp = _action(
+        v, "prune", "remove unused anonymous volumes (-a: all unused)", _call("volumes", "prune", "root", "all")
+    )
+    vp.add_argument("-a", "--all", action="store_true")
+
+    d = _command(
+        sub, "diff", "what a container changed: A (added), C (changed), D (deleted) paths",
+        _call("containers", "diff", "root", "name"), root=True,
+    )  # fmt: skip
+    d.add_argument("name", metavar="CONTAINER")
+    cm = _command(
+        sub, "commit", "a container's changes as a new image layer",
+        _call("containers", "commit", "root", "name", "tag", "message", "author"), root=True,
+    )  # fmt: skip
+    cm.add_argument("name", metavar="CONTAINER")
+    cm.add_argument("--tag", "-t", required=True, metavar="NAME:TAG")
+    cm.add_argument("--message", "-m", metavar="MSG")
+    cm.add_argument("--author", "-a", metavar="AUTHOR")
+    ex = _command(
+        sub, "export", "a container's merged tree as one tar ('-' for stdout)",
+        _call("containers", "export", "root", "name", "file"), root=True,
+    )  # fmt: skip
+    ex.add_argument("name", metavar="CONTAINER")
+    ex.add_argument("file", metavar="FILE.tar")
+    st = _command(
+        sub, "store", "store usage, garbage collection, consistency check",
+        lambda ns: _call("images", f"store_{ns.action}", "root")(ns), root=True,
+    )  # fmt: skip
+    st.add_argument("action", choices=("df", "gc", "check"))
+    return p
+
+
+def _mount_parser(sub: Any) -> None:
     m = sub.add_parser(
         "mount",
         help="mount a union of directories",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    m.set_defaults(run=_mount_command)
     layers = m.add_argument_group("layers")
     layers.add_argument(
         "--lower", required=False, default="", help="lower directories, leftmost on top (as overlayfs lowerdir=)"
@@ -67,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--work", help="work directory on the same filesystem as --upper")
     layers.add_argument("--image", metavar="NAME[:TAG]", help="mount an imported image (with a container layer)")
     layers.add_argument("--name", metavar="CONTAINER", help="the container layer to use (new name: a new layer)")
-    layers.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
+    layers.add_argument("--root", metavar="DIR", help=ROOT_HELP)
     pg = m.add_argument_group("pulling the image (as docker run)")
     pg.add_argument(
         "--pull",
@@ -127,97 +297,6 @@ def _parser() -> argparse.ArgumentParser:
         help="overlay/FUSE mount options, comma separated",
     )
     m.add_argument("mountpoint", metavar="MNT")
-    im = sub.add_parser("image", help="import, list, inspect and remove images")
-    im.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
-    isub = im.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
-    imp = isub.add_parser(
-        "import",
-        help="import oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:REF], docker://REFERENCE, "
-        "or a flat root filesystem tarball FILE|- (docker import)",
-    )
-    imp.add_argument("source", metavar="SOURCE")
-    imp.add_argument("name", metavar="NAME[:TAG]", nargs="?", help="for a tarball: the image's name (as --tag)")
-    imp.add_argument(
-        "-c", "--change", action="append", default=[], metavar="INSTRUCTION",
-        help="for a tarball: a Dockerfile instruction for the config (CMD, ENTRYPOINT, ENV, VOLUME, ...)",
-    )  # fmt: skip
-    imp.add_argument("-m", "--message", help="for a tarball: the history comment")
-    _source_options(imp)
-    pl = isub.add_parser("pull", help="import [HOST[:PORT]/]NAME[:TAG|@DIGEST] from a registry, as docker pull")
-    pl.add_argument("source", metavar="REFERENCE")
-    _source_options(pl)
-    ls = isub.add_parser("ls", help="list images")
-    ls.add_argument("--format", choices=("table", "json"), default="table")
-    isub.add_parser("inspect", help="an image's config as JSON").add_argument("name", metavar="NAME")
-    isub.add_parser("rm", help="remove an image name").add_argument("name", metavar="NAME")
-    sv = isub.add_parser(
-        "save",
-        help="write an image as oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:NAME:TAG], docker://REF",
-    )
-    sv.add_argument("name", metavar="NAME")
-    sv.add_argument("dest", metavar="DEST")
-    _registry_options(sv)
-    ps = isub.add_parser("push", help="push an image to a registry, as docker push (DEST default: NAME)")
-    ps.add_argument("name", metavar="NAME")
-    ps.add_argument("dest", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG]")
-    _registry_options(ps)
-    tg = isub.add_parser("tag", help="give an image another name")
-    tg.add_argument("name", metavar="NAME")
-    tg.add_argument("new", metavar="NEW:TAG")
-    root_help = "the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)"
-    c = sub.add_parser("container", help="list, inspect and remove containers (writable layers)")
-    c.add_argument("--root", metavar="DIR", help=root_help)
-    csub = c.add_subparsers(dest="container_cmd", metavar="ACTION", required=True)
-    cls = csub.add_parser("ls", help="list containers")
-    cls.add_argument("--format", choices=("table", "json"), default="table")
-    csub.add_parser("inspect", help="a container as JSON").add_argument("name", metavar="NAME")
-    crm = csub.add_parser("rm", help="remove containers (-f: unmount first)")
-    crm.add_argument("names", metavar="NAME", nargs="+")
-    crm.add_argument("-f", "--force", action="store_true")
-    csub.add_parser("prune", help="remove every container that is not mounted")
-    v = sub.add_parser("volume", help="create, list, inspect and remove volumes")
-    v.add_argument("--root", metavar="DIR", help=root_help)
-    vsub = v.add_subparsers(dest="volume_cmd", metavar="ACTION", required=True)
-    vc = vsub.add_parser("create", help="create a volume (local driver; -o type=none -o o=bind -o device=DIR)")
-    vc.add_argument("name", metavar="NAME", nargs="?")
-    vc.add_argument("--driver", "-d", default="local")
-    vc.add_argument("--opt", "-o", action="append", default=[], metavar="KEY=VALUE")
-    vc.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    vl = vsub.add_parser("ls", help="list volumes")
-    vl.add_argument("--format", choices=("table", "json"), default="table")
-    vl.add_argument("-q", "--quiet", action="store_true")
-    vsub.add_parser("inspect", help="volumes as JSON").add_argument("names", metavar="NAME", nargs="+")
-    vr = vsub.add_parser("rm", help="remove volumes (refused while a container uses one, unless -f)")
-    vr.add_argument("names", metavar="NAME", nargs="+")
-    vr.add_argument("-f", "--force", action="store_true")
-    vp = vsub.add_parser("prune", help="remove unused anonymous volumes (-a: all unused)")
-    vp.add_argument("-a", "--all", action="store_true")
-    d = sub.add_parser("diff", help="what a container changed: A (added), C (changed), D (deleted) paths")
-    d.add_argument("--root", metavar="DIR", help=root_help)
-    d.add_argument("name", metavar="CONTAINER")
-    cm = sub.add_parser("commit", help="a container's changes as a new image layer")
-    cm.add_argument("--root", metavar="DIR", help=root_help)
-    cm.add_argument("name", metavar="CONTAINER")
-    cm.add_argument("--tag", "-t", required=True, metavar="NAME:TAG")
-    cm.add_argument("--message", "-m", metavar="MSG")
-    cm.add_argument("--author", "-a", metavar="AUTHOR")
-    ex = sub.add_parser("export", help="a container's merged tree as one tar ('-' for stdout)")
-    ex.add_argument("--root", metavar="DIR", help=root_help)
-    ex.add_argument("name", metavar="CONTAINER")
-    ex.add_argument("file", metavar="FILE.tar")
-    st = sub.add_parser("store", help="store usage, garbage collection, consistency check")
-    st.add_argument("--root", metavar="DIR", help="the store (default $UNIONMOUNT_ROOT or /var/lib/unionmount)")
-    st.add_argument("action", choices=("df", "gc", "check"))
-    sx = sub.add_parser("stats", help="a mounted daemon's requests per operation, mean cost, CPU and RSS")
-    sx.add_argument("mountpoint", metavar="MNT")
-    sx.add_argument("--format", choices=("table", "json"), default="table")
-    u = sub.add_parser("umount", help="unmount a union (the daemon exits 0)")
-    u.add_argument("mountpoint", metavar="MNT")
-    u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
-    for actions in (isub, csub, vsub):  # `image pull --root DIR` as well as `image --root DIR pull`
-        for leaf in actions.choices.values():
-            leaf.add_argument("--root", metavar="DIR", default=argparse.SUPPRESS, help=root_help)
-    return p
 
 
 def _legacy(argv: list[str]) -> MountConfig:
@@ -334,29 +413,18 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"'{text}' is not true or false")
 
 
-def _image(ns: argparse.Namespace) -> int:
+def _image_import(ns: argparse.Namespace) -> int:
+    """``image import`` and ``image pull``: a registry, a layout or archive, or a root filesystem tarball."""
     if ns.image_cmd == "import" and _is_tarball(ns.source):
-        return commands.image_import_rootfs(
+        return images.image_import_rootfs(
             ns.root, ns.source, ns.tag if ns.tag is not None else ns.name, ns.change, ns.message, platform=ns.platform
         )
     if ns.image_cmd == "import" and (ns.name or ns.change or ns.message):
         raise UsageError("NAME, --change and --message are for a root filesystem tarball; name an image with --tag")
-    if ns.image_cmd in ("import", "pull"):
-        source = ns.source
-        if ns.image_cmd == "pull" and not source.startswith("docker://"):
-            source = "docker://" + source
-        return commands.image_import(ns.root, source, ns.tag, platform=ns.platform, **_registry(ns))
-    if ns.image_cmd == "ls":
-        return commands.image_ls(ns.root, ns.format)
-    if ns.image_cmd == "inspect":
-        return commands.image_inspect(ns.root, ns.name)
-    if ns.image_cmd == "save":
-        return commands.image_save(ns.root, ns.name, ns.dest, **_registry(ns))
-    if ns.image_cmd == "push":
-        return commands.image_push(ns.root, ns.name, ns.dest, **_registry(ns))
-    if ns.image_cmd == "tag":
-        return commands.image_tag(ns.root, ns.name, ns.new)
-    return commands.image_rm(ns.root, ns.name)
+    source = ns.source
+    if ns.image_cmd == "pull" and not source.startswith("docker://"):
+        source = "docker://" + source
+    return images.image_import(ns.root, source, ns.tag, platform=ns.platform, **_registry(ns))
 
 
 def _is_tarball(source: str) -> bool:
@@ -364,38 +432,6 @@ def _is_tarball(source: str) -> bool:
     transport = source.partition(":")[0]
     transports = ("oci", "oci-archive", "docker-archive", "docker")
     return source == "-" or (transport not in transports and os.path.isfile(source))
-
-
-def _volume(ns: argparse.Namespace) -> int:
-    from . import volumecmds
-
-    if ns.volume_cmd == "create":
-        return volumecmds.create(ns.root, ns.name, ns.driver, ns.opt, ns.label)
-    if ns.volume_cmd == "ls":
-        return volumecmds.ls(ns.root, ns.format, ns.quiet)
-    if ns.volume_cmd == "inspect":
-        return volumecmds.inspect(ns.root, ns.names)
-    if ns.volume_cmd == "rm":
-        return volumecmds.rm(ns.root, ns.names, ns.force)
-    return volumecmds.prune(ns.root, ns.all)
-
-
-def _container(ns: argparse.Namespace) -> int:
-    from . import containers
-
-    if ns.cmd == "diff":
-        return containers.diff(ns.root, ns.name)
-    if ns.cmd == "commit":
-        return containers.commit(ns.root, ns.name, ns.tag, ns.message, ns.author)
-    if ns.cmd == "export":
-        return containers.export(ns.root, ns.name, ns.file)
-    if ns.container_cmd == "ls":
-        return containers.container_ls(ns.root, ns.format)
-    if ns.container_cmd == "inspect":
-        return containers.container_inspect(ns.root, ns.name)
-    if ns.container_cmd == "rm":
-        return containers.container_rm(ns.root, ns.names, ns.force)
-    return containers.container_prune(ns.root)
 
 
 def _mount(cfg: MountConfig, prepare: Callable[[], None]) -> int:
@@ -442,54 +478,47 @@ def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         _parser().print_help()
         return 0 if args else 2
-    if args[0] in ("mount", "umount", "image", "store", "container", "diff", "commit", "export", "volume", "stats"):
+    if args[0] in COMMANDS:
         ns = _parser().parse_args(args)
-        if ns.cmd == "stats":
-            return _stats(ns.mountpoint, ns.format)
-        if ns.cmd == "volume":
-            return _volume(ns)
-        if ns.cmd in ("container", "diff", "commit", "export"):
-            return _container(ns)
-        if ns.cmd == "umount":
-            return _umount(ns.mountpoint, ns.timeout)
-        if ns.cmd == "image":
-            return _image(ns)
-        if ns.cmd == "store":
-            return {"df": commands.store_df, "gc": commands.store_gc, "check": commands.store_check}[ns.action](ns.root)
-        cfg = MountConfig(
-            mountpoint=ns.mountpoint,
-            lowers=[p for p in ns.lower.split(":") if p],
-            upper=ns.upper,
-            work=ns.work,
-            foreground=ns.foreground or ns.debug,
-            debug=ns.debug,
-            log_file=ns.log,
-        )
-        parse_o(ns.options, cfg)
-        cfg.volumes, cfg.mounts, cfg.volumes_from = ns.volume, ns.mounts, ns.volumes_from
-        cfg.image_volumes = ns.image_volumes
-        cfg.uidmap_specs += ns.uidmap
-        cfg.gidmap_specs += ns.gidmap
-        root = ns.root
-        if ns.image:
-            pull = (ns.pull, _registry(ns))
+        return int(ns.run(ns))
+    return _mount_plain(_legacy(args), None)
 
-            def prepare() -> None:
-                container = commands.prepare_image_mount(cfg, ns.root, ns.image, ns.name, pull)
-                validate(cfg)
-                assert cfg.image is not None
-                grafts.resolve(cfg, root, container, cfg.image[1])
 
-            return _mount(cfg, prepare)
-    else:
-        cfg = _legacy(args)
-        root = None
+def _mount_command(ns: argparse.Namespace) -> int:
+    """``unionmount mount``: of an image (with its container layer) or of plain directories."""
+    cfg = MountConfig(
+        mountpoint=ns.mountpoint,
+        lowers=[p for p in ns.lower.split(":") if p],
+        upper=ns.upper,
+        work=ns.work,
+        foreground=ns.foreground or ns.debug,
+        debug=ns.debug,
+        log_file=ns.log,
+    )
+    parse_o(ns.options, cfg)
+    cfg.volumes, cfg.mounts, cfg.volumes_from = ns.volume, ns.mounts, ns.volumes_from
+    cfg.image_volumes = ns.image_volumes
+    cfg.uidmap_specs += ns.uidmap
+    cfg.gidmap_specs += ns.gidmap
+    if not ns.image:
+        return _mount_plain(cfg, ns.root)
+    pull = (ns.pull, _registry(ns))
 
-    def prepare_plain() -> None:
+    def prepare() -> None:
+        container = images.prepare_image_mount(cfg, ns.root, ns.image, ns.name, pull)
+        validate(cfg)
+        assert cfg.image is not None
+        grafts.resolve(cfg, ns.root, container, cfg.image[1])
+
+    return _mount(cfg, prepare)
+
+
+def _mount_plain(cfg: MountConfig, root: str | None) -> int:
+    def prepare() -> None:
         validate(cfg)
         grafts.resolve(cfg, root, None, None)
 
-    return _mount(cfg, prepare_plain)
+    return _mount(cfg, prepare)
 
 
 if __name__ == "__main__":

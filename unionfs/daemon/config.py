@@ -77,8 +77,6 @@ _FUSE = {"ro", "nodev", "nosuid", "noexec", "dev", "suid", "fsname", "subtype"}
 _IDMAP = {"uidmapping", "gidmapping"}
 
 
-
-
 @dataclass(slots=True)
 class MountConfig:
     mountpoint: str

@@ -231,9 +231,9 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
     with open_store(root, create=True) if need_store else nullcontext() as store:  # binds alone need no store
         if store is not None:
             vols.sweep(store)  # what dead daemons left mounted
-        specs += _volumes_from(store, cfg.volumes_from) if cfg.volumes_from else []
+        specs += _volumes_from(_held(store), cfg.volumes_from) if cfg.volumes_from else []
         if image_id is not None and cfg.image_volumes != "ignore":
-            specs += _image_volumes(store, image_id, container, {s.target for s in specs}, cfg.image_volumes)
+            specs += _image_volumes(_held(store), image_id, container, {s.target for s in specs}, cfg.image_volumes)
         _check_targets(specs)
         if not specs:
             return
@@ -252,9 +252,15 @@ def resolve(cfg: MountConfig, root: str | None, container: str | None, image_id:
                     if item is not None and item.is_dir:
                         _copy_tree(view, item, g.source)
                     if g.name is not None:
-                        vols.mark_populated(store, g.name)
+                        vols.mark_populated(_held(store), g.name)
         if container is not None:
-            store.set_container_mounts(container, [g.describe() for g in cfg.grafts])
+            _held(store).set_container_mounts(container, [g.describe() for g in cfg.grafts])
+
+
+def _held(store: Store | None) -> Store:
+    """The store that :func:`resolve` opened: it does whenever volumes, an image or a container are involved."""
+    assert store is not None
+    return store
 
 
 def _volumes_from(store: Store, refs: list[str]) -> list[Spec]:

@@ -66,7 +66,8 @@ def stats(mnt: str) -> dict[str, object]:
     """Client side: the request counters of the daemon serving ``mnt``."""
     if not os.path.ismount(mnt):
         raise NotServed(mnt)
-    return json.loads(_ask(mnt, STATS_XATTR))
+    data: dict[str, object] = json.loads(_ask(mnt, STATS_XATTR))
+    return data
 
 
 class Daemon:

@@ -96,5 +96,6 @@ class DirCache:
             for obj in gc.get_referents(scope):
                 t = type(obj)
                 if t.__name__ == "_Container" and t.__basicsize__ == _CONTAINER_SIZE:
-                    return obj
+                    found: object = obj
+                    return found
         return None

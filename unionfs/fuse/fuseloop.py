@@ -63,7 +63,7 @@ import struct
 import types
 from collections.abc import Callable, Coroutine, Generator
 from time import perf_counter_ns
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import pyfuse3
 import trio
@@ -293,7 +293,7 @@ class RequestLoop:
         ref = ctypes.byref(buf)
         session, receive, process, fd = self._session, self._receive, self._process, self._fd
         slot, held, none = self._slot, self._held, id(None)
-        nodeid: ctypes.c_uint64 | None = None  # views of the request in this worker's buffer
+        nodeid: Any = None  # views of the request in this worker's buffer (ctypes integers)
         opcode = unique = valid = open_flags = write_flags = nodeid
         served = 0
         try:
@@ -352,7 +352,7 @@ class RequestLoop:
                     else:
                         process(session, ref)  # pyfuse3's handler leaves its coroutine in py_retval
                     if slot.value != none:  # else answered inside libfuse (INIT, FORGET, ...)
-                        coro: Coroutine[Any, Any, Any] = held.value
+                        coro = cast(Coroutine[Any, Any, Any], held.value)
                         try:
                             trap = coro.send(None)  # the first step, with the coroutine still in py_retval
                         except StopIteration:

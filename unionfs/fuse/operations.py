@@ -13,9 +13,9 @@ import errno
 import functools
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Sequence
 from time import perf_counter_ns
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -29,13 +29,14 @@ from .dircache import DirCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _translate(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     name = fn.__name__.lstrip("_")  # counted under the operation's name
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         t0 = perf_counter_ns()
         failed = True
         try:
@@ -88,7 +89,7 @@ def file_info(o: Opened) -> pyfuse3.FileInfo:
 
 def statvfs(s: FsStats) -> pyfuse3.StatvfsData:
     d = pyfuse3.StatvfsData()
-    for k in FsStats.__slots__:  # type: ignore[attr-defined]
+    for k in FsStats.__slots__:
         setattr(d, k, getattr(s, k))
     return d
 
@@ -160,7 +161,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return entry(self.fs.lookup(parent_inode, name))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.fs.forget(inode_list)
 
     @_translate
@@ -275,7 +276,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
-    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Awaitable[bytes]:
+    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Coroutine[Any, Any, bytes]:
         """The union's xattr, or one of the daemon's own on the root (:mod:`unionfs.fuse.control`, not counted).
 
         A plain function that returns the handler's coroutine: pyfuse3 awaits it, and the

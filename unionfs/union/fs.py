@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from layerstore.host import (
@@ -371,7 +371,7 @@ class UnionFS:
                     if h.node is node:
                         return os.fstat(h.fd), 0  # open but unlinked
                 if node.gone is not None:
-                    return node.gone, 0  # type: ignore[return-value]  # removed, still known to the kernel
+                    return node.gone, 0  # removed, still known to the kernel
                 raise _err(errno.ENOENT)
             up = self.realms[node.realm].resolver.upper
             if node.upper and up is not None:
@@ -495,7 +495,7 @@ class UnionFS:
             raise _err(errno.ENOENT)
         return Attrs(0, timeout=self.realms[0].timeout)
 
-    def forget(self, items: list[tuple[int, int]]) -> None:
+    def forget(self, items: Sequence[tuple[int, int]]) -> None:
         before = len(self.table)
         for ino, n in items:
             self.table.forget(ino, n)
@@ -628,7 +628,7 @@ class UnionFS:
             try:
                 a = known if known is not None and not node.upper else self.attrs(node, found)
                 if h.found is not None and known is None:
-                    if not node.upper:
+                    if not node.upper and found is not None:
                         found.lower_st = None  # its attributes are kept as ``a``: the stat is not needed again
                     h.found[name] = (found, None if node.upper else a)
             except FileNotFoundError:
@@ -890,9 +890,7 @@ class UnionFS:
             else:
                 os.chmod(target, stat.S_IMODE(st.st_mode))
 
-    async def mkdir(
-        self, parent_ino: int, name: bytes, mode: int, ctx: CreateCaller
-    ) -> Attrs:
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: CreateCaller) -> Attrs:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
@@ -915,9 +913,7 @@ class UnionFS:
                     os.chmod(proc_path(pfd, name), perm)
             return self._new_node(parent, name)[1]
 
-    async def mknod(
-        self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: CreateCaller
-    ) -> Attrs:
+    async def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: CreateCaller) -> Attrs:
         if stat.S_ISCHR(mode) and rdev == 0:
             raise _err(errno.EPERM)  # a 0/0 device would be a whiteout, as overlayfs refuses it
         parent = self.node(parent_ino)
@@ -939,9 +935,7 @@ class UnionFS:
                 upper.place(dname, pfd, name, is_dir=False)
             return self._new_node(parent, name)[1]
 
-    async def symlink(
-        self, parent_ino: int, name: bytes, target: bytes, ctx: CreateCaller
-    ) -> Attrs:
+    async def symlink(self, parent_ino: int, name: bytes, target: bytes, ctx: CreateCaller) -> Attrs:
         parent = self.node(parent_ino)
         async with self.lock:
             upper, pfd, over, pst = await self._prepare_create(parent, name)
@@ -1181,9 +1175,7 @@ class UnionFS:
             return self.upper.index_fd, node.index_name
         return up.at(node.path)
 
-    async def setattr(
-        self, ino: int, attr: NewAttrs, fields: Changes, fh: int | None
-    ) -> Attrs:
+    async def setattr(self, ino: int, attr: NewAttrs, fields: Changes, fh: int | None) -> Attrs:
         node = self.node(ino)
         r = self.realms[node.realm]
         killer = self._killer(None) if fields.update_size else None  # a truncation for a caller without CAP_FSETID
@@ -1235,7 +1227,7 @@ class UnionFS:
         By name, owner and times go through ``fchownat``/``utimensat`` (no ``/proc``
         walk) unless rootless, where the override xattr may be involved.
         """
-        fd = where if isinstance(where, int) else None
+        fd = where if isinstance(where, int) else -1  # (unused when ``at`` is given)
         at = where if not isinstance(where, int) else None
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1

@@ -18,6 +18,7 @@ node leaves the table only when its count is zero and no handle is open.
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass, field
 
@@ -68,7 +69,7 @@ class Node:
     attrs_reply: bytes | None = None  # kept for the FUSE layer: ``attrs`` as it answers them (a GETATTR reply body)
     #: the last attributes of an entry removed while the kernel still knows it (its nlink now 0): what
     #: GETATTR and SETATTR of it answer once no open file reaches it, as overlayfs answers for an orphan
-    gone: object | None = None
+    gone: os.stat_result | None = None
 
     @property
     def metacopy(self) -> bool:

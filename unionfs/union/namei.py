@@ -29,6 +29,7 @@ from .layers import DirLayer, Layer, join
 from .markers import (
     WH_OPAQUE,
     WH_PREFIX,
+    DirMarks,
     WriteDialect,
     dir_marks,
     is_whiteout_stat,
@@ -140,7 +141,7 @@ class Resolver:
         if len(self._dirs) > LOWER_DIR_CACHE:
             self._dirs.popitem(last=False)
 
-    def _marks(self, layer: Layer, path: bytes):  # noqa: ANN202 - DirMarks
+    def _marks(self, layer: Layer, path: bytes) -> DirMarks:
         has_opq = layer.lstat(join(path, WH_OPAQUE)) is not None
         return dir_marks(layer, path, has_opq)
 

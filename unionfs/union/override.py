@@ -16,7 +16,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 XATTR = b"user.containers.override_stat"
 
@@ -65,7 +67,7 @@ def decode(value: bytes, real_mode: int) -> Override | None:
     return Override(uid, gid, fmt | stat.S_IMODE(perm), rdev)
 
 
-def _x(fn, target: int | bytes, *args: object):  # noqa: ANN001, ANN202
+def _x(fn: Callable[..., Any], target: int | bytes, *args: object) -> Any:
     """An xattr call on an fd, or on a path without following its last component."""
     return fn(target, *args) if isinstance(target, int) else fn(target, *args, follow_symlinks=False)
 
