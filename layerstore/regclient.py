@@ -56,7 +56,8 @@ _CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 class Session:
     """One HTTP client for one registry: scheme, certificates and authorization."""
 
-    def __init__(self, host: str, opts: SourceOptions) -> None:
+    def __init__(self, host: str, opts: SourceOptions, transport: httpx.BaseTransport | None = None) -> None:
+        """``transport``: httpx's, to serve the session from elsewhere than the network (the tests' registry)."""
         self.host = host
         self.api = "registry-1.docker.io" if host == DOCKER_HUB else host
         self.opts = opts
@@ -67,6 +68,7 @@ class Session:
             timeout=httpx.Timeout(60.0, connect=15.0),
             follow_redirects=True,
             headers={"User-Agent": "unionmount"},
+            transport=transport,
         )
         try:
             self.base = self._probe()

@@ -35,7 +35,7 @@ def ext4(tmp_path: Path) -> Iterator[Path]:
 
 
 #: modules of the fast tier: no root, no mount, no server (``pytest -m "not mount"``)
-FAST = {"test_units", "test_mutex"}
+FAST = {"test_units", "test_mutex", "test_fast_union", "test_fast_registry"}
 #: what else a module needs, beyond root and real mounts
 NEEDS = {"test_registry": "registry", "test_runtime": "runtime", "test_plugins": "plugin", "test_rootless": "root"}
 

@@ -1,0 +1,222 @@
+"""Fast tier: the registry client's login, retries and resumed downloads, and registries.conf, without a network.
+
+A registry is played by an ``httpx.MockTransport`` handler; everything above the transport
+(challenges, tokens, backoff, ``Range`` resumption, digest checks) is the real client.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from layerstore import regclient, registries_conf
+from layerstore.oci import SourceError, SourceOptions
+
+BLOB = bytes(range(256)) * 4096 * 3  # 3 MiB: the client reads in 1 MiB pieces
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(regclient, "_backoff", lambda attempt: 0.0)
+
+
+def _session(handler: Callable[[httpx.Request], httpx.Response], creds: str | None = None) -> regclient.Session:
+    return regclient.Session("reg.test", SourceOptions(creds=creds), transport=httpx.MockTransport(handler))
+
+
+class _Body(httpx.SyncByteStream):
+    """A body sent as a network's is: streamed (httpx reads ``content=`` bodies at once, which a real one is not)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.data
+
+
+def _ok(data: bytes, status: int = 200, **headers: str) -> httpx.Response:
+    return httpx.Response(status, stream=_Body(data), headers=headers)
+
+
+class _Breaking(httpx.SyncByteStream):
+    """A body that breaks off after ``upto`` bytes, as a dropped connection does."""
+
+    def __init__(self, data: bytes, upto: int) -> None:
+        self.data, self.upto = data, upto
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.data[: self.upto]
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_a_bearer_challenge_is_answered_with_a_token_fetched_with_the_login() -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    def registry(req: httpx.Request) -> httpx.Response:
+        seen.append((req.url.path, req.headers.get("authorization")))
+        if req.url.host == "auth.test":
+            assert req.url.params["scope"] == "repository:team/app:pull"
+            assert req.headers["authorization"] == "Basic " + base64.b64encode(b"me:secret").decode()
+            return httpx.Response(200, json={"token": "T0K"})
+        if req.headers.get("authorization") != "Bearer T0K":
+            challenge = 'Bearer realm="https://auth.test/token",service="reg",scope="repository:team/app:pull"'
+            return httpx.Response(401, headers={"www-authenticate": challenge})
+        return _ok(b'{"schemaVersion": 2}')
+
+    s = _session(registry, creds="me:secret")
+    try:
+        doc, digest = s.manifest("team/app", "1", None)
+    finally:
+        s.close()
+    assert doc == {"schemaVersion": 2}
+    assert digest == "sha256:" + hashlib.sha256(b'{"schemaVersion": 2}').hexdigest()
+    assert ("/v2/team/app/manifests/1", "Bearer T0K") in seen
+    assert sum(1 for path, _ in seen if path == "/token") == 1  # one token serves the session
+
+
+def test_a_basic_challenge_without_a_login_is_one_clear_error() -> None:
+    def registry(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, headers={"www-authenticate": 'Basic realm="reg"'})
+
+    s = _session(registry)
+    s._creds = None
+    s.__dict__["creds"] = None  # no auth files of this machine's user either
+    try:
+        with pytest.raises(SourceError, match="wants a login"):
+            s.manifest("team/app", "1", None)
+    finally:
+        s.close()
+
+
+def test_busy_registries_are_tried_again_a_bounded_number_of_times() -> None:
+    calls = {"n": 0}
+
+    def flaky(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v2/":
+            return httpx.Response(200)
+        calls["n"] += 1
+        return httpx.Response(503) if calls["n"] <= 2 else _ok(b"{}")
+
+    s = _session(flaky)
+    try:
+        assert s.manifest("a/b", "1", None)[0] == {}
+    finally:
+        s.close()
+    assert calls["n"] == 3
+
+    calls["n"] = 0
+
+    def down(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v2/":
+            return httpx.Response(200)
+        calls["n"] += 1
+        return httpx.Response(503)
+
+    s = _session(down)
+    try:
+        with pytest.raises(SourceError, match="HTTP 503"):
+            s.manifest("a/b", "1", None)
+    finally:
+        s.close()
+    assert calls["n"] == regclient.RETRIES + 1
+
+
+@pytest.mark.parametrize("honours_range", [True, False])
+def test_a_broken_download_resumes_where_it_stopped(honours_range: bool) -> None:
+    ranges: list[str | None] = []
+
+    def registry(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v2/":
+            return httpx.Response(200)
+        ranges.append(req.headers.get("range"))
+        if len(ranges) == 1:
+            return httpx.Response(200, stream=_Breaking(BLOB, 1_500_000))
+        if honours_range:
+            start = int(req.headers["range"].removeprefix("bytes=").rstrip("-"))
+            return _ok(BLOB[start:], 206, **{"content-range": f"bytes {start}-{len(BLOB) - 1}/{len(BLOB)}"})
+        return _ok(BLOB)  # a registry that ignores Range sends it all again
+
+    s = _session(registry)
+    try:
+        body = s.blob(f"a/b/blobs/{BLOB_DIGEST}", len(BLOB))
+        got = body.read()
+        body.close()
+    finally:
+        s.close()
+    assert got == BLOB
+    assert ranges == [None, f"bytes={1 << 20}-"]  # what it had taken: the piece it was reading is lost
+
+
+def test_a_resumption_at_the_wrong_place_is_refused() -> None:
+    def registry(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v2/":
+            return httpx.Response(200)
+        if "range" not in req.headers:
+            return httpx.Response(200, stream=_Breaking(BLOB, 1_500_000))
+        return _ok(BLOB, 206, **{"content-range": f"bytes 0-{len(BLOB) - 1}/{len(BLOB)}"})
+
+    s = _session(registry)
+    try:
+        with pytest.raises(SourceError, match="wrong place"):
+            s.blob(f"a/b/blobs/{BLOB_DIGEST}", len(BLOB)).read()
+    finally:
+        s.close()
+
+
+def test_a_document_that_does_not_match_its_digest_is_refused() -> None:
+    def registry(req: httpx.Request) -> httpx.Response:
+        return _ok(b"{}", **{"docker-content-digest": "sha256:" + "0" * 64})
+
+    s = _session(registry)
+    try:
+        with pytest.raises(SourceError, match="does not match its digest"):
+            s.manifest("a/b", "1", None)
+    finally:
+        s.close()
+
+
+def test_registries_conf_mirrors_rewrites_and_blocks(tmp_path: Path) -> None:
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        """
+[[registry]]
+prefix = "docker.io/library"
+location = "docker.io/library"
+[[registry.mirror]]
+location = "mirror.test:5000/hub"
+insecure = true
+[[registry.mirror]]
+location = "pinned.test/hub"
+pull-from-mirror = "digest-only"
+
+[[registry]]
+prefix = "old.test/team"
+location = "new.test/people"
+
+[[registry]]
+prefix = "*.evil.test"
+blocked = true
+"""
+    )
+    entries = registries_conf.load([str(conf)])
+    ep = registries_conf.endpoints
+    assert [(e.host, e.repo, e.insecure) for e in ep("docker.io", "library/alpine", False, entries)] == [
+        ("mirror.test:5000", "hub/alpine", True),
+        ("docker.io", "library/alpine", False),
+    ]
+    assert [e.host for e in ep("docker.io", "library/alpine", True, entries)] == [
+        "mirror.test:5000", "pinned.test", "docker.io",
+    ]  # fmt: skip
+    assert [(e.host, e.repo) for e in ep("old.test", "team/app", False, entries)] == [("new.test", "people/app")]
+    assert [(e.host, e.repo) for e in ep("other.test", "x", False, entries)] == [("other.test", "x")]
+    with pytest.raises(SourceError, match="blocked"):
+        ep("a.evil.test", "x", False, entries)
+    conf.write_text("[[registry]\n")
+    with pytest.raises(SourceError, match=str(conf)):
+        registries_conf.load([str(conf)])
