@@ -227,6 +227,7 @@ def _mount_parser(sub: Any) -> None:
         help="mount a union of directories",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=_shared(root=True),
     )
     m.set_defaults(run=_mount_command)
     layers = m.add_argument_group("layers")
@@ -237,7 +238,6 @@ def _mount_parser(sub: Any) -> None:
     layers.add_argument("--work", help="work directory on the same filesystem as --upper")
     layers.add_argument("--image", metavar="NAME[:TAG]", help="mount an imported image (with a container layer)")
     layers.add_argument("--name", metavar="CONTAINER", help="the container layer to use (new name: a new layer)")
-    layers.add_argument("--root", metavar="DIR", help=ROOT_HELP)
     pg = m.add_argument_group("pulling the image (as docker run)")
     pg.add_argument(
         "--pull",
