@@ -8,6 +8,10 @@ Three ways in, one configuration out:
   ``unionmount SRC MNT -o OPTS``
 
 Every error ends as one line on stderr and a non-zero exit status.
+
+Imports are kept to what parsing needs: a command's body, and the daemon's wiring for
+``mount``, are imported when that command runs (``umount`` and ``stats`` load neither the
+store nor trio nor pyfuse3).
 """
 
 from __future__ import annotations
@@ -21,11 +25,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from unionfs.daemon import grafts
 from unionfs.daemon.config import MountConfig, UsageError, parse_o, validate
 from unionfs.fuse import control
-
-from . import images
 
 EPILOG = """\
 examples:
@@ -415,6 +416,8 @@ def _boolean(text: str) -> bool:
 
 def _image_import(ns: argparse.Namespace) -> int:
     """``image import`` and ``image pull``: a registry, a layout or archive, or a root filesystem tarball."""
+    from . import images
+
     if ns.image_cmd == "import" and _is_tarball(ns.source):
         return images.image_import_rootfs(
             ns.root, ns.source, ns.tag if ns.tag is not None else ns.name, ns.change, ns.message, platform=ns.platform
@@ -505,6 +508,10 @@ def _mount_command(ns: argparse.Namespace) -> int:
     pull = (ns.pull, _registry(ns))
 
     def prepare() -> None:
+        from unionfs.daemon import grafts
+
+        from . import images
+
         container = images.prepare_image_mount(cfg, ns.root, ns.image, ns.name, pull)
         validate(cfg)
         assert cfg.image is not None
@@ -515,6 +522,8 @@ def _mount_command(ns: argparse.Namespace) -> int:
 
 def _mount_plain(cfg: MountConfig, root: str | None) -> int:
     def prepare() -> None:
+        from unionfs.daemon import grafts
+
         validate(cfg)
         grafts.resolve(cfg, root, None, None)
 
