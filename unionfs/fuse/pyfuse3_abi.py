@@ -61,9 +61,16 @@ def _symbols(path: str, names: tuple[str, ...]) -> dict[str, int]:
     return found
 
 
-@functools.cache
 def statics(*names: str) -> dict[str, int]:
-    """The run-time addresses of pyfuse3's module statics ``names``, after every check above."""
+    """The run-time addresses of pyfuse3's module statics ``names`` (of :data:`SESSION`, :data:`RETVAL`),
+    after every check above. The symbol table is read once for all of them (about 100 ms)."""
+    found = _statics()
+    return {n: found[n] for n in names}
+
+
+@functools.cache
+def _statics() -> dict[str, int]:
+    names = (SESSION, RETVAL)
     if pyfuse3.__version__ not in VERSIONS:
         raise Unsupported(f"pyfuse3 {pyfuse3.__version__} is not a version this was checked against")
     version = libfuse_version()
