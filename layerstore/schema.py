@@ -26,7 +26,7 @@ Sub-databases
              → ``{"size": bytes of the layer's file contents, "entries": n,
              "created": unix seconds}``. A row exists only once all
              of the layer's entries and blobs are in the store (one transaction).
-``entries``  key: diff_id + ``b"\\0"`` + path → an :data:`ENTRY` record, the
+``entries``  key: diff_id + ``b"\\0"`` + path → an entry record (below), the
              layer's own content as its tar said it (whiteouts and opaque marks
              included), for flattening new images and for diffs.
 ``images``   key: ``b"name:tag"`` → image id (``b"sha256:<hex>"`` of the config)
@@ -35,7 +35,7 @@ Sub-databases
              "repo_digests": ["REPO@sha256:...", ...]}`` (the last: registry digests it
              was pulled by, Docker's RepoDigests; absent in stores made before it)
 ``merged``   key: 32-byte raw image id + parent path + ``b"\\0"`` + name → an
-             :data:`ENTRY` record of the image's flattened tree (no whiteouts),
+             entry record of the image's flattened tree (no whiteouts),
              with ``ino`` and ``nlink`` filled. The children of one directory are
              contiguous (prefix scan). The root is the key with empty parent and
              empty name. Written once, when an image is imported.

@@ -1,4 +1,4 @@
-"""The ``unionmount`` command: argument parsing only.
+"""The ``unionmount`` command: argument parsing and dispatch only (the bodies are in this package's other modules).
 
 Three ways in, one configuration out:
 
@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from unionfs.daemon.config import MountConfig, UsageError, parse_o, validate
-from unionfs.fuse import control
 
 EPILOG = """\
 examples:
@@ -109,12 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     _mount_parser(sub)
-    u = _command(sub, "umount", "unmount a union (the daemon exits 0)", lambda ns: _umount(ns.mountpoint, ns.timeout))
+    u = _command(
+        sub, "umount", "unmount a union (the daemon exits 0)", _call("mounts", "umount", "mountpoint", "timeout")
+    )
     u.add_argument("mountpoint", metavar="MNT")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
     sx = _command(
         sub, "stats", "a mounted daemon's requests per operation, mean cost, CPU and RSS",
-        lambda ns: _stats(ns.mountpoint, ns.format), fmt=True,
+        _call("mounts", "stats", "mountpoint", "format"), fmt=True,
     )  # fmt: skip
     sx.add_argument("mountpoint", metavar="MNT")
 
@@ -331,53 +330,6 @@ def _legacy(argv: list[str]) -> MountConfig:
     if len(pos) == 2 and not any(o.startswith("fsname=") for o in cfg.fuse_options):
         cfg.fuse_options.add(f"fsname={pos[0]}")  # mount(8)'s source column
     return cfg
-
-
-def _umount(mnt: str, timeout: float) -> int:
-    path = os.path.realpath(mnt)
-    try:  # before the unmount: afterwards the mount can no longer tell who served it
-        daemon: control.Daemon | None = control.Daemon(path)
-    except (control.NotServed, OSError):
-        daemon = None
-    try:
-        tool = shutil.which("fusermount3") or shutil.which("fusermount")
-        cmd = [tool, "-u", path] if tool else ["umount", path]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
-            raise UsageError(f"cannot unmount '{mnt}': {msg}")
-        if daemon is not None:
-            daemon.wait(timeout)
-    finally:
-        if daemon is not None:
-            daemon.close()
-    return 0
-
-
-def _stats(mnt: str, fmt: str) -> int:
-    """Ask the daemon serving ``mnt`` for its request counters (through the mount) and print them."""
-    import json
-
-    try:
-        data: dict[str, Any] = control.stats(os.path.realpath(mnt))
-    except control.NotServed:
-        raise UsageError(f"no unionmount daemon serves '{mnt}'") from None
-    except OSError as e:
-        raise UsageError(f"cannot ask the daemon serving '{mnt}': {e.strerror}") from None
-    if fmt == "json":
-        print(json.dumps(data, indent=2))
-        return 0
-    print(
-        f"pid {data['pid']}  up {data['uptime_s']:.0f}s  cpu {data['cpu_user_s'] + data['cpu_system_s']:.2f}s  "
-        f"rss {data.get('rss_kb', 0) / 1024:.0f} MiB (peak {data['max_rss_kb'] / 1024:.0f} MiB)"
-    )
-    settings = data.get("settings", {})
-    if settings:
-        print("  ".join(f"{k} {'on' if v is True else 'off' if v is False else v}" for k, v in settings.items()))
-    print(f"{'OPERATION':<14} {'REQUESTS':>10} {'MEAN µs':>10} {'TOTAL s':>9} {'ERRORS':>8}")
-    for name, o in sorted(data["ops"].items(), key=lambda kv: -kv[1]["total_s"]):
-        print(f"{name:<14} {o['count']:>10} {o['mean_us']:>10.1f} {o['total_s']:>9.3f} {o['errors']:>8}")
-    return 0
 
 
 def _source_options(p: argparse.ArgumentParser) -> None:

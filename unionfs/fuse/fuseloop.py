@@ -2,9 +2,8 @@
 
 ``pyfuse3.main()`` hands the FUSE device from worker to worker through a ``trio.Lock``
 and waits for it to become readable before every request, so each request costs a
-lock hand-off and a trip through trio's scheduler and epoll: 36-40 µs a request where
-this loop takes 22-25 µs (a file system that answers every ``getxattr`` with ENODATA,
-one client asking in a loop; see ``perf/README.md``).
+lock hand-off and a trip through trio's scheduler and epoll (measured in perf/README.md,
+"Our own request loop").
 
 :class:`RequestLoop` reads the device without blocking and hands each request to
 libfuse's ``fuse_session_process_buf``, which calls pyfuse3's own handler; the handler
@@ -21,8 +20,8 @@ requests, so that signals and finished threads are seen under a steady stream.
 
 Before sleeping on an empty device the loop polls it for up to :data:`SPIN_NS`, as long
 as requests have been coming that close together (a process calling ``stat`` in a loop):
-waking a sleeping daemon costs more than the request (a negative LOOKUP: 68-86 -> 24 µs
-a round trip, and 39 -> 24-30 µs of the daemon's CPU). Two polls in a row that find
+waking a sleeping daemon costs more than the request (perf/README.md, "Polling the
+device before sleeping"). Two polls in a row that find
 nothing turn it off until a wait is short again, so a quiet or slow client costs two
 polls per burst.
 
@@ -32,7 +31,7 @@ directories the kernel did not open (:meth:`unionfs.union.fs.UnionFS.list_withou
 
 A GETATTR whose answer the union keeps ready (a lower-only entry, whose attributes cannot
 change) is answered by the loop itself (:attr:`RequestLoop.answer_getattr`): the reply is
-written to the device without libfuse, pyfuse3 or a coroutine, 28 -> 20 µs a round trip.
+written to the device without libfuse, pyfuse3 or a coroutine.
 
 INIT flags that libfuse 3.14 cannot offer (:meth:`RequestLoop.offer`) are added to its INIT
 reply on the way to the kernel: libfuse writes the reply into a pipe put in the device's

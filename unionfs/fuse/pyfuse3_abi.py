@@ -63,7 +63,7 @@ def _symbols(path: str, names: tuple[str, ...]) -> dict[str, int]:
 
 def statics(*names: str) -> dict[str, int]:
     """The run-time addresses of pyfuse3's module statics ``names`` (of :data:`SESSION`, :data:`RETVAL`),
-    after every check above. The symbol table is read once for all of them (about 100 ms)."""
+    after every check above. The symbol table is read once for all of them."""
     found = _statics()
     return {n: found[n] for n in names}
 

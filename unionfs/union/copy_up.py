@@ -11,11 +11,11 @@ Guarantees:
   than :data:`THREAD_THRESHOLD` run in a worker thread, off the trio loop;
 * crash-safe: after a crash an upper entry made by copy-up is either absent (the
   lower shows, as before) or holds all of its data -- never a hole or an empty
-  file. Overlayfs gets this from an ``fsync`` per copy (a journal commit, ~0.5 ms);
+  file. Overlayfs gets this from an ``fsync`` per copy (a journal commit);
   where the upper filesystem orders its journal after written data (ext4 with a
   journal, xfs: :func:`~layerstore.host.journal_orders_data`) the data is written
-  out and waited for instead (``sync_file_range``, no commit; 4 KiB: 0.09 vs
-  0.47-0.61 ms here), and its allocation then commits no later than the rename.
+  out and waited for instead (``sync_file_range``, no commit: several times cheaper
+  for a small file, see perf/README.md), and its allocation then commits no later than the rename.
   Elsewhere it is ``fsync``. Nothing for a ``volatile`` mount. ``tests/test_crash.py``
   checks this by shutting the filesystem down without flushing its log. A
   file copied up for an ``open`` (``defer``) is published before that wait, marked,

@@ -2,9 +2,9 @@
 
 A copy-up publishes its copy with a rename. Were the rename to reach the disk before
 the data, a crash would leave an empty or zeroed file hiding the lower one, so
-:mod:`unionfs.union.copy_up` waits for the data before the rename (~0.2 ms a file on the
-bench disk, most of an ``open`` that copies a small file up; for a 1 GiB file, the
-time to write it). For a file copied up by an ``open`` for writing, this module takes
+:mod:`unionfs.union.copy_up` waits for the data before the rename (most of an ``open``
+that copies a small file up; for a 1 GiB file, the time to write it: perf/README.md,
+"Copy-ups settled behind the open"). For a file copied up by an ``open`` for writing, this module takes
 the wait off the request, on the filesystems where copy-up already relies on the
 journal's order (ext4 with a journal, xfs: :func:`layerstore.host.journal_orders_data`).
 
