@@ -33,8 +33,18 @@ def _crash(mnt: Path) -> None:
 
 
 def _replay(mnt: Path) -> None:
+    """Unmount the crashed ext4 and mount it again (its journal is replayed).
+
+    The loop device of the first mount is detached after the umount returns, in the
+    background; ``mount -o loop`` would reuse a device still being torn down (reads
+    then fail with EIO), so the mount waits until the image has no loop device.
+    """
+    img = str(mnt.with_suffix(".img"))
     run(["umount", str(mnt)])
-    run(["mount", "-o", "loop", str(mnt.with_suffix(".img")), str(mnt)])
+    deadline = time.monotonic() + 30
+    while run(["losetup", "-j", img]).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run(["mount", "-o", "loop", img, str(mnt)])
 
 
 MARK = "trusted.unionmount.unsettled"

@@ -15,7 +15,7 @@ import logging
 import struct
 from collections.abc import Callable, Coroutine, Sequence
 from time import perf_counter_ns
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -63,7 +63,10 @@ _ATTR_OUT = struct.Struct("=QII6Q10I")
 
 
 def entry(a: Attrs) -> pyfuse3.EntryAttributes:
-    """The union's attributes as pyfuse3's reply object."""
+    """The union's attributes as pyfuse3's reply object: as they are, where the union made them of that type
+    (:attr:`UnionFS.new_attrs`, which :class:`Operations` sets), else copied."""
+    if not isinstance(a, Attrs):
+        return cast(pyfuse3.EntryAttributes, a)
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.st_ino
     e.generation = a.generation
@@ -152,6 +155,7 @@ class Operations(pyfuse3.Operations):
         self.dircache = DirCache() if fs.opts.dircache else None
         stats.SETTINGS["dircache"] = lambda: self.dircache is not None and self.dircache.enabled
         fs.invalidate = _invalidate
+        fs.new_attrs = cast(Callable[[], Attrs], pyfuse3.EntryAttributes)  # the same fields: replies need no copy
 
     def init(self) -> None:
         if self.on_init is not None:

@@ -67,11 +67,6 @@ def _in_group(ctx: Caller, gid: int) -> bool:
     return False
 
 
-def _dot_attrs(ino: int) -> Attrs:
-    """Attributes for a ``.`` or ``..`` entry: the kernel takes only the number and type from them."""
-    return Attrs(ino, stat.S_IFDIR)
-
-
 @dataclass(slots=True)
 class _Ctx:
     """The request context of the daemon's own operations (graft points are made by root)."""
@@ -188,6 +183,9 @@ class UnionFS:
         self._kills: KillRequests | None = None  # see take_privilege_kills
         #: tells the kernel to drop what it keeps of an inode (its attributes and pages); set by the FUSE layer
         self.invalidate: Callable[[int], None] = lambda ino: None
+        #: makes the attribute records the union answers with: :class:`Attrs`, or a FUSE binding's own reply type
+        #: with the same fields (set by the FUSE layer, so that replies need no copy)
+        self.new_attrs: Callable[[], Attrs] = Attrs
         self._after_reply: Callable[[Callable[[], None]], None] = lambda call: None
         self._unopened_dirs: OrderedDict[int, DirHandle] = OrderedDict()
         stats.SETTINGS["writeback"] = lambda: opts.writeback
@@ -420,7 +418,11 @@ class UnionFS:
             return node.attrs
         st, nlink = self._stat(node, found)
         r = self.realms[node.realm]
-        e = Attrs(node.ino, timeout=r.timeout)
+        e = self.new_attrs()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = r.timeout
+        e.attr_timeout = r.timeout
         uid, gid, mode, rdev = override.apply(st, self._override(node, st)) if self.rootless else (
             st.st_uid, st.st_gid, st.st_mode, st.st_rdev
         )  # fmt: skip
@@ -493,7 +495,10 @@ class UnionFS:
         """
         if parent.realm:
             raise _err(errno.ENOENT)
-        return Attrs(0, timeout=self.realms[0].timeout)
+        e = self.new_attrs()
+        e.st_ino = 0
+        e.entry_timeout = self.realms[0].timeout
+        return e
 
     def forget(self, items: Sequence[tuple[int, int]]) -> None:
         before = len(self.table)
@@ -609,7 +614,7 @@ class UnionFS:
             name = names[i]
             if i < 2:
                 target = h.node if i == 0 else (h.node.links[0][0] if h.node.links else h.node)
-                if not emit(name, _dot_attrs(target.ino), i + 1):
+                if not emit(name, self._dot_attrs(target.ino), i + 1):
                     return -1
                 sent += 1
                 continue
@@ -868,6 +873,13 @@ class UnionFS:
         self.files[fh] = FileHandle(node, fd, True, node.version)
         node.opens += 1
         return Opened(fh, keep_cache=True, direct_io=self._room_low()), a
+
+    def _dot_attrs(self, ino: int) -> Attrs:
+        """Attributes for a ``.`` or ``..`` entry: the kernel takes only the number and type from them."""
+        e = self.new_attrs()
+        e.st_ino = ino
+        e.st_mode = stat.S_IFDIR
+        return e
 
     def _room_low(self) -> bool:
         """Whether a file opened for writing now must bypass the writeback cache (:mod:`unionfs.union.space`)."""
