@@ -156,7 +156,6 @@ def start_write_out(fd: int) -> None:
         _raise()
 
 
-_AT_EMPTY_PATH = 0x1000
 _STATX_MNT_ID = 0x1000
 _STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8: never reused within a boot
 _STATX_MNT_ID_OFFSET = 144  # struct statx: __u64 stx_mnt_id

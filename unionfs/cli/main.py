@@ -68,14 +68,13 @@ def _shared(*, root: bool = False, fmt: bool = False, leaf: bool = False) -> lis
     return parents
 
 
-def _call(module: str, func: str, *names: str) -> Callable[[argparse.Namespace], int]:
-    """A command: ``unionfs.cli.MODULE.FUNC`` called with the parsed arguments ``names``, imported when it
-    runs (a command loads only what it needs); a body that talks to registries also gets their options."""
+def _call(module: str, func: str, *names: str, registry: bool = False) -> Callable[[argparse.Namespace], int]:
+    """A command: ``unionfs.cli.MODULE.FUNC`` called with the parsed arguments ``names`` (and with ``registry``,
+    the registry options as keywords), imported when it runs: a command loads only what it needs."""
 
     def run(ns: argparse.Namespace) -> int:
         body = getattr(importlib.import_module(f"unionfs.cli.{module}"), func)
-        extra = _registry(ns) if hasattr(ns, "creds") else {}
-        return int(body(*(getattr(ns, n) for n in names), **extra))
+        return int(body(*(getattr(ns, n) for n in names), **(_registry(ns) if registry else {})))
 
     return run
 
@@ -143,14 +142,14 @@ def _parser() -> argparse.ArgumentParser:
     sv = _action(
         im, "save",
         "write an image as oci:DIR[:REF], oci-archive:FILE[:REF], docker-archive:FILE[:NAME:TAG], docker://REF",
-        _call("images", "image_save", "root", "name", "dest"),
+        _call("images", "image_save", "root", "name", "dest", registry=True),
     )  # fmt: skip
     sv.add_argument("name", metavar="NAME")
     sv.add_argument("dest", metavar="DEST")
     _registry_options(sv)
     ps = _action(
         im, "push", "push an image to a registry, as docker push (DEST default: NAME)",
-        _call("images", "image_push", "root", "name", "dest"),
+        _call("images", "image_push", "root", "name", "dest", registry=True),
     )  # fmt: skip
     ps.add_argument("name", metavar="NAME")
     ps.add_argument("dest", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG]")

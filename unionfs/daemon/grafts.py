@@ -1,7 +1,7 @@
 """Volumes and binds for a mount: ``-v``, ``--mount``, ``--volumes-from``, image VOLUMEs, id maps.
 
 :func:`resolve` turns the specs of a :class:`~unionfs.daemon.config.MountConfig` into
-its :class:`~unionfs.daemon.config.Graft` list, the way Docker does:
+its :class:`~unionfs.union.graft.Graft` list, the way Docker does:
 
 * ``-v NAME:/path[:ro][,nocopy]`` names a volume (created when missing);
   ``-v /host/dir:/path[:ro]`` binds a host directory (created when missing, as

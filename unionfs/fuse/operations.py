@@ -23,6 +23,7 @@ from pyfuse3 import FUSEError
 from unionfs.union import stats
 from unionfs.union.fs import UnionFS
 from unionfs.union.records import Attrs, FsStats, Opened
+from unionfs.union.stats import record
 
 from . import control
 from .dircache import DirCache
@@ -51,7 +52,7 @@ def _translate(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine
             log.exception("internal error in %s", name)
             raise FUSEError(errno.EIO) from None
         finally:
-            stats.record(name, perf_counter_ns() - t0, failed)
+            record(name, perf_counter_ns() - t0, failed)
 
     return wrapper
 
@@ -63,27 +64,9 @@ _ATTR_OUT = struct.Struct("=QII6Q10I")
 
 
 def entry(a: Attrs) -> pyfuse3.EntryAttributes:
-    """The union's attributes as pyfuse3's reply object: as they are, where the union made them of that type
-    (:attr:`UnionFS.new_attrs`, which :class:`Operations` sets), else copied."""
-    if not isinstance(a, Attrs):
-        return cast(pyfuse3.EntryAttributes, a)
-    e = pyfuse3.EntryAttributes()
-    e.st_ino = a.st_ino
-    e.generation = a.generation
-    e.entry_timeout = a.entry_timeout
-    e.attr_timeout = a.attr_timeout
-    e.st_mode = a.st_mode
-    e.st_nlink = a.st_nlink
-    e.st_uid = a.st_uid
-    e.st_gid = a.st_gid
-    e.st_rdev = a.st_rdev
-    e.st_size = a.st_size
-    e.st_blksize = a.st_blksize
-    e.st_blocks = a.st_blocks
-    e.st_atime_ns = a.st_atime_ns
-    e.st_mtime_ns = a.st_mtime_ns
-    e.st_ctime_ns = a.st_ctime_ns
-    return e
+    """The union's attributes as pyfuse3's reply: they are one already (:class:`Operations` makes the union build
+    its records as ``pyfuse3.EntryAttributes``, :attr:`UnionFS.new_attrs`, so no reply copies them)."""
+    return cast(pyfuse3.EntryAttributes, a)
 
 
 def file_info(o: Opened) -> pyfuse3.FileInfo:
@@ -129,7 +112,7 @@ def getattr_reply(fs: UnionFS) -> Callable[[int], bytes | None]:
         body = node.attrs_reply
         if body is None:
             body = node.attrs_reply = attr_out(node.attrs)  # type: ignore[arg-type]  # kept_attrs: not None
-        stats.record("getattr", perf_counter_ns() - t0, False)
+        record("getattr", perf_counter_ns() - t0, False)
         return body
 
     return reply
@@ -196,7 +179,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self.fs.readdir(fh, start_id, lambda name, a, nxt: pyfuse3.readdir_reply(token, name, entry(a), nxt))
+        self.fs.readdir(fh, start_id, functools.partial(pyfuse3.readdir_reply, token))  # (attrs: see entry)
 
     @_translate
     async def releasedir(self, fh: int) -> None:

@@ -25,12 +25,12 @@ class Attrs:
         "st_rdev", "st_size", "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
     )  # fmt: skip
 
-    def __init__(self, ino: int = 0, mode: int = stat.S_IFREG, timeout: float = 0.0) -> None:
-        self.st_ino = ino
+    def __init__(self) -> None:  # the defaults of pyfuse3's EntryAttributes, which may stand in for it
+        self.st_ino = 0
         self.generation = 0
-        self.entry_timeout = timeout
-        self.attr_timeout = timeout
-        self.st_mode = mode
+        self.entry_timeout = 300.0
+        self.attr_timeout = 300.0
+        self.st_mode = stat.S_IFREG
         self.st_nlink = 1
         self.st_uid = 0
         self.st_gid = 0
