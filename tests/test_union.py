@@ -290,14 +290,14 @@ def test_the_kernel_keeps_listings_until_they_change(layers: dict[str, Path]) ->
         assert _requests(m, "readdir") > before
         # Directories are listed without being opened: OPENDIR was answered ENOSYS once.
         assert (_requests(m, "opendir"), _requests(m, "releasedir")) == (1, 0)
-    for options in ("dircache=0", "fastloop=0"):  # without our loop, the listing cache goes through opendir
+    for options in ("dircache=0", "fastloop=0"):  # no listing cache (pyfuse3 cannot ask for one): every listing asks
         with union(layers["m"], [layers["l1"], layers["l2"]], extra=["-o", options]) as m:
             for d in ("d", "d", "lowdir", "lowdir"):
                 os.listdir(m / d)
             assert _requests(m, "opendir") == 4
             before = _requests(m, "readdir")
             os.listdir(m / "d")
-            assert (_requests(m, "readdir") > before) == (options == "dircache=0")
+            assert _requests(m, "readdir") > before
 
 
 def test_capabilities_are_asked_for_once_per_file(layers: dict[str, Path]) -> None:

@@ -111,9 +111,10 @@ class MountConfig:
     writeback: bool | None = None  # -o writeback=0|1; None: on unless a volume or host directory is grafted
     timeout: float | None = None  # -o timeout=SECONDS: how long the kernel keeps the union's entries and attributes
     dircache: bool | None = None  # -o dircache=0|1; None: on unless timeout=0
-    fastloop: bool = True  # -o fastloop=0|1: our request loop (unionfs.fuse.fuseloop) or pyfuse3.main()
+    fastloop: bool = True  # -o fastloop=0|1: our own FUSE session (unionfs.fuse.session) or pyfuse3.main()
     killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
-    spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuse.fuseloop)
+    spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuse.session)
+    passthrough: bool | None = None  # -o passthrough=0|1: the kernel does file I/O itself; None: where possible
     settle_ms: float = 5.0  # -o settle=MS: the pause in copy-ups after which they are settled (0: in the open)
 
     def went_live(self) -> None:
@@ -144,7 +145,7 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': writeback takes 0 or 1")
                 cfg.writeback = value == "1"
-            elif key in ("dircache", "fastloop", "killpriv", "spin"):
+            elif key in ("dircache", "fastloop", "killpriv", "spin", "passthrough"):
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': {key} takes 0 or 1")
                 setattr(cfg, key, value == "1")

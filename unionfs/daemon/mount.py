@@ -15,13 +15,13 @@ import signal
 import sys
 from contextlib import ExitStack
 
-import pyfuse3
 import trio
 
 from layerstore import volumes as vols
 from layerstore.host import real_root
-from unionfs.fuse.fuseloop import HANDLE_KILLPRIV_V2, RequestLoop
-from unionfs.fuse.operations import Operations, getattr_reply
+from unionfs.fuse import device
+from unionfs.fuse.handlers import Handlers
+from unionfs.fuse.session import Session
 from unionfs.union import stats
 from unionfs.union.fs import TIMEOUT, Options, UnionFS
 from unionfs.union.space import dirty_limit
@@ -78,29 +78,72 @@ def writeback_wanted(cfg: MountConfig) -> bool:
     return cfg.upper is not None and not cfg.read_only and all(g.kind == "tmpfs" for g in cfg.grafts)
 
 
-_loop: RequestLoop | None = None  # this daemon's request loop, once serving (None: pyfuse3's)
+def passthrough_possible() -> str | None:
+    """Why the kernel cannot pass file I/O through for this daemon, or None if it may.
+
+    ``FUSE_DEV_IOC_BACKING_OPEN`` needs CAP_SYS_ADMIN in the first user namespace, and a
+    kernel of 6.9 or later (whether it was built with ``CONFIG_FUSE_PASSTHROUGH`` shows
+    only in the INIT exchange: without it the daemon says so and serves file I/O itself).
+    """
+    if not real_root():
+        return "passthrough needs root (CAP_SYS_ADMIN)"
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) < (6, 9):
+        return f"passthrough needs Linux 6.9 or later (this is {os.uname().release})"
+    return None
+
+
+def passthrough_wanted(cfg: MountConfig) -> bool:
+    """Whether the mount asks the kernel for passthrough (``-o passthrough=0|1``; default: where possible).
+
+    Asked for explicitly where it cannot be, the mount fails with one line.
+    """
+    if cfg.passthrough is False or not cfg.fastloop:
+        if cfg.passthrough and not cfg.fastloop:
+            raise UsageError("passthrough=1 needs our own FUSE session (not fastloop=0)")
+        return False
+    why = passthrough_possible()
+    if why is not None and cfg.passthrough:
+        raise UsageError(why)
+    return why is None
+
+
+class _Served:
+    """What serves the mount once it is up: our own session, or pyfuse3's (``-o fastloop=0``)."""
+
+    session: Session | None = None
+    handlers: Handlers | None = None
+    fd = -1
+
+
+_served = _Served()
 
 
 async def _serve(fs: UnionFS, cfg: MountConfig) -> None:
-    global _loop
-    loop = _loop = RequestLoop.create() if cfg.fastloop else None
-    if loop is not None and not cfg.spin:
-        loop.spin_ns = 0
-    stats.SETTINGS["fastloop"] = lambda: loop is not None
-    unopened = loop is not None and fs.list_without_open(lambda: loop.nodeid, loop.after_reply.append)
-    stats.SETTINGS["opendir"] = lambda: not unopened
-    if loop is not None:
-        loop.answer_getattr = getattr_reply(fs)
-    if loop is not None and cfg.killpriv:
-        loop.offer(HANDLE_KILLPRIV_V2)
-        fs.take_privilege_kills(loop)
-    stats.SETTINGS["killpriv"] = lambda: loop is not None and loop.killpriv
-    stats.SETTINGS["spin"] = lambda: loop is not None and loop.spin_ns > 0
+    session = _served.session
+    stats.SETTINGS["fastloop"] = lambda: session is not None
     settler = fs.copy.settler if fs.copy is not None else None
     stats.SETTINGS["settle"] = lambda: f"{settler.delay * 1000:g}ms" if settler is not None else False
+    if session is not None:
+        if not cfg.spin:
+            session.spin_ns = 0
+        stats.SETTINGS["spin"] = lambda: session.spin_ns > 0
+        unopened = fs.list_without_open(lambda: session.nodeid, session.after_reply.append)
+        stats.SETTINGS["opendir"] = lambda: not unopened
+        assert _served.handlers is not None
+        if cfg.killpriv:
+            fs.take_privilege_kills(_served.handlers)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, nursery.cancel_scope)
-        await (loop.run() if loop is not None else pyfuse3.main())
+        if session is not None:
+            await session.run()
+        else:
+            import pyfuse3
+
+            await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
@@ -108,7 +151,12 @@ async def _on_signals(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
             log.info("signal %d: unmounting", sig)
-            pyfuse3.terminate()
+            if _served.session is not None:
+                _served.session.terminate()
+            else:
+                import pyfuse3
+
+                pyfuse3.terminate()
             return
 
 
@@ -127,6 +175,7 @@ def _setup_logging(cfg: MountConfig) -> None:
 def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     """Open the layers, make the graft points, and mount; on return the mount is live."""
     os.umask(0)  # the kernel has applied the caller's umask to every mode it sends us
+    passthrough = passthrough_wanted(cfg)  # (raises UsageError before anything is made)
     stack = ExitStack()
     timeout = TIMEOUT if cfg.timeout is None else cfg.timeout
     for d in cfg.cleanup:
@@ -151,7 +200,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 tuple(cfg.grafts),
                 cfg.uidmap,
                 cfg.gidmap,
-                writeback_wanted(cfg),
+                writeback_wanted(cfg) and not passthrough,  # the kernel offers one or the other
                 timeout,
                 timeout > 0 if cfg.dircache is None else cfg.dircache,
                 cfg.settle_ms / 1000,
@@ -167,12 +216,33 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
         stack.close()
         raise UsageError(f"cannot graft on {os.fsdecode(e.filename or b'')}: {e.strerror}") from None
     where = os.path.realpath(cfg.mountpoint)  # before the mount: a stat of it would wait for us
+    if not cfg.fastloop:
+        _mount_pyfuse3(fs, cfg, where, stack)
+        return fs, stack
+    try:
+        fd = device.mount(cfg.mountpoint, fuse_options(cfg))
+    except (device.MountError, OSError) as e:
+        stack.close()
+        raise UsageError(f"cannot mount on '{cfg.mountpoint}': {e}") from None
+    handlers = Handlers(fs, passthrough=passthrough, killpriv=cfg.killpriv, on_init=lambda: _after_init(where, fs))
+    session = Session(fd, handlers.table(), handlers.on_error)
+    handlers.session = session
+    fs.invalidate = session.invalidate_inode
+    _served.session, _served.handlers, _served.fd = session, handlers, fd
+    return fs, stack
+
+
+def _mount_pyfuse3(fs: UnionFS, cfg: MountConfig, where: str, stack: ExitStack) -> None:
+    """Mount through pyfuse3's public API and serve with ``pyfuse3.main()`` (``-o fastloop=0``)."""
+    import pyfuse3
+
+    from unionfs.fuse.operations import Operations
+
     try:
         pyfuse3.init(Operations(fs, on_init=lambda: _after_init(where, fs)), cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as e:
         stack.close()
         raise UsageError(f"cannot mount on '{cfg.mountpoint}': {e}") from None
-    return fs, stack
 
 
 def _drop_lease(cfg: MountConfig, lease: int) -> None:
@@ -205,8 +275,8 @@ def _after_init(where: str, fs: UnionFS) -> None:
     Under our loop, before any other request is answered (so whoever sees the mount
     answer sees the larger readahead); under pyfuse3's, at its next wait.
     """
-    if _loop is not None:
-        _loop.after_reply.append(lambda: _tune(where, fs))
+    if _served.session is not None:
+        _served.session.after_reply.append(lambda: _tune(where, fs))
         return
 
     async def later() -> None:
@@ -253,11 +323,17 @@ def _run(fs: UnionFS, stack: ExitStack, cfg: MountConfig) -> int:
         trio.run(_serve, fs, cfg)
         unmounted = True
     finally:
-        try:
-            pyfuse3.close(unmount=True)
-        except Exception:  # already unmounted from outside
-            if not unmounted:
-                raise
+        if _served.session is not None:
+            device.unmount(cfg.mountpoint)  # (a no-op once unmounted from outside)
+            os.close(_served.fd)
+        else:
+            import pyfuse3
+
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:  # already unmounted from outside
+                if not unmounted:
+                    raise
         stack.close()
     return 0
 

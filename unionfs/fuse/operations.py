@@ -1,4 +1,7 @@
-"""pyfuse3 request handlers: thin adapters from FUSE calls to :class:`unionfs.union.fs.UnionFS`.
+"""pyfuse3 request handlers (``-o fastloop=0``): thin adapters from FUSE calls to :class:`unionfs.union.fs.UnionFS`.
+
+The fallback to our own session (:mod:`unionfs.fuse.session`), through pyfuse3's public API only:
+no passthrough, no directory-listing cache, no ``HANDLE_KILLPRIV_V2``.
 
 The union answers with plain records (:mod:`unionfs.union.records`); they become
 pyfuse3's reply objects here and only here. The errno is chosen here and only here:
@@ -12,7 +15,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import struct
 from collections.abc import Callable, Coroutine, Sequence
 from time import perf_counter_ns
 from typing import Any, ParamSpec, TypeVar, cast
@@ -20,13 +22,11 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from unionfs.union import stats
 from unionfs.union.fs import UnionFS
 from unionfs.union.records import Attrs, FsStats, Opened
 from unionfs.union.stats import record
 
 from . import control
-from .dircache import DirCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,12 +57,6 @@ def _translate(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine
     return wrapper
 
 
-# struct fuse_attr_out: u64 attr_valid, u32 attr_valid_nsec, u32 dummy, struct fuse_attr
-# (u64 ino, size, blocks, atime, mtime, ctime; u32 atimensec, mtimensec, ctimensec, mode,
-# nlink, uid, gid, rdev, blksize, flags)
-_ATTR_OUT = struct.Struct("=QII6Q10I")
-
-
 def entry(a: Attrs) -> pyfuse3.EntryAttributes:
     """The union's attributes as pyfuse3's reply: they are one already (:class:`Operations` makes the union build
     its records as ``pyfuse3.EntryAttributes``, :attr:`UnionFS.new_attrs`, so no reply copies them)."""
@@ -78,44 +72,6 @@ def statvfs(s: FsStats) -> pyfuse3.StatvfsData:
     for k in FsStats.__slots__:
         setattr(d, k, getattr(s, k))
     return d
-
-
-def attr_out(e: Attrs) -> bytes:
-    """``struct fuse_attr_out`` for ``e``, filled as libfuse's ``fuse_reply_attr`` fills it."""
-    valid = max(e.attr_timeout, 0.0)
-    sec = int(valid)
-    nsec = min(int((valid - sec) * 1e9), 999_999_999)
-    a_s, a_ns = divmod(e.st_atime_ns, 1_000_000_000)
-    m_s, m_ns = divmod(e.st_mtime_ns, 1_000_000_000)
-    c_s, c_ns = divmod(e.st_ctime_ns, 1_000_000_000)
-    mask = 0xFFFFFFFF
-    return _ATTR_OUT.pack(
-        sec, nsec, 0,
-        e.st_ino, e.st_size, e.st_blocks, a_s & (1 << 64) - 1, m_s & (1 << 64) - 1, c_s & (1 << 64) - 1,
-        a_ns, m_ns, c_ns, e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev & mask, e.st_blksize, 0,
-    )  # fmt: skip
-
-
-def getattr_reply(fs: UnionFS) -> Callable[[int], bytes | None]:
-    """A GETATTR answer that needs neither libfuse nor pyfuse3, for the request loop.
-
-    Given an inode, it returns the reply body (:func:`attr_out`) when the union answers
-    from attributes it keeps (:meth:`UnionFS.kept_attrs`, a lower-only entry), and None
-    when the request must take the normal path. Counted as ``getattr`` in the stats.
-    """
-
-    def reply(ino: int) -> bytes | None:
-        t0 = perf_counter_ns()
-        node = fs.kept_attrs(ino)
-        if node is None:
-            return None
-        body = node.attrs_reply
-        if body is None:
-            body = node.attrs_reply = attr_out(node.attrs)  # type: ignore[arg-type]  # kept_attrs: not None
-        record("getattr", perf_counter_ns() - t0, False)
-        return body
-
-    return reply
 
 
 async def _value(value: bytes | None) -> bytes:
@@ -135,8 +91,6 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.on_init = on_init
         self.enable_writeback_cache = fs.opts.writeback
-        self.dircache = DirCache() if fs.opts.dircache else None
-        stats.SETTINGS["dircache"] = lambda: self.dircache is not None and self.dircache.enabled
         fs.invalidate = _invalidate
         fs.new_attrs = cast(Callable[[], Attrs], pyfuse3.EntryAttributes)  # the same fields: replies need no copy
 
@@ -172,10 +126,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        o = self.fs.opendir(inode)
-        if o.cache_dir and self.dircache is not None:
-            self.dircache.mark(inode)
-        return o.fh
+        return self.fs.opendir(inode).fh  # (pyfuse3 cannot pass on Opened.cache_dir)
 
     @_translate
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

@@ -755,6 +755,26 @@ class UnionFS:
         # keep_cache: a volume may change behind our back; direct_io: see unionfs.union.space
         return Opened(fh, keep_cache=node.realm == 0, direct_io=writable and self._room_low())
 
+    def passthrough_fd(self, fh: int) -> int | None:
+        """The fd of open file ``fh`` if the kernel may read and write its file directly; else None.
+
+        That is so when the file cannot be replaced while open: it is in the upper layer
+        (or a graft) with its data (not a metadata-only copy), or it is in a lower layer
+        of a realm that nothing can be copied up into. A lower file that may yet be copied
+        up is not, so that a reader follows the copy-up (:meth:`read`), as in overlayfs.
+        A file with setuid or setgid is not either: the kernel would write it without
+        dropping them.
+        """
+        h = self.files[fh]
+        node = h.node
+        if node.metacopy or node.kind != stat.S_IFREG:
+            return None
+        if not node.upper and self.realms[node.realm].upper is not None:
+            return None
+        if os.fstat(h.fd).st_mode & 0o6000:
+            return None
+        return h.fd
+
     def _killer(self, ctx: Caller | None) -> Caller | None:
         """Who the request being started drops setuid/setgid for, if anyone; call before any await.
 
