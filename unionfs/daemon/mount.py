@@ -99,13 +99,16 @@ def passthrough_possible() -> str | None:
 def passthrough_wanted(cfg: MountConfig) -> bool:
     """Whether the mount asks the kernel for passthrough (``-o passthrough=0|1``; default: where possible).
 
-    Asked for explicitly where it cannot be, the mount fails with one line.
+    The kernel offers passthrough or the writeback cache, not both: ``-o writeback=1`` asks
+    for the cache instead. Asked for explicitly where it cannot be, the mount fails with one line.
     """
-    if cfg.passthrough is False or not cfg.fastloop:
-        if cfg.passthrough and not cfg.fastloop:
-            raise UsageError("passthrough=1 needs our own FUSE session (not fastloop=0)")
+    if cfg.passthrough is False:
         return False
     why = passthrough_possible()
+    if not cfg.fastloop:
+        why = "passthrough needs our own FUSE session (not fastloop=0)"
+    elif cfg.writeback:
+        why = "passthrough and writeback=1 exclude each other (the kernel offers one or the other)"
     if why is not None and cfg.passthrough:
         raise UsageError(why)
     return why is None

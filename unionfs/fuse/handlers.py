@@ -172,7 +172,8 @@ class Handlers:
             wire.ASYNC_READ | wire.PARALLEL_DIROPS | wire.AUTO_INVAL_DATA | wire.ASYNC_DIO | wire.ATOMIC_O_TRUNC
             | wire.EXPORT_SUPPORT | wire.BIG_WRITES | wire.DO_READDIRPLUS | wire.MAX_PAGES | wire.INIT_EXT
         )  # fmt: skip
-        want |= wire.HANDLE_KILLPRIV_V2 if self.want_killpriv else wire.HANDLE_KILLPRIV
+        if self.want_killpriv:  # (else the kernel drops setuid/setgid itself, as pyfuse3 has it)
+            want |= wire.HANDLE_KILLPRIV_V2
         if self.want_passthrough:
             want |= wire.PASSTHROUGH  # (the kernel refuses it together with the writeback cache)
         elif self.fs.opts.writeback:
