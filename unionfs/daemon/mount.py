@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,6 +23,9 @@ from layerstore.host import real_root
 from unionfs.fuse import device
 from unionfs.fuse.handlers import Handlers
 from unionfs.fuse.session import Session
+
+if TYPE_CHECKING:
+    from unionfs.fuse.operations import Pyfuse3Mount
 from unionfs.union import stats
 from unionfs.union.fs import TIMEOUT, Options, UnionFS
 from unionfs.union.space import dirty_limit
@@ -120,6 +124,7 @@ class _Served:
     session: Session | None = None
     handlers: Handlers | None = None
     fd = -1
+    fallback: Pyfuse3Mount | None = None
 
 
 _served = _Served()
@@ -144,9 +149,8 @@ async def _serve(fs: UnionFS, cfg: MountConfig) -> None:
         if session is not None:
             await session.run()
         else:
-            import pyfuse3
-
-            await pyfuse3.main()
+            assert _served.fallback is not None
+            await _served.fallback.run()
         nursery.cancel_scope.cancel()
 
 
@@ -156,10 +160,8 @@ async def _on_signals(scope: trio.CancelScope) -> None:
             log.info("signal %d: unmounting", sig)
             if _served.session is not None:
                 _served.session.terminate()
-            else:
-                import pyfuse3
-
-                pyfuse3.terminate()
+            elif _served.fallback is not None:
+                _served.fallback.terminate()
             return
 
 
@@ -237,12 +239,10 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
 
 def _mount_pyfuse3(fs: UnionFS, cfg: MountConfig, where: str, stack: ExitStack) -> None:
     """Mount through pyfuse3's public API and serve with ``pyfuse3.main()`` (``-o fastloop=0``)."""
-    import pyfuse3
-
-    from unionfs.fuse.operations import Operations
+    from unionfs.fuse.operations import Pyfuse3Mount
 
     try:
-        pyfuse3.init(Operations(fs, on_init=lambda: _after_init(where, fs)), cfg.mountpoint, fuse_options(cfg))
+        _served.fallback = Pyfuse3Mount(fs, cfg.mountpoint, fuse_options(cfg), lambda: _after_init(where, fs))
     except RuntimeError as e:
         stack.close()
         raise UsageError(f"cannot mount on '{cfg.mountpoint}': {e}") from None
@@ -329,14 +329,8 @@ def _run(fs: UnionFS, stack: ExitStack, cfg: MountConfig) -> int:
         if _served.session is not None:
             device.unmount(cfg.mountpoint)  # (a no-op once unmounted from outside)
             os.close(_served.fd)
-        else:
-            import pyfuse3
-
-            try:
-                pyfuse3.close(unmount=True)
-            except Exception:  # already unmounted from outside
-                if not unmounted:
-                    raise
+        elif _served.fallback is not None:
+            _served.fallback.close(clean=unmounted)
         stack.close()
     return 0
 

@@ -117,7 +117,7 @@ def unmount(mountpoint: str) -> None:
 
 def backing_open(dev: int, fd: int) -> int:
     """Register ``fd``'s file as a backing file of the connection; returns its id (needs CAP_SYS_ADMIN)."""
-    return fcntl.ioctl(dev, wire.BACKING_OPEN, bytearray(wire.BACKING_MAP.pack(fd, 0, 0)), True)
+    return int(fcntl.ioctl(dev, wire.BACKING_OPEN, bytearray(wire.BACKING_MAP.pack(fd, 0, 0)), True))
 
 
 def backing_close(dev: int, backing_id: int) -> None:

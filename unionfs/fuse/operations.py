@@ -250,3 +250,25 @@ class Operations(pyfuse3.Operations):
 
 def _invalidate(ino: int) -> None:
     pyfuse3.invalidate_inode(ino, attr_only=False)
+
+
+class Pyfuse3Mount:
+    """A mount served by ``pyfuse3.main()`` through pyfuse3's public API (``-o fastloop=0``)."""
+
+    def __init__(self, fs: UnionFS, mountpoint: str, options: set[str], on_init: Callable[[], None]) -> None:
+        """Mount (``RuntimeError`` if pyfuse3 cannot)."""
+        pyfuse3.init(Operations(fs, on_init=on_init), mountpoint, options)
+
+    async def run(self) -> None:
+        await pyfuse3.main()
+
+    def terminate(self) -> None:
+        pyfuse3.terminate()
+
+    def close(self, clean: bool) -> None:
+        """Unmount; an error is raised only if the loop did not end cleanly (else: unmounted from outside)."""
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            if not clean:
+                raise

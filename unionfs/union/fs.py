@@ -22,6 +22,7 @@ from layerstore.host import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
+    fs_magic,
     proc_path,
     release_free_memory,
     renameat2,
@@ -127,6 +128,11 @@ class _NoCopy:
 _NO_COPY = _NoCopy()
 
 
+#: the file systems whose files the kernel may be handed (passthrough): local disks and tmpfs
+#: (ext2/3/4, xfs, btrfs, tmpfs, f2fs, zfs, bcachefs); not FUSE, network or stacked ones
+PASSTHROUGH_FS = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0xF2F52010, 0x2FC12FC1, 0xCA451A4E})
+
+
 @dataclass(slots=True)
 class Realm:
     """Where a node's entries live: the union (realm 0), or one graft (a volume or bind mount)."""
@@ -178,6 +184,7 @@ class UnionFS:
             self._add_graft(k, g, opts, dialect)
         self.lock = Mutex()
         self.files: dict[int, FileHandle] = {}
+        self._local_dev: dict[int, bool] = {}  # st_dev -> its file system may back passthrough
         self.dirs: dict[int, DirHandle] = {}
         self._request_ino: Callable[[], int] | None = None  # see list_without_open
         self._kills: KillRequests | None = None  # see take_privilege_kills
@@ -763,7 +770,9 @@ class UnionFS:
         of a realm that nothing can be copied up into. A lower file that may yet be copied
         up is not, so that a reader follows the copy-up (:meth:`read`), as in overlayfs.
         A file with setuid or setgid is not either: the kernel would write it without
-        dropping them.
+        dropping them. Nor is a file on anything but a local disk file system
+        (:data:`PASSTHROUGH_FS`): a network or FUSE file system (a volume driver's) may act
+        on the flush at close, which the kernel does not send for a backing file.
         """
         h = self.files[fh]
         node = h.node
@@ -771,9 +780,13 @@ class UnionFS:
             return None
         if not node.upper and self.realms[node.realm].upper is not None:
             return None
-        if os.fstat(h.fd).st_mode & 0o6000:
+        st = os.fstat(h.fd)
+        if st.st_mode & 0o6000:
             return None
-        return h.fd
+        local = self._local_dev.get(st.st_dev)
+        if local is None:
+            local = self._local_dev[st.st_dev] = fs_magic(h.fd) in PASSTHROUGH_FS
+        return h.fd if local else None
 
     def _killer(self, ctx: Caller | None) -> Caller | None:
         """Who the request being started drops setuid/setgid for, if anyone; call before any await.
