@@ -187,7 +187,7 @@ class CopyUp:
 
     async def dir(self, node: Node) -> None:
         """Make sure directory ``node`` (and its parents) exist in the upper layer."""
-        if node.upper:
+        if node.in_upper:
             return
         parent, name = node.links[0]
         await self.dir(parent)
@@ -200,7 +200,7 @@ class CopyUp:
             copy_xattrs(layer, lpath, tpath)
             _set_meta(tpath, st, stat.S_IFDIR, self.rootless)
             renameat2(wfd, tmp, self.upper.layer.dirfd(parent.path), name, RENAME_NOREPLACE)
-        node.upper = True
+        node.in_upper = True
 
     async def file(self, node: Node, *, data: bool, defer: bool = False) -> None:
         """Copy non-directory ``node`` up; with ``data=False`` a regular file is copied metadata-only.
@@ -212,7 +212,7 @@ class CopyUp:
         if node.index_name is not None:
             await self._index_alias(node)
             return
-        if node.upper:
+        if node.in_upper:
             if data and node.metacopy:
                 await self.data(node)
             return
@@ -237,7 +237,7 @@ class CopyUp:
             raise
         if held and self.settler is not None:
             self.settler.add(node.ino, held[0])
-        node.upper = True
+        node.in_upper = True
         node.data = data_at if metacopy else None
         node.version += 1
 
@@ -259,7 +259,7 @@ class CopyUp:
             )
         except FileExistsError:
             pass
-        node.upper = True
+        node.in_upper = True
 
     @contextmanager
     def _discard_on_error(self, tmp: bytes) -> Iterator[None]:

@@ -96,8 +96,8 @@ class DirHandle:
 @dataclass(slots=True, frozen=True)
 class Options:
     lowers: tuple[str, ...]
-    upper: str | None = None
-    work: str | None = None
+    upper_dir: str | None = None  # the upper layer's directory (None: a read-only union)
+    work_dir: str | None = None
     volatile: bool = False
     image: tuple[str, bytes] | None = None  # (store root, image id): the image is the bottom layer
     grafts: tuple[Graft, ...] = ()
@@ -154,15 +154,15 @@ class UnionFS:
         self.opts = opts
         self.cache = FdCache()
         self.euid = os.geteuid()
-        dialect = WriteDialect.probe(opts.work) if opts.work else WriteDialect(b"trusted.")
+        dialect = WriteDialect.probe(opts.work_dir) if opts.work_dir else WriteDialect(b"trusted.")
         self.lowers: list[Layer] = [DirLayer(i, p, self.cache) for i, p in enumerate(opts.lowers)]
         if opts.image is not None:
             self.lowers.append(StoreLayer(len(self.lowers), *opts.image))
-        up_layer = DirLayer(-1, opts.upper, self.cache, writable=True) if opts.upper else None
-        self.upper = Upper(up_layer, opts.work, dialect) if up_layer is not None and opts.work else None
+        up_layer = DirLayer(-1, opts.upper_dir, self.cache, writable=True) if opts.upper_dir else None
+        self.upper = Upper(up_layer, opts.work_dir, dialect) if up_layer is not None and opts.work_dir else None
         self.resolver = Resolver(up_layer, self.lowers, dialect)
         # rootless: owners, modes and devices the daemon cannot set live in an xattr (unionfs.union.override)
-        self.rootless = not override.can_chown(opts.work) if opts.work else self.euid != 0
+        self.rootless = not override.can_chown(opts.work_dir) if opts.work_dir else self.euid != 0
         # with the writeback cache, the room left in the upper layer decides how files are opened for writing
         self.room = Room(self.upper.layer.root_fd) if self.upper is not None and opts.writeback else None
         self.copy = (
@@ -171,7 +171,11 @@ class UnionFS:
             else None
         )
         root = Node(
-            ROOT_INO, stat.S_IFDIR, [], upper=up_layer is not None, lowers=[(i, b"") for i in range(len(self.lowers))]
+            ROOT_INO,
+            stat.S_IFDIR,
+            [],
+            in_upper=up_layer is not None,
+            lowers=[(i, b"") for i in range(len(self.lowers))],
         )
         self.table = InodeTable(root)
         self.realms = [Realm(self.resolver, self.upper, self.copy, opts.timeout, opts.uidmap, opts.gidmap)]
@@ -206,7 +210,7 @@ class UnionFS:
         assert st is not None
         resolver = Resolver(layer, [], dialect, upper_id=GRAFT_ID + k)
         upper = Upper(layer, None, dialect) if not g.read_only else None
-        root = Node(make_ino(GRAFT_ID + k, st.st_ino), stat.S_IFDIR, [], upper=True, realm=k, realm_root=True)
+        root = Node(make_ino(GRAFT_ID + k, st.st_ino), stat.S_IFDIR, [], in_upper=True, realm=k, realm_root=True)
         uidmap = g.uidmap if g.uidmap else opts.uidmap
         gidmap = g.gidmap if g.gidmap else opts.gidmap
         self.realms.append(Realm(resolver, upper, None, GRAFT_TIMEOUT, uidmap, gidmap, g, root))
@@ -298,7 +302,7 @@ class UnionFS:
         for realm in self.realms[1:]:
             if realm.upper is not None:
                 realm.upper.close()
-            realm.resolver.upper.close()  # type: ignore[union-attr]
+            realm.resolver.upper_layer.close()  # type: ignore[union-attr]
         self.cache.close()
         for layer in self.lowers:
             layer.close()
@@ -343,7 +347,7 @@ class UnionFS:
             node.drop_link(parent, name)
             node.links.insert(0, (parent, name))
         node.kind = found.kind
-        node.upper = found.upper_st is not None
+        node.in_upper = found.upper_st is not None
         node.lowers = found.lowers
         node.opaque = found.opaque
         node.index_name = found.index_name
@@ -351,9 +355,9 @@ class UnionFS:
         if parent.realm:
             node.index_name = node.data = None  # a graft has no hard-link index and nothing below
         copy = self.realms[parent.realm].copy
-        if node.index_name is not None and not node.upper and copy is not None:
-            node.upper = copy.index_exists(node)
-        if node.index_name is not None and node.upper and not node.lowers and copy is not None:
+        if node.index_name is not None and not node.in_upper and copy is not None:
+            node.in_upper = copy.index_exists(node)
+        if node.index_name is not None and node.in_upper and not node.lowers and copy is not None:
             if not copy.index_exists(node):
                 node.index_name = None  # hard links made in the upper itself, not a lower group
         return node
@@ -368,7 +372,7 @@ class UnionFS:
     def _stat(self, node: Node, found: Found | None = None) -> tuple[os.stat_result, int]:
         """(real stat, union nlink) of a node; ``found`` (a fresh resolution) saves a syscall."""
         st: os.stat_result | None = None
-        if found is not None and (node.is_dir or node.index_name is None or not node.upper):
+        if found is not None and (node.is_dir or node.index_name is None or not node.in_upper):
             st = found.upper_st or found.lower_st
         if st is None:
             if not node.links and node.ino != ROOT_INO:
@@ -378,8 +382,8 @@ class UnionFS:
                 if node.gone is not None:
                     return node.gone, 0  # removed, still known to the kernel
                 raise _err(errno.ENOENT)
-            up = self.realms[node.realm].resolver.upper
-            if node.upper and up is not None:
+            up = self.realms[node.realm].resolver.upper_layer
+            if node.in_upper and up is not None:
                 if node.index_name is not None and not node.is_dir and self.upper is not None:
                     st = os.stat(node.index_name, dir_fd=self.upper.index_fd, follow_symlinks=False)
                     return st, self._index_nlink(node, st)
@@ -389,7 +393,7 @@ class UnionFS:
                 st = self.lowers[li].lstat(lpath)
             if st is None:
                 raise _err(errno.ENOENT)
-        if node.is_dir and ((node.upper and node.lowers and not node.opaque) or len(node.lowers) > 1):
+        if node.is_dir and ((node.in_upper and node.lowers and not node.opaque) or len(node.lowers) > 1):
             return st, 1  # a merged directory, as overlayfs reports it
         return st, st.st_nlink
 
@@ -421,7 +425,7 @@ class UnionFS:
         which ends the reuse. The kernel asks again after each listing or read of it
         (atime), and when its own copy times out.
         """
-        if node.attrs is not None and not node.upper and node.links:
+        if node.attrs is not None and not node.in_upper and node.links:
             return node.attrs
         st, nlink = self._stat(node, found)
         r = self.realms[node.realm]
@@ -449,7 +453,7 @@ class UnionFS:
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
-        if not node.upper and node.realm == 0 and node.links and found is None:
+        if not node.in_upper and node.realm == 0 and node.links and found is None:
             # kept once the kernel asks for them again (GETATTR, after a read's atime or a timeout), not
             # for every entry a walk resolves: that would be 200 bytes on each of them (see perf/memory.py)
             node.attrs, node.attrs_reply = e, None
@@ -458,7 +462,7 @@ class UnionFS:
     def kept_attrs(self, ino: int) -> Node | None:
         """The node of ``ino`` if :meth:`attrs` would answer from what it keeps on it; else None."""
         node = self.table.get(ino)
-        if node is None or node.attrs is None or node.upper or not node.links:
+        if node is None or node.attrs is None or node.in_upper or not node.links:
             return None
         return node
 
@@ -638,11 +642,11 @@ class UnionFS:
                     continue
                 node = self._found_node(found, h.node, name)
             try:
-                a = known if known is not None and not node.upper else self.attrs(node, found)
+                a = known if known is not None and not node.in_upper else self.attrs(node, found)
                 if h.found is not None and known is None:
-                    if not node.upper and found is not None:
+                    if not node.in_upper and found is not None:
                         found.lower_st = None  # its attributes are kept as ``a``: the stat is not needed again
-                    h.found[name] = (found, None if node.upper else a)
+                    h.found[name] = (found, None if node.in_upper else a)
             except FileNotFoundError:
                 self.table.maybe_drop(node)
                 continue
@@ -661,7 +665,7 @@ class UnionFS:
         is resolved once and kept (bounded LRU) for every later read of it.
         """
         node = h.node
-        if node.upper or node.realm:
+        if node.in_upper or node.realm:
             h.names, h.found = [b".", b".."] + self._names(node), None
             return
         hit = self._listings.get(node.ino)
@@ -692,8 +696,8 @@ class UnionFS:
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
-        up = self.realms[node.realm].resolver.upper
-        if node.upper and up is not None:
+        up = self.realms[node.realm].resolver.upper_layer
+        if node.in_upper and up is not None:
             if node.index_name is not None and self.upper is not None:
                 return os.readlink(node.index_name, dir_fd=self.upper.index_fd)
             return up.readlink(node.path)
@@ -710,8 +714,8 @@ class UnionFS:
         if node.data is not None and (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
             li, lpath = node.data
             return self.lowers[li].open(lpath, flags)
-        up = self.realms[node.realm].resolver.upper
-        if node.upper and up is not None:
+        up = self.realms[node.realm].resolver.upper_layer
+        if node.in_upper and up is not None:
             if node.index_name is not None and self.upper is not None:
                 return os.open(node.index_name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.upper.index_fd)
             return up.open(node.path, flags)
@@ -778,7 +782,7 @@ class UnionFS:
         node = h.node
         if node.metacopy or node.kind != stat.S_IFREG:
             return None
-        if not node.upper and self.realms[node.realm].upper is not None:
+        if not node.in_upper and self.realms[node.realm].upper is not None:
             return None
         st = os.fstat(h.fd)
         if st.st_mode & 0o6000:
@@ -1214,7 +1218,7 @@ class UnionFS:
             await copy.file(node, data=False)
 
     def _upper_at(self, node: Node) -> tuple[int, bytes]:
-        up = self.realms[node.realm].resolver.upper
+        up = self.realms[node.realm].resolver.upper_layer
         assert up is not None
         if node.index_name is not None and self.upper is not None:
             return self.upper.index_fd, node.index_name
@@ -1308,7 +1312,7 @@ class UnionFS:
         """Where a node's xattrs are: a host path (upper, index), an fd (an open orphan) or (lower layer, path)."""
         if not node.links and node.ino != ROOT_INO:
             return self._orphan_file(node, writing=False)
-        if node.upper and self.realms[node.realm].resolver.upper is not None:
+        if node.in_upper and self.realms[node.realm].resolver.upper_layer is not None:
             return proc_path(*self._upper_at(node))
         li, lpath = node.lowers[0]
         return self.lowers[li], lpath
@@ -1370,7 +1374,7 @@ class UnionFS:
         """An fd of an open file of an unlinked ``node``; for ``writing``, one of the upper layer's (a handle
         open for writing, or one opened since its copy-up), never a lower layer's."""
         for h in self.files.values():
-            if h.node is node and (not writing or h.writable or (node.upper and h.version == node.version)):
+            if h.node is node and (not writing or h.writable or (node.in_upper and h.version == node.version)):
                 return h.fd
         raise _err(errno.EROFS if writing and any(h.node is node for h in self.files.values()) else errno.ENOENT)
 

@@ -43,7 +43,7 @@ class Node:
     """A union inode.
 
     ``links`` are the (parent directory node, name) pairs the node is known under
-    (a directory has exactly one; an unlinked, still-open file none). ``upper`` is
+    (a directory has exactly one; an unlinked, still-open file none). ``in_upper`` is
     true when the entry exists in the upper layer; ``lowers`` holds the lower
     (layer index, relpath) pairs it draws from: every merged directory for a
     directory, the data source for a file.
@@ -52,7 +52,7 @@ class Node:
     ino: int
     kind: int  # stat.S_IFMT bits
     links: list[tuple[Node, bytes]]
-    upper: bool = False
+    in_upper: bool = False  # the entry exists in the upper layer (a directory there may merge lowers)
     lowers: list[tuple[int, bytes]] = field(default_factory=list)
     opaque: bool = False
     index_name: bytes | None = None  # lower hard-link group: name of its index entry
@@ -64,7 +64,7 @@ class Node:
     realm_root: bool = False  # the root of a graft: its path in its realm is b""
     no_caps: bool = False  # known to have no security.capability (the kernel asks before every write)
     #: the attributes of a lower-only entry of the union (image layers do not change); set and
-    #: trusted by :meth:`unionfs.union.fs.UnionFS.attrs` only while ``upper`` is false
+    #: trusted by :meth:`unionfs.union.fs.UnionFS.attrs` only while ``in_upper`` is false
     attrs: Attrs | None = None
     attrs_reply: bytes | None = None  # kept for the FUSE layer: ``attrs`` as it answers them (a GETATTR reply body)
     #: the last attributes of an entry removed while the kernel still knows it (its nlink now 0): what

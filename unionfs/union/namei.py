@@ -86,7 +86,7 @@ class Resolver:
     def __init__(
         self, upper: DirLayer | None, lowers: Sequence[Layer], dialect: WriteDialect, upper_id: int = UPPER_ID
     ) -> None:
-        self.upper = upper
+        self.upper_layer = upper
         self.upper_id = upper_id
         self.lowers = lowers
         self.dialect = dialect
@@ -241,7 +241,7 @@ class Resolver:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         ppath = parent.path
         path = join(ppath, name)
-        up = self.upper if parent.upper else None
+        up = self.upper_layer if parent.in_upper else None
         upper_st = None
         search_lowers = bool(parent.lowers)
         if up is not None:
@@ -286,7 +286,7 @@ class Resolver:
         ``fstatat`` each; anything else (directories, whiteouts, merged or upper
         directories) takes :meth:`lookup`.
         """
-        part = parent.lowers[0] if len(parent.lowers) == 1 and not parent.upper else None
+        part = parent.lowers[0] if len(parent.lowers) == 1 and not parent.in_upper else None
         layer = self.lowers[part[0]] if part is not None else None
         if part is None or not isinstance(layer, DirLayer) or self.lower_dir(*part).xwhiteouts:
             for name in names:
@@ -331,10 +331,10 @@ class Resolver:
         return Found(ino, S_IFDIR, upper_st, top, parts)
 
     def _upper_file(self, path: bytes, st: os.stat_result) -> Found:
-        assert self.upper is not None
+        assert self.upper_layer is not None
         kind = stat.S_IFMT(st.st_mode)
         ino = self.ino(self.upper_id, st.st_ino)
-        xp = self.upper.xpath(path)
+        xp = self.upper_layer.xpath(path)
         origin = _getx(xp, self.dialect.origin)
         index = None
         if origin is not None:
@@ -345,7 +345,7 @@ class Resolver:
             except ValueError:
                 pass
         found = Found(ino, kind, st, None, [], False, index)
-        found.data = self._data_of(self.upper, path, st, 0)
+        found.data = self._data_of(self.upper_layer, path, st, 0)
         return found
 
 

@@ -23,8 +23,8 @@ from .namei import Resolver
 def merged_names(resolver: Resolver, node: Node) -> list[bytes]:
     """Candidate names of a union directory, each once, upper first."""
     listings = []
-    if node.upper and resolver.upper is not None:
-        listings.append(resolver.upper.listdir(node.path))
+    if node.in_upper and resolver.upper_layer is not None:
+        listings.append(resolver.upper_layer.listdir(node.path))
     if not node.opaque:
         listings.extend(resolver.lower_listing(li, lpath) for li, lpath in node.lowers)
     seen: set[bytes] = set()

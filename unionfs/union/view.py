@@ -42,7 +42,7 @@ class Item:
 
     @property
     def in_upper(self) -> bool:
-        return self.node.upper or self.index is not None
+        return self.node.in_upper or self.index is not None
 
     @property
     def source(self) -> bytes | None:
@@ -79,7 +79,11 @@ class View:
             except FileNotFoundError:
                 pass
         self.root_node = Node(
-            ROOT_INO, stat.S_IFDIR, [], upper=self.upper is not None, lowers=[(i, b"") for i in range(len(self.lowers))]
+            ROOT_INO,
+            stat.S_IFDIR,
+            [],
+            in_upper=self.upper is not None,
+            lowers=[(i, b"") for i in range(len(self.lowers))],
         )
 
     def close(self) -> None:
@@ -155,7 +159,7 @@ class View:
             assert self.index_fd is not None
             return proc_path(self.index_fd, item.index)
         node = item.node
-        if node.upper and self.upper is not None:
+        if node.in_upper and self.upper is not None:
             return self.upper, node.path
         li, lpath = node.lowers[0]
         return self.lowers[li], lpath
