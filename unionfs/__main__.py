@@ -1,3 +1,3 @@
-from unionfs.cli.main import main
+from unionfs.cli.fast import main
 
 raise SystemExit(main())

@@ -39,7 +39,7 @@ examples:
 """
 
 
-COMMANDS = ("mount", "umount", "stats", "image", "container", "volume", "diff", "commit", "export", "store")
+COMMANDS = ("mount", "umount", "stats", "server", "image", "container", "volume", "diff", "commit", "export", "store")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         _call("mounts", "stats", "mountpoint", "format"), fmt=True,
     )  # fmt: skip
     sx.add_argument("mountpoint", metavar="MNT")
+    sv = _command(
+        sub, "server", "keep a process with everything imported: later commands of this user start in a fork of it",
+        _call("server", "serve", "socket"),
+    )  # fmt: skip
+    sv.add_argument("--socket", help="where to listen (default: /run/unionmount/server.sock as root)")
 
     im = _group(sub, "image", "import, list, inspect and remove images")
     imp = _action(

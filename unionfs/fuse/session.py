@@ -111,11 +111,20 @@ class Session:
             if body is None:
                 os.write(self.fd, wire.OUT_HEADER.pack(16, 0, unique))
             elif type(body) is bytes:
-                os.write(self.fd, wire.OUT_HEADER.pack(16 + len(body), 0, unique) + body)
+                header = wire.OUT_HEADER.pack(16 + len(body), 0, unique)
+                if len(body) <= 4096:
+                    os.write(self.fd, header + body)
+                else:  # (a READ's data: not copied again)
+                    os.writev(self.fd, [header, body])
             else:
                 assert isinstance(body, list)
                 n = 16 + sum(len(b) for b in body)
-                os.writev(self.fd, [wire.OUT_HEADER.pack(n, 0, unique), *body])
+                os.writev(
+                    self.fd,
+                    [wire.OUT_HEADER.pack(n, 0, unique), *body]
+                    if len(body) < 512
+                    else [wire.OUT_HEADER.pack(n, 0, unique) + b"".join(body)],
+                )
         except FileNotFoundError:
             pass  # the request was interrupted meanwhile: the kernel no longer waits for it
 

@@ -1,0 +1,65 @@
+"""The resident command server (``unionmount server``, :mod:`unionfs.cli.server`) on real mounts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .mounts import COMMAND, daemon_pid, force_unmount, fresh_dirs, is_mounted
+from .test_rootless import PY, home, user_run  # noqa: F401 - the fixture
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A server on a socket of the test's own; yields the environment that sends commands to it."""
+    env = {**os.environ, "UNIONMOUNT_SERVER": str(tmp_path / "run" / "server.sock")}
+    proc = subprocess.Popen([*COMMAND, "server"], env=env)
+    try:
+        for _ in range(200):
+            if Path(env["UNIONMOUNT_SERVER"]).exists():
+                break
+            time.sleep(0.025)
+        assert Path(env["UNIONMOUNT_SERVER"]).exists(), "the server did not listen"
+        yield env
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+        assert not Path(env["UNIONMOUNT_SERVER"]).exists()
+
+
+def _um(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_commands_run_in_the_server_with_the_callers_stdio(server: dict[str, str], tmp_path: Path) -> None:
+    lower, u, w, m = fresh_dirs(tmp_path, "l", "u", "w", "m")
+    (lower / "f").write_text("hello\n")
+    r = _um(server, "--version")
+    assert r.returncode == 0 and r.stdout.startswith("unionmount ")
+    r = _um(server, "mount", "--lower", "missing", "--upper", "u", "--work", "w", "m")  # relative: the caller's cwd
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr
+    try:
+        r = subprocess.run(
+            [*COMMAND, "mount", "--lower", "l", "--upper", "u", "--work", "w", "m"],
+            env=server, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert (m / "f").read_text() == "hello\n"
+        # the daemon is a fork of the server (its command line is the server's)
+        assert Path(f"/proc/{daemon_pid(m)}/cmdline").read_bytes().split(b"\0")[-2:] == [b"server", b""]
+        assert _um(server, "umount", str(m)).returncode == 0
+        assert not is_mounted(m)
+    finally:
+        force_unmount(m)
+
+
+def test_another_user_is_not_served(server: dict[str, str], home: Path) -> None:  # noqa: F811 - the fixture
+    """A plain user's command cannot reach root's server; it runs itself (and fails as that user would)."""
+    os.chmod(Path(server["UNIONMOUNT_SERVER"]).parent, 0o755)
+    r = user_run(home, "env", f"UNIONMOUNT_SERVER={server['UNIONMOUNT_SERVER']}", PY, "-m", "unionfs", "--version")
+    assert r.returncode == 0 and r.stdout.startswith("unionmount ")  # run by itself: the socket is root's alone

@@ -1,0 +1,164 @@
+"""A resident command server: commands start from a process that has already imported everything.
+
+``unionmount server`` imports the command line, the daemon, the FUSE layer and the store
+once, then listens on a Unix socket (:func:`socket_path`). A command started while it
+runs (:mod:`unionfs.cli.fast`, the ``unionmount`` entry point) sends its arguments, working
+directory, environment and its stdin, stdout and stderr over the socket; the server
+forks, and the child runs the command exactly as ``unionmount ARGS`` would, writing
+straight to the caller's terminal or pipes, then sends back the exit status. So a mount
+costs a fork instead of a Python start and a third of a second of imports.
+
+Guarantees: the server serves only callers with its own user id (``SO_PEERCRED``), on a
+socket only that user can reach. Nothing is opened before the fork that a command
+could share with another (no store, no trio run): each command's child is what a fresh
+process would be, bar the imported modules. A child that dies without an answer makes
+the caller exit 1 with one line. The server ends on SIGTERM or SIGINT, removing its socket.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+OTHER_INSTALLATION = -1  # (as unionfs.cli.fast)
+_MAX = 1 << 20  # the largest request (arguments and environment) taken
+
+
+def socket_path() -> str:
+    """Where the server of this user listens: ``/run/unionmount/server.sock`` for root,
+    ``$XDG_RUNTIME_DIR/unionmount/server.sock`` otherwise (``UNIONMOUNT_SERVER`` overrides both)."""
+    explicit = os.environ.get("UNIONMOUNT_SERVER")
+    if explicit:
+        return explicit
+    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", f"/tmp/unionmount-{os.geteuid()}")
+    return os.path.join(base, "unionmount", "server.sock")
+
+
+def _preload() -> None:
+    """Import what the commands import, so that no child pays for it."""
+    import trio  # noqa: F401
+
+    import layerstore.store  # noqa: F401
+    import layerstore.volumes  # noqa: F401
+    import unionfs.cli.containers  # noqa: F401
+    import unionfs.cli.images  # noqa: F401
+    import unionfs.cli.main  # noqa: F401
+    import unionfs.cli.mounts  # noqa: F401
+    import unionfs.cli.volumes  # noqa: F401
+    import unionfs.daemon.mount  # noqa: F401
+    import unionfs.fuse.handlers  # noqa: F401
+
+
+def serve(path: str | None = None) -> int:
+    """Run the server in the foreground until SIGTERM or SIGINT."""
+    path = path or socket_path()
+    _preload()
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(64)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+        listener.close()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                if stop:
+                    break
+                raise
+            _reap()
+            with conn:
+                uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+                if uid != os.geteuid():
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    _child(conn)  # never returns
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return 0
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _child(conn: socket.socket) -> None:
+    """Run one command for the caller on ``conn``; exits with its status."""
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        fds = array.array("i")
+        msg, ancdata, _, _ = conn.recvmsg(_MAX, socket.CMSG_LEN(3 * fds.itemsize))
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        if len(fds) != 3:
+            os._exit(1)
+        req = json.loads(msg)
+        if req.get("package") != os.path.dirname(os.path.dirname(os.path.abspath(__file__))):
+            code = OTHER_INSTALLATION  # the caller runs the command itself
+            for fd in fds:
+                os.close(fd)
+            return
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i)
+            os.close(fd)
+        os.setsid()
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        sys.argv = ["unionmount", *req["args"]]
+        from unionfs.cli.main import main
+
+        code = main(req["args"])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - the caller gets a status whatever happens
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            conn.sendall(struct.pack("i", code))
+        except OSError:
+            pass
+        os._exit(code & 0xFF)
