@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -41,6 +42,9 @@ def test_commands_run_in_the_server_with_the_callers_stdio(server: dict[str, str
     (lower / "f").write_text("hello\n")
     r = _um(server, "--version")
     assert r.returncode == 0 and r.stdout.startswith("unionmount ")
+    big = {**server, **{f"BIG{i}": "x" * 100_000 for i in range(8)}}  # more than a socket buffer holds
+    r = subprocess.run([*COMMAND, "mount", "--lower", "missing", "m"], env=big, capture_output=True, text=True)
+    assert r.returncode == 2 and "missing" in r.stderr
     r = _um(server, "mount", "--lower", "missing", "--upper", "u", "--work", "w", "m")  # relative: the caller's cwd
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr
     try:
@@ -63,3 +67,24 @@ def test_another_user_is_not_served(server: dict[str, str], home: Path) -> None:
     os.chmod(Path(server["UNIONMOUNT_SERVER"]).parent, 0o755)
     r = user_run(home, "env", f"UNIONMOUNT_SERVER={server['UNIONMOUNT_SERVER']}", PY, "-m", "unionfs", "--version")
     assert r.returncode == 0 and r.stdout.startswith("unionmount ")  # run by itself: the socket is root's alone
+
+
+def test_signals_reach_the_command(server: dict[str, str], tmp_path: Path) -> None:
+    """Ctrl-C on a foreground mount run by the server ends it as it would end one run here: unmounted, status 0."""
+    lower, m = fresh_dirs(tmp_path, "l", "m")
+    (lower / "f").write_text("hello\n")
+    cmd = [*COMMAND, "mount", "-f", "--lower", str(lower), str(m)]
+    proc = subprocess.Popen(cmd, env=server, stderr=subprocess.PIPE)
+    try:
+        for _ in range(400):
+            if is_mounted(m) or proc.poll() is not None:
+                break
+            time.sleep(0.025)
+        assert (m / "f").read_text() == "hello\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not is_mounted(m)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        force_unmount(m)

@@ -18,6 +18,7 @@ from layerstore import names, plugins, tarwrite
 from layerstore.entry import dir_size
 from layerstore.oci import META_MAX, SourceError, open_regular, read_meta
 from layerstore.tarlayer import MAX_PATH, LayerError, mtime_ns, read_layer
+from unionfs.cli.server import decode_request, encode_request
 from unionfs.daemon.config import MountConfig, UsageError, parse_o
 from unionfs.daemon.grafts import parse_mount, parse_volume
 from unionfs.union.idmap import IdMap, IdMapError
@@ -216,3 +217,18 @@ def test_plugins_are_found_where_docker_looks(tmp_path: Path, monkeypatch: pytes
     for bad in ("nosuch", "../x", ""):
         with pytest.raises(plugins.PluginError):
             plugins.find(bad)
+
+
+def test_command_server_requests_round_trip() -> None:
+    """What the entry point sends ``unionmount server``: arguments (empty ones and undecodable bytes
+    included) and the environment arrive as they were sent."""
+    args = ["mount", "", "--lower", os.fsdecode(b"l\xff"), "a=b", "m"]
+    env = {b"PATH": b"/bin", b"EMPTY": b"", b"X": b"a=b=c"}
+    assert decode_request(encode_request("/pkg", "/cwd", args, env)) == ("/pkg", "/cwd", args, env)
+    assert decode_request(encode_request("/pkg", "/", [], {})) == ("/pkg", "/", [], {})
+
+
+@pytest.mark.parametrize("msg", [b"", b"{}", b"unionmount-command/1\0/p\0/c", b"unionmount-command/1\0/p\0/c\09\0a"])
+def test_command_server_refuses_what_is_not_a_request(msg: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_request(msg)

@@ -17,6 +17,7 @@ store nor trio nor pyfuse3).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -96,7 +97,10 @@ def _command(sub: Any, name: str, help: str, run: Callable[[argparse.Namespace],
     return c
 
 
+@functools.cache
 def _parser() -> argparse.ArgumentParser:
+    """The whole command line (built once: about 20 ms, mostly argparse's gettext lookups;
+    ``unionmount server`` builds it before it forks)."""
     p = _Parser(
         prog="unionmount",
         description="A userspace union filesystem for containers.",

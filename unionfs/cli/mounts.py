@@ -9,7 +9,7 @@ import subprocess
 from typing import Any
 
 from unionfs.daemon.config import UsageError
-from unionfs.fuse import control
+from unionfs.fuse import control, device
 
 
 def umount(mnt: str, timeout: float) -> int:
@@ -19,12 +19,18 @@ def umount(mnt: str, timeout: float) -> int:
     except (control.NotServed, OSError):
         daemon = None
     try:
-        tool = shutil.which("fusermount3") or shutil.which("fusermount")
-        cmd = [tool, "-u", path] if tool else ["umount", path]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
-            raise UsageError(f"cannot unmount '{mnt}': {msg}")
+        if daemon is not None:  # ours: umount2 as root, fusermount3 for a plain user
+            try:
+                device.unmount_now(path)
+            except OSError as e:
+                raise UsageError(f"cannot unmount '{mnt}': {e.strerror}") from None
+        else:  # whatever it is, the system's tools decide
+            tool = shutil.which("fusermount3") or shutil.which("fusermount")
+            cmd = [tool, "-u", path] if tool else ["umount", path]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                msg = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
+                raise UsageError(f"cannot unmount '{mnt}': {msg}")
         if daemon is not None:
             daemon.wait(timeout)
     finally:
