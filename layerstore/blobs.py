@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import os
 import shutil
@@ -82,22 +83,26 @@ class BlobStore:
         except FileNotFoundError:
             return False
 
-    def ingest(self, src: BinaryIO, size: int) -> tuple[bytes, bool]:
-        """Store ``size`` bytes read from ``src``; returns (digest, newly stored).
+    def ingest(self, src: BinaryIO, size: int) -> tuple[bytes, bool, bytes]:
+        """Store ``size`` bytes read from ``src``; returns (digest, newly stored, their sha256).
 
         A file of up to one chunk is hashed in memory first, so a duplicate costs
-        no temporary file; a bigger one streams through ``tmp/``.
+        no temporary file; a bigger one streams through ``tmp/``. The sha256 is what
+        OCI tables of contents name files by (:mod:`layerstore.chunked`).
         """
         if size <= _CHUNK:
             data = _read_exactly(src, size)
+            sha = hashlib.sha256(data).digest()
             digest = xxhash.xxh3_128_digest(data)
             if self.exists(digest):
                 with open(self.path(digest), "rb") as f:
                     if f.read(size + 1) != data:
                         raise CollisionError(f"XXH3-128 collision on {digest.hex()}")
-                return digest, False
-            return self._store(iter((data,)), size, digest)
-        return self._store(_chunks(src, size), size, None)
+                return digest, False, sha
+            return (*self._store(iter((data,)), size, digest), sha)
+        h = hashlib.sha256()
+        digest, new = self._store(_hashed(_chunks(src, size), h), size, None)
+        return digest, new, h.digest()
 
     def _store(self, chunks: Iterator[bytes], size: int, digest: bytes | None) -> tuple[bytes, bool]:
         tmp = os.path.join(self.tmp, f"{os.getpid()}.{next(_counter)}")
@@ -166,6 +171,12 @@ def _chunks(src: BinaryIO, size: int) -> Iterator[bytes]:
         if not buf:
             raise EOFError("layer tar ends inside a file (truncated archive)")
         left -= len(buf)
+        yield buf
+
+
+def _hashed(chunks: Iterator[bytes], h: hashlib._Hash) -> Iterator[bytes]:
+    for buf in chunks:
+        h.update(buf)
         yield buf
 
 

@@ -94,6 +94,10 @@ def gc(store: Store) -> tuple[int, int, int]:
         for digest, raw in list(txn.cursor(db=store.db["blobs"])):
             if msgpack.unpackb(raw)[1] <= 0:
                 txn.delete(bytes(digest), db=store.db["blobs"])
+        if "sha256" in store.db:  # what names a blob no more: gone with it
+            for sha, blob in list(txn.cursor(db=store.db["sha256"])):
+                if txn.get(blob, db=store.db["blobs"]) is None:
+                    txn.delete(bytes(sha), db=store.db["sha256"])
     with store.env.begin(write=True) as txn:  # the lock only: this one writes no row
         live = {bytes(k) for k, _ in txn.cursor(db=store.db["blobs"])}
         for name, file in _blob_files(store).items():

@@ -18,7 +18,7 @@ import os
 import platform
 import stat
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -27,12 +27,19 @@ class SourceError(Exception):
     """An image source that cannot be read (message is one line)."""
 
 
+class RangeIgnored(SourceError):
+    """A source asked for part of a blob answered with all of it (a registry that ignores ``Range``)."""
+
+
 @dataclass(slots=True, frozen=True)
 class LayerRef:
     diff_id: str  # sha256:... of the uncompressed tar (from the config)
     digest: str | None  # sha256:... of the blob as stored, when the source names it
     open: Callable[[], BinaryIO]
     size: int | None = None  # the blob's size, when the source names it (for progress)
+    annotations: Mapping[str, object] = dataclasses.field(default_factory=dict)  # the descriptor's
+    # [start, end) of the blob, where the source can read parts of it (a file, a registry that honours Range)
+    open_range: Callable[[int, int], BinaryIO] | None = None
 
 
 def _nothing() -> None:
@@ -308,8 +315,24 @@ def _layout(
     blobs = [_obj(b, "a layer of the manifest") for b in _list(manifest, "layers", "the manifest")]
     if len(blobs) != len(ids):
         raise SourceError("manifest and config disagree on the number of layers")
+
+    def open_range(name: str) -> Callable[[int, int], BinaryIO]:
+        def opened(start: int, end: int) -> BinaryIO:
+            f = open_file(name)
+            f.seek(start)
+            return f
+
+        return opened
+
     layers = [
-        LayerRef(d, _str(b, "digest", "a layer"), open_layer(blob(b["digest"]), b.get("size")), _size(b.get("size")))
+        LayerRef(
+            d,
+            _str(b, "digest", "a layer"),
+            open_layer(blob(b["digest"]), b.get("size")),
+            _size(b.get("size")),
+            _annotations(b),
+            open_range(blob(b["digest"])),
+        )
         for d, b in zip(ids, blobs, strict=True)
     ]
     name = _annotations(desc).get("org.opencontainers.image.ref.name")

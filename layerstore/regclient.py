@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 import httpx
 
 from .layerstream import ChunkReader
-from .oci import SourceError, SourceOptions
+from .oci import RangeIgnored, SourceError, SourceOptions
 
 MAX_DOCUMENT = 4 << 20  # manifests and configs; containerd's limit for manifests
 RETRIES = 3  # a broken connection or a 502/503/504, as docker pull and push retry
@@ -232,6 +232,11 @@ class Session:
         (the manifest's word); the caller checks its digest."""
         return _Body(self, path, size)
 
+    def blob_range(self, path: str, start: int, end: int) -> _Body:
+        """Bytes [start, end) of a blob as a stream (HTTP ``Range``), resumed as :meth:`blob`'s;
+        :class:`RangeIgnored` if the registry sends the whole blob instead."""
+        return _Body(self, path, end - start, start)
+
     def has_blob(self, repo: str, digest: str) -> bool:
         r = self._send("HEAD", f"{self.base}{repo}/blobs/{digest}", {})
         self._check(r, f"{repo}@{digest}", (200, 404))
@@ -283,23 +288,32 @@ class _Body(ChunkReader):
     (``Range``; a registry that ignores it sends the whole blob again, and what we have is skipped),
     RETRIES times; then, and on any other failure, SourceError."""
 
-    def __init__(self, session: Session, path: str, size: int | None = None) -> None:
+    def __init__(self, session: Session, path: str, size: int | None = None, start: int | None = None) -> None:
         self._s = session
         self._path = path
         self._size = size
-        self._received = 0  # bytes of the blob taken from the network
+        self._start = start  # None: the whole blob; else a part of ``size`` bytes from here
+        self._received = 0  # bytes of the blob (or the part) taken from the network
         self._breaks = 0
         self._open()
 
     def _open(self) -> None:
         what = self._path.replace("/blobs/", "@")
-        headers = {"Range": f"bytes={self._received}-"} if self._received else {}
+        at = (self._start or 0) + self._received
+        if self._start is not None and self._size is not None:
+            headers = {"Range": f"bytes={at}-{self._start + self._size - 1}"}
+        else:
+            headers = {"Range": f"bytes={at}-"} if at else {}
         r = self._s._send("GET", self._s.base + self._path, headers)
         self._skip = 0
-        if self._received and r.status_code == 206:
-            if not r.headers.get("content-range", "").startswith(f"bytes {self._received}-"):
+        if (at or self._start is not None) and r.status_code == 206:
+            if not r.headers.get("content-range", "").startswith(f"bytes {at}-"):
                 r.close()
-                raise SourceError(f"{self._s.host}/{what}: the registry resumed the download at the wrong place")
+                how = "resumed the download at the wrong place" if self._received else "sent another part than asked"
+                raise SourceError(f"{self._s.host}/{what}: the registry {how}")
+        elif self._start is not None and r.status_code == 200:
+            r.close()
+            raise RangeIgnored(f"{self._s.host}/{what}: the registry does not send parts of blobs")
         elif self._received and r.status_code == 200:
             self._skip = self._received
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,9 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
             config_digest = manifest["config"]["digest"]
             blobs = [b["digest"] for b in manifest.get("layers") or []]
             sizes = [b.get("size") if isinstance(b.get("size"), int) else None for b in manifest.get("layers") or []]
+            annotations = [b.get("annotations") or {} for b in manifest.get("layers") or []]
+            if not all(isinstance(a, dict) for a in annotations):
+                raise TypeError
         except (KeyError, TypeError):
             raise SourceError(f"{text}: the manifest has no config or malformed layers") from None
         if not all(isinstance(b, str) and _DIGEST_RE.match(b) for b in [config_digest, *blobs]):
@@ -135,11 +139,22 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
         raise
     fetch = _Fetcher(s, repo)
     layers = [
-        LayerRef(d, b, (lambda b=b, size=size: fetch.open(b, size)), size)  # type: ignore[misc]
-        for d, b, size in zip(ids, blobs, sizes, strict=True)
+        LayerRef(
+            d,
+            b,
+            (lambda b=b, size=size: fetch.open(b, size)),  # type: ignore[misc]
+            size,
+            a,
+            functools.partial(_blob_range, s, f"{repo}/blobs/{b}"),
+        )
+        for d, b, size, a in zip(ids, blobs, sizes, annotations, strict=True)
     ]
     tags = [ref.name] if ref.name else []
     return ImageSource(config, config_digest, digest, layers, tags, fetch.close, (repo_digest,), fetch.start)
+
+
+def _blob_range(s: Session, path: str, start: int, end: int) -> BinaryIO:
+    return s.blob_range(path, start, end)  # type: ignore[return-value]  # a ChunkReader reads as a BinaryIO
 
 
 class _Fetcher:

@@ -22,16 +22,22 @@ Sub-databases
              ``refs`` counts the layer entries (one per layer, per path) that
              use the blob. Invariant: every blob file on disk has a row, and a
              row with ``refs == 0`` is garbage for ``store gc``.
-``layers``   key: diff_id (``b"sha256:<hex>"`` of the uncompressed tar)
+``layers``   key: diff_id (``b"sha256:<hex>"`` of the uncompressed tar), or for a zstd:chunked
+             layer taken by its table of contents ``b"toc:<hex>"`` (the TOC's sha256,
+             :mod:`layerstore.chunked`: its tar is never read, so no diff_id is verified)
              → ``{"size": bytes of the layer's file contents, "entries": n,
              "created": unix seconds}``. A row exists only once all
              of the layer's entries and blobs are in the store (one transaction).
-``entries``  key: diff_id + ``b"\\0"`` + path → an entry record (below), the
+``entries``  key: layer key (as ``layers``) + ``b"\\0"`` + path → an entry record (below), the
              layer's own content as its tar said it (whiteouts and opaque marks
              included), for flattening new images and for diffs.
-``images``   key: ``b"name:tag"`` → image id (``b"sha256:<hex>"`` of the config)
+``sha256``   key: 32-byte sha256 of a file's contents → the 16-byte XXH3-128 digest of the blob
+             holding them: what zstd:chunked TOCs name files by, learned at every import.
+             A hint: a row whose blob is gone counts for nothing (``store gc`` drops it).
+``images``   key: ``b"name:tag"`` → image id (``b"sha256:<hex>"`` of the config; of the config's
+             digest and the TOC keys, one per line, when a layer is kept by its TOC)
 ``configs``  key: image id → ``{"config": raw config JSON, "manifest": manifest
-             digest, "layers": [diff_id, ...] bottom first, "created": unix seconds,
+             digest, "layers": [layer key, ...] bottom first, "created": unix seconds,
              "repo_digests": ["REPO@sha256:...", ...]}`` (the last: registry digests it
              was pulled by, Docker's RepoDigests; absent in stores made before it)
 ``merged``   key: 32-byte raw image id + parent path + ``b"\\0"`` + name → an
@@ -58,7 +64,9 @@ None, ``kind`` 0 = entry, 1 = whiteout, 2 = opaque directory marker, and
 
 from __future__ import annotations
 
-DB_NAMES = (b"blobs", b"layers", b"entries", b"images", b"configs", b"merged", b"containers", b"volumes")
+DB_NAMES = (
+    b"blobs", b"layers", b"entries", b"images", b"configs", b"merged", b"containers", b"volumes", b"sha256"
+)  # fmt: skip
 MAP_SIZE = 1 << 36  # 64 GiB of address space; the file grows only as needed
 SEP = b"\0"
 

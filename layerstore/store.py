@@ -30,6 +30,7 @@ import msgpack
 
 from . import names
 from .blobs import BlobStore
+from .chunked_pull import layer_key, pull_chunked
 from .entry import Entry
 from .flatten import Tree
 from .host import real_root
@@ -203,6 +204,7 @@ class Store:
             src.close()
 
     def _import(self, src: ImageSource, tag: str | None, progress: Progress | None) -> tuple[str, str]:
+        keys = [layer_key(la) for la in src.layers]
         if tag is not None:
             name = valid_name(tag)
         elif src.tags:
@@ -212,22 +214,23 @@ class Store:
                 shown = src.tags[0][:64]
                 raise StoreError(f"the source names the image '{shown}', not a valid name: give --tag") from None
         else:
-            name = normalize_name(src.config_digest[7:19])
+            name = normalize_name(_image_id(src.config_digest, keys)[7:19])
         assert self.blobs is not None
         new_blobs: list[bytes] = []
         with self.env.begin(write=True) as txn:
             try:
-                missing = [la for la in src.layers if txn.get(la.diff_id.encode(), db=self.db["layers"]) is None]
-                if missing and src.prefetch is not None:
-                    src.prefetch(missing, os.path.join(self.root, "tmp"))
+                missing = [la for la, k in zip(src.layers, keys, strict=True) if not self._has_layer(txn, k)]
+                whole = [la for la in missing if layer_key(la) == la.diff_id.encode()]  # chunked ones: by parts
+                if whole and src.prefetch is not None:
+                    src.prefetch(whole, os.path.join(self.root, "tmp"))
                 for i, layer in enumerate(src.layers):
                     on_read = None
                     if progress:
                         on_read = functools.partial(progress, i, len(src.layers), layer.size)
                         on_read(0)
-                    if txn.get(layer.diff_id.encode(), db=self.db["layers"]) is None:
-                        self._import_layer(txn, layer, src.layers[:i], new_blobs, on_read)
-                self._record_image(txn, src, name)
+                    if not self._has_layer(txn, keys[i]):
+                        self._import_layer(txn, layer, keys[i], keys[:i], new_blobs, on_read)
+                self._record_image(txn, src, name, keys)
                 if new_blobs:
                     self.blobs.sync()  # blobs on disk before the index that names them
             except BaseException:
@@ -235,34 +238,45 @@ class Store:
                 for d in new_blobs:
                     self.blobs.remove(d)
                 raise
-        return name, src.config_digest
+        return name, _image_id(src.config_digest, keys)
+
+    def _has_layer(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        return txn.get(key, db=self.db["layers"]) is not None
 
     def _import_layer(
         self,
         txn: lmdb.Transaction,
         layer: LayerRef,
-        below: Sequence[LayerRef],
+        key: bytes,
+        below: Sequence[bytes],
         new_blobs: list[bytes],
         on_read: Callable[[int], None] | None = None,
     ) -> None:
-        diff = layer.diff_id.encode()
-        lower_ids = [b.diff_id.encode() for b in below]
+        """Read one layer (its tar, or a zstd:chunked layer by its TOC) and record it under ``key``."""
 
         def exists_below(path: bytes) -> bool:
-            return any(txn.get(d + SEP + path, db=self.db["entries"]) is not None for d in lower_ids)
+            return any(txn.get(d + SEP + path, db=self.db["entries"]) is not None for d in below)
 
+        def learn(sha: bytes, blob: bytes) -> None:
+            txn.put(sha, blob, db=self.db["sha256"])
+
+        assert self.blobs is not None
+        if key != layer.diff_id.encode():
+            known = self._known_sha(txn)
+            tmp = os.path.join(self.root, "tmp")
+            members = pull_chunked(layer, self.blobs, exists_below, new_blobs.append, known, learn, tmp, on_read)
+        else:
+            members = self._read_tar(layer, exists_below, new_blobs, learn, on_read)
         layer_entries: dict[bytes, Entry] = {}
         whiteouts: set[bytes] = set()
         opaque: set[bytes] = set()
-        assert self.blobs is not None
-        with open_layer(layer, on_read) as stream:
-            for path, e in read_layer(stream, self.blobs, exists_below, new_blobs.append):
-                if e.kind == KIND_WHITEOUT:
-                    whiteouts.add(path)
-                elif e.kind == KIND_OPAQUE:
-                    opaque.add(path)
-                else:
-                    layer_entries[path] = e
+        for path, e in members:
+            if e.kind == KIND_WHITEOUT:
+                whiteouts.add(path)
+            elif e.kind == KIND_OPAQUE:
+                opaque.add(path)
+            else:
+                layer_entries[path] = e
         for path in whiteouts:
             got = layer_entries.get(path)
             if got is None:
@@ -274,12 +288,36 @@ class Store:
             layer_entries[path] = (got or Entry(0)).with_(kind=KIND_OPAQUE)
         size = 0
         for path, e in layer_entries.items():
-            txn.put(diff + SEP + path, e.pack(), db=self.db["entries"])
+            txn.put(key + SEP + path, e.pack(), db=self.db["entries"])
             if e.blob is not None:
                 self._ref_blob(txn, e.blob, e.size, +1)
             size += e.size
         info = {"size": size, "entries": len(layer_entries), "created": time.time()}
-        txn.put(diff, _pack(info), db=self.db["layers"])
+        txn.put(key, _pack(info), db=self.db["layers"])
+
+    def _read_tar(
+        self,
+        layer: LayerRef,
+        exists_below: Callable[[bytes], bool],
+        new_blobs: list[bytes],
+        learn: Callable[[bytes, bytes], None],
+        on_read: Callable[[int], None] | None,
+    ) -> Iterator[tuple[bytes, Entry]]:
+        assert self.blobs is not None
+        with open_layer(layer, on_read) as stream:
+            yield from read_layer(stream, self.blobs, exists_below, new_blobs.append, learn)
+
+    def _known_sha(self, txn: lmdb.Transaction) -> Callable[[bytes], bytes | None]:
+        """The store's blob with this sha256, if it holds one (a row whose blob is gone does not count)."""
+
+        def known(sha: bytes) -> bytes | None:
+            blob = txn.get(sha, db=self.db["sha256"])
+            if blob is None or txn.get(blob, db=self.db["blobs"]) is None:
+                return None
+            assert self.blobs is not None
+            return bytes(blob) if self.blobs.exists(bytes(blob)) else None
+
+        return known
 
     def _ref_blob(self, txn: lmdb.Transaction, digest: bytes, size: int, delta: int) -> None:
         raw = txn.get(digest, db=self.db["blobs"])
@@ -295,8 +333,8 @@ class Store:
                     break
                 yield k[len(prefix) :], Entry.unpack(v)
 
-    def _record_image(self, txn: lmdb.Transaction, src: ImageSource, name: str) -> None:
-        image_id = src.config_digest.encode()
+    def _record_image(self, txn: lmdb.Transaction, src: ImageSource, name: str, keys: list[bytes]) -> None:
+        image_id = _image_id(src.config_digest, keys).encode()
         known = txn.get(image_id, db=self.db["configs"])
         if known is not None:  # the image is there: only a digest it is now also known by is new
             cfg = _unpack(known)
@@ -306,7 +344,7 @@ class Store:
                 txn.put(image_id, _pack({**cfg, "repo_digests": digests + new}), db=self.db["configs"])
         else:
             tree = Tree()
-            diff_ids = [layer.diff_id.encode() for layer in src.layers]
+            diff_ids = keys  # a zstd:chunked layer's is its TOC's: its diff_id is not verified
             for d in diff_ids:
                 tree.apply_layer(self.layer_entries(txn, d))
             prefix = image_key(image_id)
@@ -543,19 +581,29 @@ class Store:
         new_blobs: list[bytes] = []
         with self.env.begin(write=True) as txn:
             try:
+                keys = [layer.diff_id.encode() for layer in layers]  # the parent's as the store keeps them
                 for i, layer in enumerate(layers):
-                    if txn.get(layer.diff_id.encode(), db=self.db["layers"]) is None:
+                    if not self._has_layer(txn, keys[i]):
                         if i < len(layers) - 1:
                             raise StoreError(f"layer {layer.diff_id[:19]} of the image is missing from the store")
-                        self._import_layer(txn, layer, layers[:i], new_blobs)
-                self._record_image(txn, src, name)
+                        self._import_layer(txn, layer, keys[i], keys[:i], new_blobs)
+                self._record_image(txn, src, name, keys)
                 if new_blobs:
                     self.blobs.sync()
             except BaseException:
                 for d in new_blobs:
                     self.blobs.remove(d)
                 raise
+        return _image_id(config_digest, keys)
+
+
+def _image_id(config_digest: str, keys: list[bytes]) -> str:
+    """An image's id: its config's digest, unless a layer is kept by its TOC (zstd:chunked), whose
+    contents the config's diff_ids do not vouch for; then a digest of the config's and the TOCs' (as
+    podman names such images), so that no other image with the same config can take its place."""
+    if not any(k.startswith(b"toc:") for k in keys):
         return config_digest
+    return "sha256:" + hashlib.sha256(b"\n".join([config_digest.encode(), *keys])).hexdigest()
 
 
 def _no_open() -> BinaryIO:

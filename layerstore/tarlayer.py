@@ -61,14 +61,30 @@ def mtime_ns(m: tarfile.TarInfo) -> int:
     return int(m.mtime) * _NS if float(m.mtime).is_integer() else round(m.mtime * _NS)
 
 
-def _check(m: tarfile.TarInfo, path: bytes) -> None:
-    """What no file system (or no store key) can hold: a refusal, one line."""
+def check_entry(name: str, path: bytes, uid: int, gid: int) -> None:
+    """What no file system (or no store key) can hold: a refusal, one line (``name`` as the layer spells it)."""
     if len(path) > MAX_PATH:
-        raise LayerError(f"layer entry '{m.name[:60]}...' has a path of {len(path)} bytes (the store takes {MAX_PATH})")
+        raise LayerError(f"layer entry '{name[:60]}...' has a path of {len(path)} bytes (the store takes {MAX_PATH})")
     if any(len(part) > NAME_MAX for part in path.split(b"/")):
-        raise LayerError(f"layer entry '{m.name[:60]}...' has a name longer than {NAME_MAX} bytes")
-    if not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
-        raise LayerError(f"layer entry '{m.name}' has an owner out of range ({m.uid}:{m.gid})")
+        raise LayerError(f"layer entry '{name[:60]}...' has a name longer than {NAME_MAX} bytes")
+    if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
+        raise LayerError(f"layer entry '{name}' has an owner out of range ({uid}:{gid})")
+
+
+def _check(m: tarfile.TarInfo, path: bytes) -> None:
+    check_entry(m.name, path, m.uid, m.gid)
+
+
+def marker(name: str, path: bytes) -> tuple[bytes, Entry] | None:
+    """The whiteout or opaque mark ``path`` stands for (its target, and the mark), or None for a plain entry."""
+    parent, _, base = path.rpartition(b"/")
+    if base == OPQ:
+        return parent, Entry(stat.S_IFDIR, kind=KIND_OPAQUE)
+    if base.startswith(WH):
+        if base[len(WH) :] in (b"", b".", b".."):  # would whiteout the root or a parent: no image has that
+            raise LayerError(f"layer entry '{name}' is a whiteout of no name")
+        return (parent + b"/" if parent else b"") + base[len(WH) :], Entry(0, kind=KIND_WHITEOUT)
+    return None
 
 
 def clean_path(name: str) -> bytes:
@@ -104,13 +120,18 @@ def _xattrs(m: tarfile.TarInfo) -> dict[bytes, bytes] | None:
 
 
 def read_layer(
-    stream: BinaryIO, blobs: BlobStore, exists_below: Callable[[bytes], bool], on_new_blob: Callable[[bytes], None]
+    stream: BinaryIO,
+    blobs: BlobStore,
+    exists_below: Callable[[bytes], bool],
+    on_new_blob: Callable[[bytes], None],
+    on_file: Callable[[bytes, bytes], None] | None = None,
 ) -> Iterator[tuple[bytes, Entry]]:
     """Yield (path, entry) for every member of a layer tar, storing file data as blobs.
 
     ``exists_below(path)`` tells whether a lower layer has ``path`` (for hard
     links into lower layers); ``on_new_blob`` is told each blob this call stored
-    first, so a failed import can take them back.
+    first, so a failed import can take them back; ``on_file(sha256, blob)`` each
+    regular file's sha256 and blob.
     """
     seen: dict[bytes, Entry] = {}
     try:
@@ -125,18 +146,11 @@ def read_layer(
                     yield b"", e
                 continue
             _check(m, path)
-            parent, _, base = path.rpartition(b"/")
-            if base == OPQ:
-                e = Entry(stat.S_IFDIR, kind=KIND_OPAQUE)
-                yield parent, e
+            mark = marker(m.name, path)
+            if mark is not None:
+                yield mark
                 continue
-            if base.startswith(WH):
-                if base[len(WH) :] in (b"", b".", b".."):  # would whiteout the root or a parent: no image has that
-                    raise LayerError(f"layer entry '{m.name}' is a whiteout of no name")
-                target = (parent + b"/" if parent else b"") + base[len(WH) :]
-                e = Entry(0, kind=KIND_WHITEOUT)
-                yield target, e
-                continue
+            parent = path.rpartition(b"/")[0]
             pe = seen.get(parent)
             if pe is not None and not pe.is_dir:  # (whiteouts below one are harmless: tools write them)
                 raise LayerError(f"layer entry '{m.name}' lies below a non-directory of the same layer")
@@ -149,9 +163,11 @@ def read_layer(
             elif m.isreg():
                 f = tar.extractfile(m)
                 assert f is not None
-                digest, new = blobs.ingest(f, m.size)  # type: ignore[arg-type]
+                digest, new, sha = blobs.ingest(f, m.size)  # type: ignore[arg-type]
                 if new:
                     on_new_blob(digest)
+                if on_file is not None:
+                    on_file(sha, digest)
                 e = Entry(_mode(m), m.uid, m.gid, mtime, m.size, blob=digest, xattrs=_xattrs(m))
             else:
                 rdev = os.makedev(m.devmajor, m.devminor) if (m.ischr() or m.isblk()) else 0

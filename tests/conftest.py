@@ -35,9 +35,15 @@ def ext4(tmp_path: Path) -> Iterator[Path]:
 
 
 #: modules of the fast tier: no root, no mount, no server (``pytest -m "not mount"``)
-FAST = {"test_units", "test_mutex", "test_fast_union", "test_fast_registry"}
+FAST = {"test_units", "test_mutex", "test_fast_union", "test_fast_registry", "test_fast_chunked"}
 #: what else a module needs, beyond root and real mounts
-NEEDS = {"test_registry": "registry", "test_runtime": "runtime", "test_plugins": "plugin", "test_rootless": "root"}
+NEEDS = {
+    "test_registry": "registry",
+    "test_chunked": "registry",
+    "test_runtime": "runtime",
+    "test_plugins": "plugin",
+    "test_rootless": "root",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

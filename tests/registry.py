@@ -262,3 +262,60 @@ def auth_file(path: Path, host: str, user: str = USER, password: str = PASSWORD)
     path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
     os.chmod(path, 0o600)
     return path
+
+
+class BlobProxy:
+    """An HTTP proxy in front of a plain-HTTP registry that counts what goes out: every GET's path,
+    ``Range`` and body bytes (:attr:`gets`). ``ranges=False`` drops the ``Range`` header, as a
+    registry (or a cache in front of one) that sends whole blobs only."""
+
+    def __init__(self, target: str, ranges: bool = True) -> None:
+        self.target = target
+        self.ranges = ranges
+        self.gets: list[tuple[str, str | None, int]] = []
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.host = f"127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def blob_bytes(self) -> int:
+        """Bytes of layer blobs sent so far (manifests and configs are blobs too, and small)."""
+        with self.lock:
+            return sum(n for path, _, n in self.gets if "/blobs/" in path)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self, method: str) -> None:
+                skip = {"host", "connection"} | (set() if proxy.ranges else {"range"})
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                with httpx.stream(method, f"http://{proxy.target}{self.path}", headers=headers, timeout=60) as r:
+                    body = r.read()
+                    self.send_response(r.status_code)
+                    for k, v in r.headers.items():
+                        if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if method == "GET":
+                        self.wfile.write(body)
+                        with proxy.lock:
+                            proxy.gets.append((self.path, self.headers.get("Range"), len(body)))
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._forward("GET")
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._forward("HEAD")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler

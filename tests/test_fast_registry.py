@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from layerstore import regclient, registries_conf
-from layerstore.oci import SourceError, SourceOptions
+from layerstore.oci import RangeIgnored, SourceError, SourceOptions
 
 BLOB = bytes(range(256)) * 4096 * 3  # 3 MiB: the client reads in 1 MiB pieces
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -165,6 +165,36 @@ def test_a_resumption_at_the_wrong_place_is_refused() -> None:
     try:
         with pytest.raises(SourceError, match="wrong place"):
             s.blob(f"a/b/blobs/{BLOB_DIGEST}", len(BLOB)).read()
+    finally:
+        s.close()
+
+
+def test_parts_of_blobs() -> None:
+    """A part of a blob by ``Range``; a registry that sends the whole blob instead says so (RangeIgnored),
+    and one that sends another part is refused."""
+    honour = {"mode": "ranges"}
+
+    def registry(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v2/":
+            return httpx.Response(200)
+        first, last = (int(x) for x in req.headers["range"].removeprefix("bytes=").split("-"))
+        if honour["mode"] == "whole":
+            return _ok(BLOB)
+        if honour["mode"] == "shifted":
+            first, last = first + 1, last + 1
+        part = BLOB[first : last + 1]
+        return _ok(part, 206, **{"content-range": f"bytes {first}-{last}/{len(BLOB)}"})
+
+    s = _session(registry)
+    try:
+        assert s.blob_range(f"a/b/blobs/{BLOB_DIGEST}", 1000, 5000).read() == BLOB[1000:5000]
+        assert s.blob_range(f"a/b/blobs/{BLOB_DIGEST}", 0, 10).read() == BLOB[:10]
+        honour["mode"] = "whole"
+        with pytest.raises(RangeIgnored):
+            s.blob_range(f"a/b/blobs/{BLOB_DIGEST}", 1000, 5000).read()
+        honour["mode"] = "shifted"
+        with pytest.raises(SourceError, match="another part"):
+            s.blob_range(f"a/b/blobs/{BLOB_DIGEST}", 1000, 5000).read()
     finally:
         s.close()
 

@@ -1,0 +1,181 @@
+"""Taking a zstd:chunked layer file by file: only the files the store does not hold are fetched.
+
+:func:`pull_chunked` reads the layer's TOC (:mod:`layerstore.chunked`) with one range
+read, looks every regular file up by its sha256 among the blobs the store already has
+(files of any earlier import, whatever its format), and fetches the others' bytes in
+ranges, neighbours merged (:data:`GAP`, :data:`MOST`). Each file's bytes are checked
+against the TOC's sha256 before the store keeps them.
+
+Where the source cannot read parts of the blob (a registry that ignores ``Range``), the
+whole blob is downloaded once to the store's ``tmp/``, checked against the
+manifest's digest, and read from there: the layer is the same either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from . import chunked
+from .blobs import BlobStore
+from .entry import Entry
+from .oci import LayerRef, RangeIgnored, SourceError
+from .schema import KIND_OPAQUE, KIND_WHITEOUT
+from .tarlayer import LayerError
+
+GAP = 256 << 10  # files at most this far apart in the blob are fetched in one range
+MOST = 32 << 20  # the longest range that merges several files
+
+Opener = Callable[[int, int], BinaryIO]
+
+
+def layer_key(layer: LayerRef) -> bytes:
+    """The key the store keeps ``layer`` under: ``toc:HEX`` for a zstd:chunked layer whose source can
+    read parts of blobs, else its diff_id. LayerError for malformed chunked annotations."""
+    if layer.open_range is None or not layer.annotations:
+        return layer.diff_id.encode()
+    pos = chunked.position(layer.annotations, layer.size)
+    return pos.key if pos is not None else layer.diff_id.encode()
+
+
+def pull_chunked(
+    layer: LayerRef,
+    blobs: BlobStore,
+    exists_below: Callable[[bytes], bool],
+    on_new_blob: Callable[[bytes], None],
+    known: Callable[[bytes], bytes | None],
+    learn: Callable[[bytes, bytes], None],
+    tmpdir: str,
+    on_read: Callable[[int], None] | None = None,
+) -> Iterator[tuple[bytes, Entry]]:
+    """Yield (path, entry) for every member of a zstd:chunked layer, as :func:`layerstore.tarlayer.read_layer`
+    does for a tar: file contents are in the blob store (``on_new_blob`` told of each new one), ``known(sha256)``
+    names a blob the store has with that content, ``learn(sha256, blob)`` is told each file's. A whole
+    blob downloaded for a source that cannot read parts is an unnamed file in ``tmpdir``."""
+    pos = chunked.position(layer.annotations, layer.size)
+    assert pos is not None and layer.open_range is not None
+    with contextlib.ExitStack() as stack:
+        opener: Opener = layer.open_range
+        try:
+            toc = _read(opener, pos.offset, pos.offset + pos.length)
+        except RangeIgnored:
+            opener = _whole(layer, stack, tmpdir)
+            toc = _read(opener, pos.offset, pos.offset + pos.length)
+        fetched = len(toc)
+        if on_read:
+            on_read(fetched)
+        members = list(chunked.members(chunked.read_toc(pos, toc), pos.offset))
+        blob_of: dict[str, bytes] = {}  # sha256:HEX -> blob, for the files of this layer
+        wanted: dict[str, chunked.File] = {}
+        for m in members:
+            f = m.file
+            if f is None or f.digest in blob_of or f.digest in wanted:
+                continue
+            have = known(bytes.fromhex(f.digest[7:]))
+            if have is not None:
+                blob_of[f.digest] = have
+            else:
+                wanted[f.digest] = f
+        for start, end, group in chunked.plan(list(wanted.values()), GAP, MOST):
+            with contextlib.closing(opener(start, end)) as stream:
+                at = start
+                for f in group:
+                    _skip(stream, f.start - at)
+                    digest, new = chunked.store_file(f, stream, blobs)
+                    if new:
+                        on_new_blob(digest)
+                    learn(bytes.fromhex(f.digest[7:]), digest)
+                    blob_of[f.digest] = digest
+                    at = f.end
+            fetched += end - start
+            if on_read:
+                on_read(fetched)
+        yield from _entries(members, blob_of, blobs, exists_below, on_new_blob)
+
+
+def _entries(
+    members: list[chunked.Member],
+    blob_of: dict[str, bytes],
+    blobs: BlobStore,
+    exists_below: Callable[[bytes], bool],
+    on_new_blob: Callable[[bytes], None],
+) -> Iterator[tuple[bytes, Entry]]:
+    """The members as entries, checked as a tar's are: nothing below a non-directory of the layer,
+    hard links to what the layer or the ones below have."""
+    seen: dict[bytes, Entry] = {}
+    empty: bytes | None = None
+    for m in members:
+        path, e = m.path, m.entry
+        if e.kind in (KIND_WHITEOUT, KIND_OPAQUE):
+            yield path, e
+            continue
+        name = path.decode(errors="replace")
+        pe = seen.get(path.rpartition(b"/")[0]) if path else None
+        if pe is not None and not pe.is_dir:
+            raise LayerError(f"layer entry '{name}' lies below a non-directory of the same layer")
+        if e.link is not None:
+            if e.link not in seen and not exists_below(e.link):
+                raise LayerError(f"hard link '{name}' points to a path the image does not have")
+        elif stat.S_ISREG(e.mode):
+            if m.file is not None:
+                e = e.with_(blob=blob_of[m.file.digest])
+            else:  # empty: every empty file is the empty blob, as a tar import makes it
+                if empty is None:
+                    empty, new, _ = blobs.ingest(io.BytesIO(b""), 0)
+                    if new:
+                        on_new_blob(empty)
+                e = e.with_(blob=empty)
+        seen[path] = e
+        yield path, e
+
+
+def _read(opener: Opener, start: int, end: int) -> bytes:
+    with contextlib.closing(opener(start, end)) as f:
+        data = _read_exactly(f, end - start)
+    return data
+
+
+def _read_exactly(f: BinaryIO, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = f.read(min(n - len(out), 1 << 20))
+        if not chunk:
+            raise LayerError("layer blob ends before the range its TOC names")
+        out += chunk
+    return bytes(out)
+
+
+def _skip(f: BinaryIO, n: int) -> None:
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise LayerError("layer blob ends before the range its TOC names")
+        n -= len(chunk)
+
+
+def _whole(layer: LayerRef, stack: contextlib.ExitStack, tmpdir: str) -> Opener:
+    """Download the whole blob into a temporary file (its digest checked); parts are read from there."""
+    tmp = tempfile.TemporaryFile(dir=tmpdir)  # noqa: SIM115 - the stack closes it
+    stack.callback(tmp.close)
+    h = hashlib.sha256()
+    with contextlib.closing(layer.open()) as src:
+        while chunk := src.read(1 << 20):
+            h.update(chunk)
+            tmp.write(chunk)
+    if layer.digest is not None and "sha256:" + h.hexdigest() != layer.digest:
+        raise SourceError(f"layer blob {layer.digest[:19]} is corrupt (sha256 sha256:{h.hexdigest()[:12]})")
+    tmp.flush()
+    fd = tmp.fileno()
+
+    def opened(start: int, end: int) -> BinaryIO:
+        f = os.fdopen(os.dup(fd), "rb")
+        f.seek(start)
+        return f
+
+    return opened

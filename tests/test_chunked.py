@@ -1,0 +1,215 @@
+"""zstd:chunked images (issue 21): made by skopeo, served by a real docker-registry, pulled by their
+tables of contents, file by file, through a proxy that counts the bytes (:class:`tests.registry.BlobProxy`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import lmdb
+
+from .images import image_mount, sh, um
+from .registry import BlobProxy, Registry, registry
+from .tree import snapshot
+
+CHUNKED = ["--dest-compress-format", "zstd:chunked"]
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@contextmanager
+def served(base: Path, ranges: bool = True) -> Iterator[tuple[Registry, BlobProxy]]:
+    with registry(base / "reg") as reg:
+        proxy = BlobProxy(reg.host, ranges)
+        try:
+            yield reg, proxy
+        finally:
+            proxy.close()
+
+
+def _pull(store: Path, ref: str) -> None:
+    r = um("image", "--root", store, "pull", ref)
+    assert r.returncode == 0, r.stderr
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert r.returncode != 0 and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def _layers(reg: Registry, digest: str) -> list[dict]:  # type: ignore[type-arg]
+    return json.loads(reg.blob_file(digest).read_bytes())["layers"]
+
+
+def _gnu_tar_image(base: Path) -> tuple[Path, Path]:
+    """An image whose one layer GNU tar wrote (skopeo rewrites such a tar when it makes it zstd:chunked,
+    keeping the old diff_id); and the tree it holds."""
+    tree = base / "tree"
+    base.mkdir()
+    sh(
+        f"""
+        mkdir -p {tree}/etc {tree}/bin {tree}/empty
+        echo hello > {tree}/etc/os-release; ln {tree}/etc/os-release {tree}/etc/hard
+        head -c 300000 /dev/urandom > {tree}/bin/big; : > {tree}/etc/zero; ln -s ../etc/os-release {tree}/bin/l
+        chmod 4711 {tree}/bin/big; chown 7:8 {tree}/etc/os-release
+        tar --format=gnu -C {tree} -cf layer.tar .
+        umoci init --layout img; umoci new --image img:t; umoci raw add-layer --image img:t layer.tar
+        """,
+        base,
+    )
+    return base / "img", tree
+
+
+def test_zstd_chunked_images_pull_by_toc_and_mount_as_they_are(image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    gnu, tree = _gnu_tar_image(tmp_path / "gnu")
+    with served(tmp_path) as (reg, proxy):
+        digest = reg.push(f"oci:{image}/img:t", "app:1", *CHUNKED)
+        assert all("zstd-chunked.manifest-checksum" in str(la.get("annotations")) for la in _layers(reg, digest))
+        _pull(store, f"{proxy.host}/app:1")
+        layers = {la["digest"] for la in _layers(reg, digest)}
+        assert all(r is not None for p, r, _ in proxy.gets if p.rsplit("/", 1)[-1] in layers)  # parts only
+        info = json.loads(um("image", "--root", store, "inspect", f"{proxy.host}/app:1").stdout)
+        assert all(la.startswith("toc:") for la in info["Layers"]), info["Layers"]
+        with image_mount(store, f"{proxy.host}/app:1", "c1", mnt):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+        # pushed on, the image is the same tree to a fresh store
+        r = um("image", "--root", store, "push", f"{proxy.host}/app:1", f"{reg.host}/back:1")
+        assert r.returncode == 0, r.stderr
+        _pull(tmp_path / "fresh", f"{reg.host}/back:1")
+        with image_mount(tmp_path / "fresh", f"{reg.host}/back:1", "c3", mnt):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+
+        # a layer skopeo re-wrote: its diff_id no longer matches, its TOC does (was refused before)
+        reg.push(f"oci:{gnu}:t", "gnu:1", *CHUNKED)
+        _pull(store, f"{proxy.host}/gnu:1")
+        with image_mount(store, f"{proxy.host}/gnu:1", "c2", mnt):
+            assert snapshot(mnt) == snapshot(tree)
+        assert um("store", "--root", store, "check").returncode == 0
+
+
+def _versions(base: Path) -> Path:
+    """Two versions of one image (tags 1 and 2) of 60 files of 40 KiB each; version 2 changes 3 and adds 1."""
+    sh(
+        """
+        umoci init --layout img; umoci new --image img:1; umoci unpack --image img:1 b
+        mkdir b/rootfs/data
+        for i in $(seq 60); do head -c 40960 /dev/urandom > b/rootfs/data/f$i; done
+        umoci repack --image img:1 b; rm -rf b
+        umoci unpack --image img:1 b
+        for i in 7 30 55; do head -c 40960 /dev/urandom > b/rootfs/data/f$i; done
+        head -c 40960 /dev/urandom > b/rootfs/data/new
+        umoci repack --image img:2 b; rm -rf b
+        """,
+        base,
+    )
+    return base / "img"
+
+
+def test_a_new_version_downloads_only_its_new_files(tmp_path: Path) -> None:
+    store, other = tmp_path / "store", tmp_path / "other"
+    img = _versions(tmp_path)
+    with served(tmp_path) as (reg, proxy):
+        reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
+        d2 = reg.push(f"oci:{img}:2", "app:2", *CHUNKED)
+        _pull(store, f"{proxy.host}/app:1")
+        before = proxy.blob_bytes()
+        _pull(store, f"{proxy.host}/app:2")
+        fetched = proxy.blob_bytes() - before
+        # version 2 is two layers here (umoci repacks a diff): what both share is there already
+        size = sum(la["size"] for la in _layers(reg, d2))
+        assert fetched <= 0.15 * size, (fetched, size)
+        assert fetched >= 4 * 40960  # the 4 new files did come (random: zstd cannot shrink them)
+
+        # files the store holds from a gzip pull count too: a chunked pull of the same image fetches TOCs only
+        reg.push(f"oci:{img}:1", "plain:1")
+        _pull(other, f"{proxy.host}/plain:1")
+        before = proxy.blob_bytes()
+        _pull(other, f"{proxy.host}/app:1")
+        assert proxy.blob_bytes() - before < 16384
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        for s in (store, other):
+            with image_mount(s, f"{proxy.host}/app:1", "c", mnt):
+                assert sorted(os.listdir(mnt / "data")) == sorted(f"f{i}" for i in range(1, 61))
+                assert (mnt / "data" / "f7").read_bytes() == _file(img, "1", "data/f7")
+        # what the store learnt of sha256s goes with the blobs
+        assert _sha256_rows(other) == 60  # (the layer holds 60 files)
+        assert um("container", "--root", other, "rm", "c").returncode == 0
+        for name in (f"{proxy.host}/app:1", f"{proxy.host}/plain:1"):
+            assert um("image", "--root", other, "rm", name).returncode == 0
+        assert um("store", "--root", other, "gc").returncode == 0
+        assert _sha256_rows(other) == 0
+
+
+def _sha256_rows(store: Path) -> int:
+    env = lmdb.open(str(store / "meta"), max_dbs=16, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return int(txn.stat(env.open_db(b"sha256", txn=txn))["entries"])
+    finally:
+        env.close()
+
+
+def _file(img: Path, tag: str, path: str) -> bytes:
+    """A file of an image version, as ``umoci unpack`` extracts it."""
+    out = img.parent / f"unpacked-{tag}"
+    if not out.exists():
+        subprocess.run(["umoci", "unpack", "--image", f"{img}:{tag}", str(out)], check=True, capture_output=True)
+    return (out / "rootfs" / path).read_bytes()
+
+
+def test_a_registry_that_ignores_ranges_serves_the_whole_blob(image: Path, tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    with served(tmp_path, ranges=False) as (reg, proxy):
+        reg.push(f"oci:{image}/img:t", "app:1", *CHUNKED)
+        _pull(store, f"{proxy.host}/app:1")
+        with image_mount(store, f"{proxy.host}/app:1", "c1", mnt):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+
+
+def test_damaged_chunked_layers_are_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    img = _versions(tmp_path)
+    with served(tmp_path) as (reg, proxy):
+        digest = reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
+        layer = max(_layers(reg, digest), key=lambda la: la["size"])
+        blob = reg.blob_file(layer["digest"])
+        good = blob.read_bytes()
+        # a byte of a file's frames changed (the blob's digest is never checked when files come in parts)
+        bad = bytearray(good)
+        bad[len(good) // 3] ^= 0x55
+        blob.write_bytes(bytes(bad))
+        r = um("image", "--root", store, "pull", f"{proxy.host}/app:1")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "sha256" in r.stderr or "decompress" in r.stderr, r.stderr
+        blob.write_bytes(good)
+        assert not [p for p in (store / "blobs").rglob("*") if p.is_file()], "a refused pull left blobs"
+
+        # a manifest whose TOC checksum is not the TOC's
+        manifest = json.loads(reg.blob_file(digest).read_bytes())
+        for la in manifest["layers"]:
+            for k in la["annotations"]:
+                if k.endswith("manifest-checksum"):
+                    la["annotations"][k] = "sha256:" + "0" * 64
+        put = httpx.put(f"http://{reg.host}/v2/app/manifests/lying", content=json.dumps(manifest),
+                        headers={"Content-Type": MANIFEST})  # fmt: skip
+        assert put.status_code == 201, put.text
+        _one_line_error(um("image", "--root", store, "pull", f"{proxy.host}/app:lying"), "does not match its checksum")
+        # and one whose TOC lies beyond the blob
+        for la in manifest["layers"]:
+            for k in la["annotations"]:
+                if k.endswith("manifest-position"):
+                    la["annotations"][k] = f"{la['size']}:100:200:1"
+        put = httpx.put(f"http://{reg.host}/v2/app/manifests/beyond", content=json.dumps(manifest),
+                        headers={"Content-Type": MANIFEST})  # fmt: skip
+        assert put.status_code == 201, put.text
+        _one_line_error(um("image", "--root", store, "pull", f"{proxy.host}/app:beyond"), "beyond the end")
+        assert um("store", "--root", store, "check").returncode == 0
+        _pull(store, f"{proxy.host}/app:1")  # the sound image still pulls

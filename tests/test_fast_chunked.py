@@ -1,0 +1,152 @@
+"""zstd:chunked tables of contents as untrusted input (fast tier: no root, no mount).
+
+Layers are made here the way containers/storage lays them out (each file's contents
+their own zstd frames, the TOC a frame of JSON after them), so that every field can be
+made hostile; real ones, made by skopeo, are pulled in tests/test_chunked.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from layerstore import chunked
+from layerstore.blobs import BlobStore
+from layerstore.tarlayer import LayerError
+
+CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
+POSITION = "io.github.containers.zstd-chunked.manifest-position"
+
+
+def _layer(files: dict[str, bytes], extra: list[dict] | None = None) -> tuple[bytes, dict[str, str], list[dict]]:  # type: ignore[type-arg]
+    """A blob, its descriptor's annotations and its TOC entries for these files (and ``extra`` entries)."""
+    blob = bytearray()
+    entries: list[dict] = [{"type": "dir", "name": "./", "mode": 0o755, "modtime": "2024-01-02T03:04:05Z"}]  # type: ignore[type-arg]
+    for name, data in files.items():
+        start = len(blob)
+        blob += zstandard.ZstdCompressor().compress(data)
+        entries.append({"type": "reg", "name": name, "mode": 0o644, "size": len(data), "uid": 1, "gid": 2,
+                        "modtime": "2024-01-02T03:04:05.123456789+01:00",
+                        "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                        "offset": start, "endOffset": len(blob)})  # fmt: skip
+    entries += extra or []
+    return (*_with_toc(blob, entries), entries)
+
+
+def _with_toc(blob: bytearray | bytes, entries: list[dict]) -> tuple[bytes, dict[str, str]]:  # type: ignore[type-arg]
+    raw = json.dumps({"version": 1, "entries": entries}).encode()
+    toc = zstandard.ZstdCompressor().compress(raw)
+    pos = len(blob)
+    annotations = {CHECKSUM: "sha256:" + hashlib.sha256(toc).hexdigest(), POSITION: f"{pos}:{len(toc)}:{len(raw)}:1"}
+    return bytes(blob) + toc, annotations
+
+
+def _read(blob: bytes, annotations: dict[str, str]) -> list[chunked.Member]:
+    pos = chunked.position(annotations, len(blob))
+    assert pos is not None
+    return list(chunked.members(chunked.read_toc(pos, blob[pos.offset : pos.offset + pos.length]), pos.offset))
+
+
+def test_a_toc_gives_every_member_with_its_metadata() -> None:
+    blob, ann, _ = _layer({"etc/a": b"alpha\n", "bin/b": b"b" * 100_000})
+    members = _read(blob, ann)
+    assert [m.path for m in members] == [b"", b"etc/a", b"bin/b"]
+    root, a, b = members
+    assert stat.S_ISDIR(root.entry.mode) and root.file is None
+    assert a.entry.mode == stat.S_IFREG | 0o644 and (a.entry.uid, a.entry.gid, a.entry.size) == (1, 2, 6)
+    assert a.entry.mtime_ns == (1704164645 - 3600) * 10**9 + 123456789  # to the nanosecond, in UTC
+    assert a.file is not None and blob[a.file.start : a.file.end]
+    assert chunked.position({}, 10) is None  # not chunked: a plain layer
+
+
+def test_files_are_checked_against_their_sha256(tmp_path: Path) -> None:
+    blob, ann, _ = _layer({"a": b"alpha\n" * 1000})
+    (f,) = [m.file for m in _read(blob, ann) if m.file is not None]
+    store = BlobStore(str(tmp_path))
+    digest, new = chunked.store_file(f, io.BytesIO(blob[f.start : f.end]), store)
+    assert new and store.exists(digest)
+    other = zstandard.ZstdCompressor().compress(b"omega\n" * 1000)  # frames of other bytes in the file's place
+    forged = chunked.File(f.path, f.digest, f.size, 0, len(other))
+    with pytest.raises(LayerError, match="does not match its sha256"):
+        chunked.store_file(forged, io.BytesIO(other), store)
+    short = zstandard.ZstdCompressor().compress(b"alpha\n")
+    with pytest.raises(LayerError, match="shorter"):
+        chunked.store_file(chunked.File(f.path, f.digest, f.size, 0, len(short)), io.BytesIO(short), store)
+    with pytest.raises(LayerError, match="decompress"):
+        chunked.store_file(chunked.File(f.path, f.digest, f.size, 0, 9), io.BytesIO(b"not zstd!"), store)
+    assert sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()) == [digest.hex()]  # nothing else kept
+
+
+def _entry(**kw: object) -> dict:  # type: ignore[type-arg]
+    return {"type": "reg", "name": "f", "mode": 0o644, "modtime": "2024-01-02T03:04:05Z", **kw}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (_entry(name="../../etc/passwd"), "climbs out"),
+        (_entry(type="socket"), "unknown type"),
+        (_entry(uid=2**32), "uid out of range"),
+        (_entry(mode=0o170000), "mode out of range"),
+        (_entry(modtime="yesterday"), "malformed time"),
+        (_entry(size=5, digest="sha256:" + "0" * 64, offset=0, endOffset=10**9), "outside the layer's data"),
+        (_entry(size=5, digest="sha256:" + "0" * 64, offset=5, endOffset=5), "outside the layer's data"),
+        (_entry(size=5, digest="md5:0", offset=0, endOffset=4), "no sha256"),
+        (_entry(size=1, digest="sha256:" + "0" * 64, offset=0, endOffset=5000), "longer than"),
+        (_entry(type="symlink", linkName=""), "no target"),
+        (_entry(name="x/.wh."), "whiteout of no name"),
+        (_entry(xattrs={"user.a": "not base64!"}), "not base64"),
+        (_entry(name="n" * 300), "longer than 255"),
+    ],
+)
+def test_hostile_toc_entries_are_refused(extra: dict, needle: str) -> None:  # type: ignore[type-arg]
+    blob, ann, _ = _layer({"a": b"alpha\n" * 1000, "r": os.urandom(20_000)}, [extra])
+    with pytest.raises(LayerError, match=needle):
+        _read(blob, ann)
+
+
+def test_hostile_tocs_are_refused() -> None:
+    blob, ann, entries = _layer({"a": b"alpha\n"})
+    bad = {**ann, CHECKSUM: "sha256:" + "1" * 64}
+    with pytest.raises(LayerError, match="does not match its checksum"):
+        _read(blob, bad)
+    offset, length, raw, _ = ann[POSITION].split(":")
+    for position, needle in [
+        (f"{len(blob)}:{length}:{raw}:1", "beyond the end"),
+        (f"{offset}:{length}:{raw}:2", "unknown type"),
+        (f"{offset}:{length}:{raw}", "malformed"),
+        (f"{offset}:{length}:{10**12}:1", "at most"),
+        (f"{offset}:-1:{raw}:1", "malformed"),
+    ]:
+        with pytest.raises(LayerError, match=needle):
+            chunked.position({**ann, POSITION: position}, len(blob))
+    # TOCs whose JSON is not a TOC, checksums and all right
+    for doc in [b"[]", b'{"version": 2, "entries": []}', b'{"version": 1, "entries": [1]}', b"\xff"]:
+        toc = zstandard.ZstdCompressor().compress(doc)
+        a = {CHECKSUM: "sha256:" + hashlib.sha256(toc).hexdigest(), POSITION: f"0:{len(toc)}:{len(doc)}:1"}
+        with pytest.raises(LayerError, match="TOC"):
+            _read(toc, a)
+    # a TOC that inflates beyond what its position says
+    doc = json.dumps({"version": 1, "entries": entries}).encode()
+    toc = zstandard.ZstdCompressor().compress(doc)
+    a = {CHECKSUM: "sha256:" + hashlib.sha256(toc).hexdigest(), POSITION: f"0:{len(toc)}:{len(doc) - 1}:1"}
+    with pytest.raises(LayerError, match="not the"):
+        _read(toc, a)
+
+
+def test_ranges_are_merged_and_overlaps_refused() -> None:
+    def f(start: int, end: int) -> chunked.File:
+        return chunked.File(b"p%d" % start, "sha256:" + "0" * 64, 1, start, end)
+
+    plan = chunked.plan([f(300, 400), f(0, 100), f(100, 200), f(5000, 6000)], gap=1000, most=10_000)
+    assert [(s, e, [x.start for x in g]) for s, e, g in plan] == [(0, 400, [0, 100, 300]), (5000, 6000, [5000])]
+    assert len(chunked.plan([f(0, 100), f(100, 200)], gap=1000, most=150)) == 2  # too long to merge
+    with pytest.raises(LayerError, match="overlaps"):
+        chunked.plan([f(0, 100), f(50, 150)], gap=0, most=10_000)
