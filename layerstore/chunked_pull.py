@@ -53,11 +53,15 @@ def pull_chunked(
     learn: Callable[[bytes, bytes], None],
     tmpdir: str,
     on_read: Callable[[int], None] | None = None,
+    pending: Callable[[chunked.File], None] | None = None,
 ) -> Iterator[tuple[bytes, Entry]]:
     """Yield (path, entry) for every member of a zstd:chunked layer, as :func:`layerstore.tarlayer.read_layer`
     does for a tar: file contents are in the blob store (``on_new_blob`` told of each new one), ``known(sha256)``
     names a blob the store has with that content, ``learn(sha256, blob)`` is told each file's. A whole
-    blob downloaded for a source that cannot read parts is an unnamed file in ``tmpdir``."""
+    blob downloaded for a source that cannot read parts is an unnamed file in ``tmpdir``.
+
+    With ``pending`` (a lazy pull), the files the store lacks are not fetched: ``pending`` is told
+    each one (once per content), and their entries carry their sha256 and no blob."""
     pos = chunked.position(layer.annotations, layer.size)
     assert pos is not None and layer.open_range is not None
     with contextlib.ExitStack() as stack:
@@ -82,21 +86,34 @@ def pull_chunked(
                 blob_of[f.digest] = have
             else:
                 wanted[f.digest] = f
-        for start, end, group in chunked.plan(list(wanted.values()), GAP, MOST):
-            with contextlib.closing(opener(start, end)) as stream:
-                at = start
-                for f in group:
-                    _skip(stream, f.start - at)
-                    digest, new = chunked.store_file(f, stream, blobs)
-                    if new:
-                        on_new_blob(digest)
-                    learn(bytes.fromhex(f.digest[7:]), digest)
-                    blob_of[f.digest] = digest
-                    at = f.end
-            fetched += end - start
+        if pending is not None:
+            for f in wanted.values():
+                pending(f)
+            wanted = {}
+        for f, digest, new, n in fetch_files(opener, list(wanted.values()), blobs):
+            if new:
+                on_new_blob(digest)
+            learn(bytes.fromhex(f.digest[7:]), digest)
+            blob_of[f.digest] = digest
+            fetched += n
             if on_read:
                 on_read(fetched)
         yield from _entries(members, blob_of, blobs, exists_below, on_new_blob)
+
+
+def fetch_files(
+    opener: Opener, files: list[chunked.File], blobs: BlobStore
+) -> Iterator[tuple[chunked.File, bytes, bool, int]]:
+    """Fetch ``files`` into the blob store, neighbours in one range: (file, blob, newly stored, bytes
+    of the blob read for it) for each, in the blob's order, each checked against its sha256."""
+    for start, end, group in chunked.plan(files, GAP, MOST):
+        with contextlib.closing(opener(start, end)) as stream:
+            at = start
+            for f in group:
+                _skip(stream, f.start - at)
+                digest, new = chunked.store_file(f, stream, blobs)
+                yield f, digest, new, f.end - at
+                at = f.end
 
 
 def _entries(
@@ -123,7 +140,9 @@ def _entries(
             if e.link not in seen and not exists_below(e.link):
                 raise LayerError(f"hard link '{name}' points to a path the image does not have")
         elif stat.S_ISREG(e.mode):
-            if m.file is not None:
+            if m.file is not None and m.file.digest not in blob_of:  # to come (a lazy pull)
+                e = e.with_(sha256=bytes.fromhex(m.file.digest[7:]))
+            elif m.file is not None:
                 e = e.with_(blob=blob_of[m.file.digest])
             else:  # empty: every empty file is the empty blob, as a tar import makes it
                 if empty is None:

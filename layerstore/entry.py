@@ -27,6 +27,7 @@ class Entry:
     kind: int = KIND_ENTRY
     ino: int = 0
     nlink: int = 1
+    sha256: bytes | None = None  # a file whose contents are not in the store yet (a lazy pull): their sha256
 
     @property
     def is_dir(self) -> bool:
@@ -48,6 +49,7 @@ class Entry:
                 self.kind,
                 self.ino,
                 self.nlink,
+                *((self.sha256,) if self.sha256 is not None else ()),  # (the record is as before without one)
             ],
             use_bin_type=True,
         )

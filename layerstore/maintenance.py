@@ -85,9 +85,16 @@ def gc(store: Store) -> tuple[int, int, int]:
             diff = bytes(raw_diff)
             if diff in used:
                 continue
+            lazy: set[bytes] = set()
             for path, e in list(store.layer_entries(txn, diff)):
                 if e.blob is not None:
-                    store._ref_blob(txn, e.blob, e.size, -1)
+                    store.ref_blob(txn, e.blob, e.size, -1)
+                elif e.sha256 is not None and e.sha256 not in lazy:  # a lazy pull's: fetched, or still pending
+                    lazy.add(e.sha256)
+                    if not txn.delete(e.sha256 + diff, db=store.db["pending"]):
+                        fetched = txn.get(e.sha256, db=store.db["sha256"])
+                        if fetched is not None:  # (its reference was this layer's, once per content)
+                            store.ref_blob(txn, bytes(fetched), e.size, -1)
                 txn.delete(diff + SEP + path, db=store.db["entries"])
             txn.delete(diff, db=store.db["layers"])
             dropped_layers += 1
@@ -138,10 +145,22 @@ def check(store: Store) -> list[str]:
             if h.digest() != digest:
                 problems.append(f"blob {digest.hex()} does not match its digest (damaged)")
         counts: dict[bytes, int] = {}
-        for _, raw in txn.cursor(db=store.db["entries"]):
+        lazy: set[bytes] = set()  # (sha256 + layer) of lazily pulled contents counted
+        for key, raw in txn.cursor(db=store.db["entries"]):
             e = Entry.unpack(raw)
             if e.blob is not None:
                 counts[e.blob] = counts.get(e.blob, 0) + 1
+            elif e.sha256 is not None:  # fetched (one reference for its layer) or still pending
+                pair = e.sha256 + bytes(key).split(SEP, 1)[0]
+                if pair not in lazy and txn.get(pair, db=store.db["pending"]) is None:
+                    lazy.add(pair)
+                    blob = txn.get(e.sha256, db=store.db["sha256"])
+                    if blob is None:
+                        problems.append(
+                            f"a lazily pulled file (sha256 {e.sha256.hex()[:12]}) is neither fetched nor pending"
+                        )
+                    else:
+                        counts[bytes(blob)] = counts.get(bytes(blob), 0) + 1
         for digest, n in counts.items():
             if digest not in rows:
                 problems.append(f"layer entries use blob {digest.hex()}, which is not recorded")

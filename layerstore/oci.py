@@ -40,6 +40,7 @@ class LayerRef:
     annotations: Mapping[str, object] = dataclasses.field(default_factory=dict)  # the descriptor's
     # [start, end) of the blob, where the source can read parts of it (a file, a registry that honours Range)
     open_range: Callable[[int, int], BinaryIO] | None = None
+    origin: tuple[str, str, bool] | None = None  # a registry's (host, repository, insecure) that serves it
 
 
 def _nothing() -> None:

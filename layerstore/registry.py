@@ -146,6 +146,7 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
             size,
             a,
             functools.partial(_blob_range, s, f"{repo}/blobs/{b}"),
+            (place.host, repo, place.insecure),
         )
         for d, b, size, a in zip(ids, blobs, sizes, annotations, strict=True)
     ]

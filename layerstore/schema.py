@@ -34,6 +34,11 @@ Sub-databases
 ``sha256``   key: 32-byte sha256 of a file's contents → the 16-byte XXH3-128 digest of the blob
              holding them: what zstd:chunked TOCs name files by, learned at every import.
              A hint: a row whose blob is gone counts for nothing (``store gc`` drops it).
+``pending``  key: a file's 32-byte sha256 + layer key → ``[start, end, size]``: a file of a lazily
+             pulled zstd:chunked layer not fetched yet, and its range in the layer's blob
+             (the layer's row has ``"origin": [registry host, repository, insecure, blob
+             digest]``). Fetching it stores the blob, adds one reference to it for each
+             layer whose row goes, and records it in ``sha256``, in one transaction.
 ``images``   key: ``b"name:tag"`` → image id (``b"sha256:<hex>"`` of the config; of the config's
              digest and the TOC keys, one per line, when a layer is kept by its TOC)
 ``configs``  key: image id → ``{"config": raw config JSON, "manifest": manifest
@@ -54,18 +59,20 @@ Sub-databases
              "populated": bool}`` (see :mod:`layerstore.volumes`)
 
 ENTRY record: a msgpack array, in this order (see :class:`layerstore.entry.Entry`):
-``[mode, uid, gid, mtime_ns, size, rdev, target, xattrs, blob, link, kind, ino, nlink]``
+``[mode, uid, gid, mtime_ns, size, rdev, target, xattrs, blob, link, kind, ino, nlink(, sha256)]``
 where ``target`` is a symlink target (bytes) or None, ``xattrs`` a map
 bytes→bytes or None, ``blob`` a 16-byte digest or None (empty files point to the
 empty blob), ``link`` the path of a hard-link target within the layer stack or
 None, ``kind`` 0 = entry, 1 = whiteout, 2 = opaque directory marker, and
-``ino``/``nlink`` are 0 outside ``merged``.
+``ino``/``nlink`` are 0 outside ``merged``; ``sha256`` (32 bytes, only then present) marks a
+regular file of a lazy pull whose contents are not fetched yet: ``blob`` is None, and the
+``sha256`` table names its blob once it is there (``pending`` says where to fetch it).
 """
 
 from __future__ import annotations
 
 DB_NAMES = (
-    b"blobs", b"layers", b"entries", b"images", b"configs", b"merged", b"containers", b"volumes", b"sha256"
+    b"blobs", b"layers", b"entries", b"images", b"configs", b"merged", b"containers", b"volumes", b"sha256", b"pending"
 )  # fmt: skip
 MAP_SIZE = 1 << 36  # 64 GiB of address space; the file grows only as needed
 SEP = b"\0"

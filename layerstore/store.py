@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, cast
 import lmdb
 import msgpack
 
-from . import names
+from . import chunked, names
 from .blobs import BlobStore
 from .chunked_pull import layer_key, pull_chunked
 from .entry import Entry
@@ -177,12 +177,16 @@ class Store:
         tag: str | None = None,
         progress: Progress | None = None,
         opts: SourceOptions | None = None,
+        lazy: bool = False,
     ) -> tuple[str, str]:
         """Import ``spec``; returns (name:tag, image id). ``progress(i, n, size, done)`` hears of layer
-        ``i`` of ``n`` at its start and as its blob is read (``done`` bytes of ``size``, if known)."""
+        ``i`` of ``n`` at its start and as its blob is read (``done`` bytes of ``size``, if known).
+
+        ``lazy``: the files of zstd:chunked layers from a registry that the store lacks are not
+        fetched; they are recorded as pending (:mod:`layerstore.lazy` fetches them)."""
         src = parse(spec, opts)
         try:
-            return self._import(src, tag, progress)
+            return self._import(src, tag, progress, lazy)
         finally:
             src.close()
 
@@ -203,7 +207,9 @@ class Store:
         finally:
             src.close()
 
-    def _import(self, src: ImageSource, tag: str | None, progress: Progress | None) -> tuple[str, str]:
+    def _import(
+        self, src: ImageSource, tag: str | None, progress: Progress | None, lazy: bool = False
+    ) -> tuple[str, str]:
         keys = [layer_key(la) for la in src.layers]
         if tag is not None:
             name = valid_name(tag)
@@ -229,7 +235,7 @@ class Store:
                         on_read = functools.partial(progress, i, len(src.layers), layer.size)
                         on_read(0)
                     if not self._has_layer(txn, keys[i]):
-                        self._import_layer(txn, layer, keys[i], keys[:i], new_blobs, on_read)
+                        self._import_layer(txn, layer, keys[i], keys[:i], new_blobs, on_read, lazy)
                 self._record_image(txn, src, name, keys)
                 if new_blobs:
                     self.blobs.sync()  # blobs on disk before the index that names them
@@ -251,8 +257,10 @@ class Store:
         below: Sequence[bytes],
         new_blobs: list[bytes],
         on_read: Callable[[int], None] | None = None,
+        lazy: bool = False,
     ) -> None:
-        """Read one layer (its tar, or a zstd:chunked layer by its TOC) and record it under ``key``."""
+        """Read one layer (its tar, or a zstd:chunked layer by its TOC) and record it under ``key``;
+        ``lazy``: a chunked layer's missing files are recorded as ``pending`` instead of fetched."""
 
         def exists_below(path: bytes) -> bool:
             return any(txn.get(d + SEP + path, db=self.db["entries"]) is not None for d in below)
@@ -264,7 +272,9 @@ class Store:
         if key != layer.diff_id.encode():
             known = self._known_sha(txn)
             tmp = os.path.join(self.root, "tmp")
-            members = pull_chunked(layer, self.blobs, exists_below, new_blobs.append, known, learn, tmp, on_read)
+            pending: list[chunked.File] = []
+            later = pending.append if lazy and layer.origin is not None else None
+            members = pull_chunked(layer, self.blobs, exists_below, new_blobs.append, known, learn, tmp, on_read, later)
         else:
             members = self._read_tar(layer, exists_below, new_blobs, learn, on_read)
         layer_entries: dict[bytes, Entry] = {}
@@ -290,9 +300,14 @@ class Store:
         for path, e in layer_entries.items():
             txn.put(key + SEP + path, e.pack(), db=self.db["entries"])
             if e.blob is not None:
-                self._ref_blob(txn, e.blob, e.size, +1)
+                self.ref_blob(txn, e.blob, e.size, +1)
             size += e.size
-        info = {"size": size, "entries": len(layer_entries), "created": time.time()}
+        info: dict[str, Any] = {"size": size, "entries": len(layer_entries), "created": time.time()}
+        if key != layer.diff_id.encode() and pending:
+            assert layer.origin is not None
+            info["origin"] = [*layer.origin, layer.digest]  # where the pending files are fetched from
+            for f in pending:
+                txn.put(bytes.fromhex(f.digest[7:]) + key, _pack([f.start, f.end, f.size]), db=self.db["pending"])
         txn.put(key, _pack(info), db=self.db["layers"])
 
     def _read_tar(
@@ -319,7 +334,7 @@ class Store:
 
         return known
 
-    def _ref_blob(self, txn: lmdb.Transaction, digest: bytes, size: int, delta: int) -> None:
+    def ref_blob(self, txn: lmdb.Transaction, digest: bytes, size: int, delta: int) -> None:
         raw = txn.get(digest, db=self.db["blobs"])
         refs = msgpack.unpackb(raw)[1] if raw else 0
         txn.put(digest, _pack([size, refs + delta]), db=self.db["blobs"])
@@ -357,6 +372,8 @@ class Store:
                 "created": time.time(),
                 "repo_digests": [normalize_digest_ref(d) for d in src.repo_digests],
             }
+            if any(_unpack(txn.get(k, db=self.db["layers"])).get("origin") for k in keys):
+                cfg["lazy"] = True  # files of it may still be fetched (layerstore.lazy)
             txn.put(image_id, _pack(cfg), db=self.db["configs"])
         txn.put(name.encode(), image_id, db=self.db["images"])
 

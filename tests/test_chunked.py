@@ -3,9 +3,12 @@ tables of contents, file by file, through a proxy that counts the bytes (:class:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ import httpx
 import lmdb
 
 from .images import image_mount, sh, um
+from .mounts import daemon_pid, force_unmount
 from .registry import BlobProxy, Registry, registry
 from .tree import snapshot
 
@@ -213,3 +217,109 @@ def test_damaged_chunked_layers_are_refused(tmp_path: Path) -> None:
         _one_line_error(um("image", "--root", store, "pull", f"{proxy.host}/app:beyond"), "beyond the end")
         assert um("store", "--root", store, "check").returncode == 0
         _pull(store, f"{proxy.host}/app:1")  # the sound image still pulls
+
+
+def _missing(store: Path, ref: str) -> int:
+    info = json.loads(um("image", "--root", store, "inspect", ref).stdout)
+    return int(info["Missing"]["Files"])
+
+
+def test_a_lazy_mount_fetches_what_is_read(tmp_path: Path) -> None:
+    """``mount --pull lazy``: up from the TOC alone; a file's bytes come when it is first read, once; the tree,
+    sizes and owners are all there before; ``image pull`` completes what is left."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    img = _versions(tmp_path)
+    with served(tmp_path) as (reg, proxy):
+        digest = reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
+        ref = f"{proxy.host}/app:1"
+        args = ["mount", "--root", store, "--image", ref, "--name", "c", "--pull", "lazy", "--no-prefetch", mnt]
+        r = um(*args)
+        assert r.returncode == 0, r.stderr
+        try:
+            toc = proxy.blob_bytes()
+            assert toc < 20_000  # manifest, config and the TOCs: not one file
+            assert sorted(os.listdir(mnt / "data")) == sorted(f"f{i}" for i in range(1, 61))
+            assert all((mnt / "data" / f"f{i}").stat().st_size == 40960 for i in range(1, 61))
+            assert proxy.blob_bytes() == toc  # listing and stat fetch nothing
+            assert (mnt / "data" / "f7").read_bytes() == _file(img, "1", "data/f7")
+            assert 40960 <= proxy.blob_bytes() - toc < 41_500  # that file's frames and nothing else
+            assert (mnt / "data" / "f7").read_bytes() == _file(img, "1", "data/f7")
+            (mnt / "data" / "f8").write_bytes(b"changed")  # a copy-up of a file not fetched yet
+            assert (mnt / "data" / "f8").read_bytes() == b"changed"
+            assert _missing(store, ref) == 58
+        finally:
+            um("umount", mnt)
+        assert um("store", "--root", store, "check").returncode == 0
+        # layers stored by the lazy pull are what a full pull reads, missing files and all
+        before = proxy.blob_bytes()
+        _pull(store, ref)
+        assert _missing(store, ref) == 0 and proxy.blob_bytes() - before > 57 * 40960
+        size = sum(la["size"] for la in _layers(reg, digest))
+        assert proxy.blob_bytes() < 1.1 * size  # each byte came once
+        with image_mount(store, ref, "c2", mnt):
+            assert (mnt / "data" / "f60").read_bytes() == _file(img, "1", "data/f60")
+        assert um("store", "--root", store, "check").returncode == 0
+
+
+def test_a_lazy_mount_fetches_the_rest_in_the_background_and_survives_kill(tmp_path: Path) -> None:
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    img = _versions(tmp_path)
+    with served(tmp_path) as (reg, proxy):
+        reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
+        ref = f"{proxy.host}/app:1"
+        assert um("image", "--root", store, "pull", "--lazy", ref).returncode == 0
+        assert _missing(store, ref) == 60
+        # a daemon killed while it fetches: what it stored is kept, consistently; the next mount goes on
+        r = um("mount", "--root", store, "--image", ref, "--name", "c", mnt)
+        assert r.returncode == 0, r.stderr
+        pid = daemon_pid(mnt)
+        os.kill(pid, signal.SIGKILL)
+        force_unmount(mnt)
+        assert um("store", "--root", store, "check").returncode == 0
+        r = um("mount", "--root", store, "--image", ref, "--name", "c", mnt)
+        assert r.returncode == 0, r.stderr
+        try:
+            deadline = time.monotonic() + 60
+            while _missing(store, ref) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _missing(store, ref) == 0
+            assert (mnt / "data" / "f1").read_bytes() == _file(img, "1", "data/f1")
+        finally:
+            um("umount", mnt)
+        assert um("store", "--root", store, "check").returncode == 0
+        # gone with the image: gc leaves a consistent, empty store
+        assert um("container", "--root", store, "rm", "c").returncode == 0
+        assert um("image", "--root", store, "rm", ref).returncode == 0
+        assert um("store", "--root", store, "gc").returncode == 0
+        assert um("store", "--root", store, "check").returncode == 0
+        assert not [p for p in (store / "blobs").rglob("*") if p.is_file()]
+
+
+def test_a_lazy_mount_without_its_registry_fails_reads_not_the_mount(tmp_path: Path) -> None:
+    """With the registry gone, files already fetched read; a missing one fails with EIO (and a log line
+    naming it), at once, and the mount goes on."""
+    store, mnt, log = tmp_path / "store", tmp_path / "mnt", tmp_path / "log"
+    mnt.mkdir()
+    img = _versions(tmp_path)
+    with served(tmp_path) as (reg, proxy):
+        reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
+        ref = f"{proxy.host}/app:1"
+        assert um("image", "--root", store, "pull", "--lazy", ref).returncode == 0
+        args = ["mount", "--root", store, "--image", ref, "--pull", "never", "--no-prefetch", "--log", log, mnt]
+        r = um(*args)
+        assert r.returncode == 0, r.stderr
+    try:
+        assert (mnt / "data" / "f2").stat().st_size == 40960
+        start = time.monotonic()
+        try:
+            (mnt / "data" / "f2").read_bytes()
+            raise AssertionError("a file that cannot be fetched was read")
+        except OSError as e:
+            assert e.errno == errno.EIO
+        assert time.monotonic() - start < 60
+        assert "data/f2" in log.read_text() and "cannot fetch" in log.read_text()
+        assert sorted(os.listdir(mnt / "data"))[:2] == ["f1", "f10"]
+    finally:
+        um("umount", mnt)

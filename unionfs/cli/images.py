@@ -17,6 +17,7 @@ from typing import Any
 
 from layerstore import maintenance
 from layerstore.blobs import CollisionError
+from layerstore.lazy import Lazy, still_to_fetch
 from layerstore.oci import SourceError, SourceOptions
 from layerstore.store import Store, StoreError, normalize_name, valid_name
 from layerstore.tarlayer import LayerError
@@ -33,11 +34,32 @@ def _check_tag(tag: str | None) -> None:
             raise UsageError(str(e)) from None
 
 
-def image_import(root: str | None, source: str, tag: str | None, **options: Any) -> int:
-    """``options``: those of :func:`_source_options`."""
+def image_import(root: str | None, source: str, tag: str | None, lazy: bool = False, **options: Any) -> int:
+    """``options``: those of :func:`_source_options`. Without ``lazy``, what an earlier lazy pull of the
+    image left to fetch is fetched too."""
     _check_tag(tag)
     opts = _source_options(**options)
-    return _importing(root, lambda store, progress: store.import_image(source, tag, progress, opts))
+
+    def run(store: Store, progress: Any) -> tuple[str, str]:
+        name, image_id = store.import_image(source, tag, progress, opts, lazy)
+        if not lazy:
+            _complete(store, image_id.encode(), opts)
+        return name, image_id
+
+    return _importing(root, run)
+
+
+def _complete(store: Store, image_id: bytes, opts: SourceOptions) -> None:
+    """Fetch every file of the image an earlier lazy pull left to come."""
+    layers = store.config(image_id)["layers"]
+    if Lazy.pending_in(store, layers):
+        lazy = Lazy(store, opts)
+        try:
+            lazy.complete(k.encode() for k in layers)
+        except OSError as e:
+            raise UsageError(str(e.strerror or e)) from None
+        finally:
+            lazy.close()
 
 
 def image_import_rootfs(
@@ -155,20 +177,29 @@ def store_check(root: str | None) -> int:
 def image_ls(root: str | None, fmt: str) -> int:
     with open_store(root, create=True) as store:
         images = store.images()
+        missing = [still_to_fetch(store, i.layers)[1] for i in images]
     if fmt == "json":
         print(
             json.dumps(
                 [
-                    {"Name": i.name, "Id": i.image_id, "Layers": len(i.layers), "Size": i.size, "Created": i.created}
-                    for i in images
+                    {
+                        "Name": i.name,
+                        "Id": i.image_id,
+                        "Layers": len(i.layers),
+                        "Size": i.size,
+                        "Created": i.created,
+                        "Present": i.size - gone,
+                    }
+                    for i, gone in zip(images, missing, strict=True)
                 ],
                 indent=2,
-            )
+            )  # fmt: skip
         )
         return 0
-    print(f"{'NAME':<40} {'IMAGE ID':<12} {'LAYERS':>6} {'SIZE':>10}")
-    for i in images:
-        print(f"{i.name:<40} {i.image_id[7:19]:<12} {len(i.layers):>6} {human(i.size):>10}")
+    print(f"{'NAME':<40} {'IMAGE ID':<12} {'LAYERS':>6} {'SIZE':>10} {'PRESENT':>8}")
+    for i, gone in zip(images, missing, strict=True):
+        present = f"{100 * (i.size - gone) // i.size if i.size else 100}%"
+        print(f"{i.name:<40} {i.image_id[7:19]:<12} {len(i.layers):>6} {human(i.size):>10} {present:>8}")
     return 0
 
 
@@ -177,6 +208,7 @@ def image_inspect(root: str | None, name: str) -> int:
         image_id = store.resolve(name)
         cfg = store.config(image_id)
         size, shared = store.image_sizes(image_id)
+        missing_files, missing_bytes = still_to_fetch(store, cfg["layers"])
     config = cfg["config"].get("config", {})
     print(
         json.dumps(
@@ -187,6 +219,7 @@ def image_inspect(root: str | None, name: str) -> int:
                 "Layers": cfg["layers"],
                 "Size": size,
                 "SharedSize": shared,
+                "Missing": {"Files": missing_files, "Size": missing_bytes},  # left by a lazy pull
                 "Env": config.get("Env"),
                 "Cmd": config.get("Cmd"),
                 "Entrypoint": config.get("Entrypoint"),
@@ -241,7 +274,7 @@ def prepare_image_mount(
 
 def _image_or_pull(store: Store, image: str, policy: str, opts: SourceOptions) -> bytes:
     """The image id of ``image``, pulled first as ``policy`` says (one-line error naming both failures)."""
-    if policy == "missing":
+    if policy in ("missing", "lazy"):
         try:
             return store.resolve(image)
         except StoreError:
@@ -249,9 +282,9 @@ def _image_or_pull(store: Store, image: str, policy: str, opts: SourceOptions) -
     elif policy == "never":
         return store.resolve(image)
     try:
-        name, image_id = store.import_image(f"docker://{image}", None, None, opts)
+        name, image_id = store.import_image(f"docker://{image}", None, None, opts, lazy=policy == "lazy")
     except (SourceError, LayerError, CollisionError) as e:
-        why = "and pulling it failed" if policy == "missing" else "pulling it failed"
+        why = "and pulling it failed" if policy in ("missing", "lazy") else "pulling it failed"
         raise UsageError(f"no image '{image}' in the store, {why}: {e}") from None
     print(f"pulled {name} {image_id[7:19]}", file=sys.stderr)
     return store.resolve(name)

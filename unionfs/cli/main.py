@@ -142,6 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     _source_options(imp)
     pl = _action(im, "pull", "import [HOST[:PORT]/]NAME[:TAG|@DIGEST] from a registry, as docker pull", _image_import)
     pl.add_argument("source", metavar="REFERENCE")
+    pl.add_argument(
+        "--lazy",
+        action="store_true",
+        help="zstd:chunked layers: record their files, fetch them when first read (a pull without it completes it)",
+    )
     _source_options(pl)
     _action(im, "ls", "list images", _call("images", "image_ls", "root", "format"), fmt=True)
     ii = _action(im, "inspect", "an image's config as JSON", _call("images", "image_inspect", "root", "name"))
@@ -249,9 +254,16 @@ def _mount_parser(sub: Any) -> None:
     pg = m.add_argument_group("pulling the image (as docker run)")
     pg.add_argument(
         "--pull",
-        choices=("missing", "always", "never"),
+        choices=("missing", "always", "never", "lazy"),
         default="missing",
-        help="pull --image from its registry when the store lacks it (default), every time, or never",
+        help="pull --image from its registry when the store lacks it (default), every time, never, or when the "
+        "store lacks it lazily (zstd:chunked files are fetched as they are read, the rest in the background)",
+    )
+    pg.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        help="of an image pulled lazily, fetch only what is read (no background fetch of the rest)",
     )
     _registry_options(pg)
     vg = m.add_argument_group("volumes and id maps")
@@ -387,7 +399,8 @@ def _image_import(ns: argparse.Namespace) -> int:
     source = ns.source
     if ns.image_cmd == "pull" and not source.startswith("docker://"):
         source = "docker://" + source
-    return images.image_import(ns.root, source, ns.tag, platform=ns.platform, **_registry(ns))
+    lazy = getattr(ns, "lazy", False)
+    return images.image_import(ns.root, source, ns.tag, platform=ns.platform, lazy=lazy, **_registry(ns))
 
 
 def _is_tarball(source: str) -> bool:
@@ -461,6 +474,7 @@ def _mount_command(ns: argparse.Namespace) -> int:
     parse_o(ns.options, cfg)
     cfg.volumes, cfg.mounts, cfg.volumes_from = ns.volume, ns.mounts, ns.volumes_from
     cfg.image_volumes = ns.image_volumes
+    cfg.prefetch = 0.5 if ns.prefetch else 0.0
     cfg.uidmap_specs += ns.uidmap
     cfg.gidmap_specs += ns.gidmap
     if not ns.image:

@@ -90,6 +90,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     log_file: str | None = None
     image: tuple[str, bytes] | None = None  # (store root, image id)
+    prefetch: float = 0.5  # a lazily pulled image: share of the time spent fetching the rest (0: none)
     hold_fds: list[int] = field(default_factory=list)  # kept open for the daemon's life (container lock, leases)
     #: volumes whose file system the local driver mounted for us: (store root, name, lease fd), released at exit
     volume_mounts: list[tuple[str, str, int]] = field(default_factory=list)

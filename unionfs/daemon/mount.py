@@ -175,6 +175,7 @@ def _setup_logging(cfg: MountConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of a lazy image's fetches
 
 
 def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
@@ -209,6 +210,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 timeout,
                 timeout > 0 if cfg.dircache is None else cfg.dircache,
                 cfg.settle_ms / 1000,
+                cfg.prefetch,
             )
         )
     except OSError as e:

@@ -51,6 +51,7 @@ from .inodes import Node
 from .layers import Layer
 from .markers import CAPS_XATTR, is_private_xattr
 from .namei import Resolver
+from .storelayer import fetched
 from .upper import Upper
 
 if TYPE_CHECKING:
@@ -327,8 +328,10 @@ class CopyUp:
         """A regular file: data, xattrs, origin, owner, mode and times through one fd, then settled once
         (or marked, its fd handed out through ``defer``, if a settler takes it)."""
         if node.data is not None:  # a lower metadata-only copy: the data is deeper
+            await fetched(self.resolver.lowers[node.data[0]], node.data[1])
             src = self.resolver.lowers[node.data[0]].open(node.data[1], os.O_RDONLY)
         else:
+            await fetched(layer, lpath)
             src = layer.open(lpath, os.O_RDONLY)
         try:
             dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=self.upper.work_fd)

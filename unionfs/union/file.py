@@ -9,6 +9,7 @@ from layerstore.host import fs_magic
 
 from .inodes import Node
 from .records import Caller, KillRequests, Opened
+from .storelayer import fetched
 from .super import PASSTHROUGH_FS, FileHandle, Super
 
 
@@ -50,8 +51,20 @@ class FileOps(Super):
                 raise
             return self._data_fd(node, (io & ~os.O_ACCMODE) | (flags & os.O_ACCMODE))
 
+    async def _fetch_lazy(self, node: Node) -> None:
+        """Bring in the contents of a file of a lazily pulled image before they are opened or copied up
+        (fetched in a worker thread: other requests go on meanwhile)."""
+        if node.data is not None:
+            li, lpath = node.data
+        elif node.in_upper or not node.lowers:
+            return
+        else:
+            li, lpath = node.lowers[0]
+        await fetched(self.lowers[li], lpath)
+
     async def open(self, ino: int, flags: int, ctx: Caller | None = None) -> Opened:
         node = self.node(ino)
+        await self._fetch_lazy(node)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         killer = self._killer(ctx if flags & os.O_TRUNC else None)
         real = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)

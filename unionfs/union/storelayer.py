@@ -10,20 +10,32 @@ open, readlink, xattrs) and holds no fd per entry.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import threading
+
+import trio
 
 from layerstore.entry import Entry, dir_size
+from layerstore.lazy import Lazy
 from layerstore.schema import SEP
 from layerstore.store import Store, image_key, merged_key
+
+log = logging.getLogger(__name__)
 
 
 class StoreLayer:
     """Read-only view of one imported image."""
 
-    def __init__(self, index: int, root: str, image_id: bytes, store: Store | None = None) -> None:
+    def __init__(
+        self, index: int, root: str, image_id: bytes, store: Store | None = None, prefetch: float = 0.0
+    ) -> None:
         """Open the image; ``store``: an already open store of ``root`` to use (and not close).
 
-        (lmdb forbids opening one environment twice in a process.)
+        (lmdb forbids opening one environment twice in a process.) An image pulled lazily
+        has its store opened writable (its files are fetched into it as they are opened,
+        :class:`layerstore.lazy.Lazy`); ``prefetch`` > 0 fetches the rest in the background
+        meanwhile, taking about that share of the time, until :meth:`close`.
         """
         self.index = index
         self.root = root
@@ -34,10 +46,60 @@ class StoreLayer:
         self._db = self.store.db["merged"]
         if self._get(b"") is None:
             raise OSError(errno.ENOENT, "image has no merged tree", image_id)
+        self.lazy: Lazy | None = None
+        self._stop = threading.Event()
+        self._prefetcher: threading.Thread | None = None
+        cfg = self.store.config(image_id)
+        if cfg.get("lazy") and Lazy.pending_in(self.store, cfg["layers"]):
+            if self._own and self.store.blobs is None:
+                self.store.close()
+                self.store = Store(root)
+                self._db = self.store.db["merged"]
+            if self.store.blobs is not None:
+                self.lazy = Lazy(self.store)
+                if prefetch > 0:
+                    keys = [k.encode() for k in cfg["layers"]]
+                    self._prefetcher = threading.Thread(target=self._prefetch, args=(keys, prefetch), daemon=True)
+                    self._prefetcher.start()
+
+    def _prefetch(self, keys: list[bytes], share: float) -> None:
+        assert self.lazy is not None
+        try:
+            n = self.lazy.complete(keys, self._stop, share)
+            if not self._stop.is_set():
+                log.info("image fetched whole in the background (%d files)", n)
+        except Exception as e:  # noqa: BLE001 - on-demand fetches go on; the next mount resumes
+            log.warning("background fetch stopped: %s", e)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._prefetcher is not None:
+            self._prefetcher.join(timeout=120)  # at most a range in flight (the registry client's timeouts bound it)
+        if self.lazy is not None:
+            self.lazy.close()
         if self._own:
             self.store.close()
+
+    def missing(self, path: bytes) -> bool:
+        """Whether ``path``'s contents are still to be fetched (an image pulled lazily)."""
+        e = self._get(path)
+        return e is not None and e.blob is None and e.sha256 is not None and self._blob(e, path, fetch=False) is None
+
+    def fetch(self, path: bytes) -> None:
+        """Fetch ``path``'s contents if they are still to come (blocks: call from a worker thread)."""
+        e = self._get(path)
+        if e is not None and e.blob is None and e.sha256 is not None:
+            self._blob(e, path, fetch=True)
+
+    def _blob(self, e: Entry, path: bytes, fetch: bool) -> bytes | None:
+        assert e.sha256 is not None
+        if self.lazy is not None:
+            return self.lazy.blob(e.sha256, path) if fetch else self.lazy.known(e.sha256)
+        with self.store.env.begin() as txn:  # a read-only store: what earlier fetches left
+            blob = txn.get(e.sha256, db=self.store.db["sha256"])
+        if blob is None and fetch:
+            raise OSError(errno.EIO, "contents not fetched (the image was pulled lazily)", path)
+        return bytes(blob) if blob is not None else None
 
     def entry(self, path: bytes) -> Entry | None:
         """The image's record of ``path`` (None if the image has no such path)."""
@@ -80,9 +142,12 @@ class StoreLayer:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
         e = self._entry(path)
-        if e.blob is None:
+        blob = e.blob
+        if blob is None and e.sha256 is not None:
+            blob = self._blob(e, path, fetch=True)
+        if blob is None:
             raise OSError(errno.EINVAL if e.is_dir else errno.ENXIO, "no data", path)
-        h = e.blob.hex()
+        h = blob.hex()
         return os.open(f"{h[:2]}/{h}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.store.blob_fd)
 
     def readlink(self, path: bytes) -> bytes:
@@ -99,3 +164,10 @@ class StoreLayer:
         if value is None:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA), path)
         return value
+
+
+async def fetched(layer: object, path: bytes) -> None:
+    """Make sure the contents of ``path`` in ``layer`` are there (a lazily pulled image's are fetched, in a
+    worker thread, so other requests go on meanwhile); nothing to do for any other layer."""
+    if isinstance(layer, StoreLayer) and layer.missing(path):
+        await trio.to_thread.run_sync(layer.fetch, path)

@@ -95,6 +95,7 @@ class Options:
     timeout: float = TIMEOUT  # how long the kernel keeps the union's entries, attributes and misses
     dircache: bool = False  # the kernel may keep the union's directory listings (Opened.cache_dir)
     settle: float = SETTLE_DELAY  # pause in copy-ups after which they are settled (0: in the open; see settle)
+    prefetch: float = 0.0  # a lazily pulled image: share of the time to spend fetching the rest (0: none)
 
 
 class _NoCopy:
@@ -145,7 +146,7 @@ class Super:
         dialect = WriteDialect.probe(opts.work_dir) if opts.work_dir else WriteDialect(b"trusted.")
         self.lowers: list[Layer] = [DirLayer(i, p, self.cache) for i, p in enumerate(opts.lowers)]
         if opts.image is not None:
-            self.lowers.append(StoreLayer(len(self.lowers), *opts.image))
+            self.lowers.append(StoreLayer(len(self.lowers), *opts.image, prefetch=opts.prefetch))
         up_layer = DirLayer(-1, opts.upper_dir, self.cache, writable=True) if opts.upper_dir else None
         self.upper = Upper(up_layer, opts.work_dir, dialect) if up_layer is not None and opts.work_dir else None
         self.resolver = Resolver(up_layer, self.lowers, dialect)
