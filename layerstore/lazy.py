@@ -140,13 +140,15 @@ class Lazy:
             try:
                 rows = self._rows(sha)
                 if not rows:
-                    log.error(
-                        "%s: its contents (sha256 %s) are neither stored nor pending",
-                        name.decode(errors="replace"),
-                        sha.hex()[:12],
+                    shown = name.decode(errors="replace")
+                    raise OSError(
+                        errno.EIO, f"{shown}: its contents (sha256 {sha.hex()[:12]}) are neither stored nor pending"
                     )
-                    raise OSError(errno.EIO, "contents missing from the store", name)
                 self._fetch(rows[0][0], [(sha, rows[0][1])], name)
+            except OSError as e:
+                if logging.getLogger().handlers:  # a daemon's log (the reader only sees EIO); a command says it itself
+                    log.error("%s", e.strerror)
+                raise
             finally:
                 with self._lock:
                     self._inflight.pop(sha).set()
@@ -207,16 +209,14 @@ class Lazy:
         origin = msgpack.unpackb(raw, raw=False).get("origin") if raw is not None else None
         shown = name.decode(errors="replace") or f"{len(rows)} file(s) of layer {key[:16].decode()}"
         if not origin:
-            log.error("%s: its layer has no registry to fetch it from", shown)
-            raise OSError(errno.EIO, "no registry to fetch from", name)
+            raise OSError(errno.EIO, f"{shown}: its layer has no registry to fetch it from", name)
         host, repo, insecure, digest = origin
         opener = functools.partial(self._range, host, insecure, f"{repo}/blobs/{digest}")
         assert self.store.blobs is not None
         try:
             got = [(f, blob) for f, blob, _, _ in fetch_files(opener, [f for _, f in rows], self.store.blobs)]
         except (SourceError, LayerError, OSError) as e:
-            log.error("%s: cannot fetch it from %s/%s: %s", shown, host, repo, e)
-            raise OSError(errno.EIO, f"cannot fetch from {host}: {e}", name) from None
+            raise OSError(errno.EIO, f"cannot fetch {shown} from {host}/{repo}: {e}", name) from None
         self.store.blobs.sync()  # the blobs on disk before the rows that name them
         for f, blob in got:
             self._record(blob, bytes.fromhex(f.digest[7:]))

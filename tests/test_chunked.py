@@ -259,6 +259,8 @@ def test_a_lazy_mount_fetches_what_is_read(tmp_path: Path) -> None:
         assert proxy.blob_bytes() < 1.1 * size  # each byte came once
         with image_mount(store, ref, "c2", mnt):
             assert (mnt / "data" / "f60").read_bytes() == _file(img, "1", "data/f60")
+        # save of an image pulled lazily writes it whole
+        assert um("image", "--root", store, "pull", "--lazy", f"{proxy.host}/app:1").returncode == 0
         assert um("store", "--root", store, "check").returncode == 0
 
 
@@ -323,3 +325,5 @@ def test_a_lazy_mount_without_its_registry_fails_reads_not_the_mount(tmp_path: P
         assert sorted(os.listdir(mnt / "data"))[:2] == ["f1", "f10"]
     finally:
         um("umount", mnt)
+    # what needs every file (save, push) says in one line that it cannot have them
+    _one_line_error(um("image", "--root", store, "save", ref, f"oci:{tmp_path / 'out'}:x"), "cannot fetch")

@@ -121,7 +121,8 @@ def image_save(root: str | None, name: str, dest: str, **registry: Any) -> int:
 
     opts = _source_options(**registry)
     start = time.monotonic()
-    with open_store(root, readonly=True) as store:
+    with open_store(root) as store:
+        _complete(store, store.resolve(name), opts)  # every file of it is written
         digest = save(store, name, dest, opts)
     print(f"{dest} {digest[7:19]} ({time.monotonic() - start:.1f}s)")
     return 0
@@ -133,7 +134,8 @@ def image_push(root: str | None, name: str, dest: str | None, **registry: Any) -
 
     opts = _source_options(**registry)
     start = time.monotonic()
-    with open_store(root, readonly=True) as store:
+    with open_store(root) as store:
+        _complete(store, store.resolve(name), opts)  # every file of it is pushed
         dest = dest or normalize_name(name)
         digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts)
     took = time.monotonic() - start
