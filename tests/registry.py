@@ -141,16 +141,26 @@ class TokenService:
 class CuttingProxy:
     """A TCP proxy to ``target`` that breaks a connection once ``cut_after`` bytes went back to the
     client, ``cuts`` times in all (what a flaky network does to a long download); ``rate`` limits
-    each connection to that many bytes a second downstream (what a CDN does per connection)."""
+    each connection to that many bytes a second downstream (what a CDN does per connection);
+    ``latency`` delays what the client sends by that many seconds (a round trip per request);
+    :attr:`down` counts the bytes that went back to clients."""
 
     def __init__(
-        self, target: str, cut_after: int = 1 << 62, cuts: int = 0, rate: float | None = None, upstream: bool = False
+        self,
+        target: str,
+        cut_after: int = 1 << 62,
+        cuts: int = 0,
+        rate: float | None = None,
+        upstream: bool = False,
+        latency: float = 0.0,
     ) -> None:
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.cut_after = cut_after
         self.cut_upstream = upstream  # count and cut what the client sends (an upload) instead
         self.rate = rate
+        self.latency = latency
+        self.down = 0
         self.cuts_left = cuts
         self.cut = 0
         self.active = 0
@@ -181,6 +191,8 @@ class CuttingProxy:
         due = time.monotonic()  # when the bytes sent so far may have gone at ``rate`` (no credit for idle time)
         try:
             while data := src.recv(65536):
+                if not downstream and self.latency:
+                    time.sleep(self.latency)
                 if downstream and self.rate:
                     due = max(due, time.monotonic()) + len(data) / self.rate
                     time.sleep(max(0.0, due - time.monotonic()))
@@ -194,6 +206,9 @@ class CuttingProxy:
                         break
                 dst.sendall(data)
                 sent += len(data)
+                if downstream:
+                    with self.lock:
+                        self.down += len(data)
         except OSError:
             pass
         for s in (src, dst):

@@ -82,6 +82,8 @@ class StoreLayer:
 
     def missing(self, path: bytes) -> bool:
         """Whether ``path``'s contents are still to be fetched (an image pulled lazily)."""
+        if self.lazy is None:  # (no lookup per open of a whole image's files)
+            return False
         e = self._get(path)
         return e is not None and e.blob is None and e.sha256 is not None and self._blob(e, path, fetch=False) is None
 
