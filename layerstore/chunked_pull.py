@@ -20,6 +20,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from . import chunked
@@ -29,8 +30,9 @@ from .oci import LayerRef, RangeIgnored, SourceError
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
 from .tarlayer import LayerError
 
-GAP = 256 << 10  # files at most this far apart in the blob are fetched in one range
-MOST = 32 << 20  # the longest range that merges several files
+GAP = 64 << 10  # files at most this far apart in the blob are fetched in one range
+MOST = 16 << 20  # the longest range that merges several files
+PARALLEL = 6  # ranges fetched at once (a remote registry's round trip is most of a small range's time)
 
 Opener = Callable[[int, int], BinaryIO]
 
@@ -90,7 +92,8 @@ def pull_chunked(
             for f in wanted.values():
                 pending(f)
             wanted = {}
-        for f, digest, new, n in fetch_files(opener, list(wanted.values()), blobs):
+        parallel = PARALLEL if opener is layer.open_range and layer.origin is not None else 1  # (a registry's)
+        for f, digest, new, n in fetch_files(opener, list(wanted.values()), blobs, parallel):
             if new:
                 on_new_blob(digest)
             learn(bytes.fromhex(f.digest[7:]), digest)
@@ -102,18 +105,52 @@ def pull_chunked(
 
 
 def fetch_files(
-    opener: Opener, files: list[chunked.File], blobs: BlobStore
+    opener: Opener, files: list[chunked.File], blobs: BlobStore, parallel: int = PARALLEL
 ) -> Iterator[tuple[chunked.File, bytes, bool, int]]:
-    """Fetch ``files`` into the blob store, neighbours in one range: (file, blob, newly stored, bytes
-    of the blob read for it) for each, in the blob's order, each checked against its sha256."""
-    for start, end, group in chunked.plan(files, GAP, MOST):
+    """Fetch ``files`` into the blob store, neighbours in one range, PARALLEL ranges at a time: (file,
+    blob, newly stored, bytes of the blob read for it) for each, in the blob's order, each checked
+    against its sha256 (``parallel`` 1: one range after another, for an opener whose streams share
+    a file position). If a range fails, what the others stored is still yielded before the error
+    is raised (so that a failed import can take back every blob it stored)."""
+    groups = chunked.plan(files, GAP, MOST)
+    if len(groups) == 1 or parallel <= 1:
+        for g in groups:
+            out, err = _fetch_range(opener, blobs, *g)
+            yield from out
+            if err is not None:
+                raise err
+        return
+    with ThreadPoolExecutor(parallel, thread_name_prefix="range") as pool:
+        futures = [pool.submit(_fetch_range, opener, blobs, *g) for g in groups]
+        first: BaseException | None = None
+        for fut in futures:
+            if fut.cancelled():
+                continue
+            out, err = fut.result()
+            yield from out
+            if err is not None and first is None:
+                first = err
+                for other in futures:
+                    other.cancel()
+        if first is not None:
+            raise first
+
+
+def _fetch_range(
+    opener: Opener, blobs: BlobStore, start: int, end: int, group: list[chunked.File]
+) -> tuple[list[tuple[chunked.File, bytes, bool, int]], BaseException | None]:
+    out: list[tuple[chunked.File, bytes, bool, int]] = []
+    try:
         with contextlib.closing(opener(start, end)) as stream:
             at = start
             for f in group:
                 _skip(stream, f.start - at)
                 digest, new = chunked.store_file(f, stream, blobs)
-                yield f, digest, new, f.end - at
+                out.append((f, digest, new, f.end - at))
                 at = f.end
+    except BaseException as e:  # noqa: BLE001 - handed to the caller with what was stored before it
+        return out, e
+    return out, None
 
 
 def _entries(
