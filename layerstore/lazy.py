@@ -91,11 +91,7 @@ class Lazy:
     def known(self, sha: bytes) -> bytes | None:
         """The blob holding contents with this sha256, if the store has it."""
         with self.store.env.begin() as txn:
-            blob = txn.get(sha, db=self.store.db["sha256"])
-            if blob is None or txn.get(blob, db=self.store.db["blobs"]) is None:
-                return None
-        assert self.store.blobs is not None
-        return bytes(blob) if self.store.blobs.exists(bytes(blob)) else None
+            return self.store.known_sha256(txn)(sha)
 
     def pending(self, keys: Iterable[bytes] | None = None) -> list[tuple[bytes, bytes, File]]:
         """(sha256, layer key, file) of every file still to fetch (of these layers only, if given)."""

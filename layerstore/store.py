@@ -270,7 +270,7 @@ class Store:
 
         assert self.blobs is not None
         if key != layer.diff_id.encode():
-            known = self._known_sha(txn)
+            known = self.known_sha256(txn)
             tmp = os.path.join(self.root, "tmp")
             pending: list[chunked.File] = []
             later = pending.append if lazy and layer.origin is not None else None
@@ -322,7 +322,7 @@ class Store:
         with open_layer(layer, on_read) as stream:
             yield from read_layer(stream, self.blobs, exists_below, new_blobs.append, learn)
 
-    def _known_sha(self, txn: lmdb.Transaction) -> Callable[[bytes], bytes | None]:
+    def known_sha256(self, txn: lmdb.Transaction) -> Callable[[bytes], bytes | None]:
         """The store's blob with this sha256, if it holds one (a row whose blob is gone does not count)."""
 
         def known(sha: bytes) -> bytes | None:
