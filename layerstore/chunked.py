@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import functools
 import hashlib
 import io
 import json
@@ -150,23 +151,36 @@ def read_toc(pos: Position, compressed: bytes) -> list[dict[str, object]]:
 
 def mtime_ns(text: object, name: str) -> int:
     """An RFC 3339 time (Go's, to the nanosecond) in nanoseconds since the epoch."""
-    m = _TIME_RE.match(text) if isinstance(text, str) else None
-    if m is None:
+    ns = _parse_time(text) if isinstance(text, str) else None
+    if ns is None:
         raise LayerError(f"layer entry '{name}' has a malformed time ({str(text)[:40]!r})")
+    if ns < 0:
+        raise LayerError(f"layer entry '{name}' has a time out of range ({text!r})")
+    return ns
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_time(text: str) -> int | None:
+    """``text`` in nanoseconds, None if malformed, -1 if out of range (cached: the files of one package share a
+    time, so an image's TOC has a few thousand distinct times for tens of thousands of entries)."""
+    m = _TIME_RE.match(text)
+    if m is None:
+        return None
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61 and year < 10000):
-        raise LayerError(f"layer entry '{name}' has a time out of range ({text!r})")
+        return -1
     secs = calendar.timegm((year, month, day, hour, minute, second))
     zone = m.group(8)
     if zone != "Z":
         sign = 1 if zone[0] == "+" else -1
         secs -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    return secs * 10**9 + int(((m.group(7) or "") + "000000000")[:9])
+    ns = secs * 10**9 + int(((m.group(7) or "") + "000000000")[:9])
+    return ns if ns >= 0 else -1
 
 
 def _int(e: Mapping[str, object], key: str, name: str, top: int) -> int:
     v = e.get(key, 0)
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= top:
+    if type(v) is not int or not 0 <= v <= top:  # (not a bool, nor any other subclass)
         raise LayerError(f"layer entry '{name}' has a {key} out of range ({str(v)[:40]})")
     return v
 

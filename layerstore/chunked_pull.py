@@ -30,7 +30,10 @@ from .oci import LayerRef, RangeIgnored, SourceError
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
 from .tarlayer import LayerError
 
-GAP = 64 << 10  # files at most this far apart in the blob are fetched in one range
+# files at most GAP apart in the blob are fetched in one range: 32 KiB take about as long at 100 Mbit/s as
+# a request's share of a 20 ms round trip six at a time; a second Debian image version sharing 90% of its
+# files then fetches 10.3% of its blob in 424 ranges (64 KiB: 15.3% in 252; 4 KiB: 6.3% in 897)
+GAP = 32 << 10
 MOST = 16 << 20  # the longest range that merges several files
 PARALLEL = 6  # ranges fetched at once (a remote registry's round trip is most of a small range's time)
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import msgpack
 
 from .schema import KIND_ENTRY
 
 
-@dataclass(slots=True, frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """A tuple, not a dataclass: an image of 10k files makes and replaces entries 40k times at import and a
+    lookup unpacks one per path, and a tuple is made in a fifth of a frozen dataclass's time."""
+
     mode: int
     uid: int = 0
     gid: int = 0
@@ -34,32 +36,15 @@ class Entry:
         return stat.S_ISDIR(self.mode)
 
     def pack(self) -> bytes:
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [
-                self.mode,
-                self.uid,
-                self.gid,
-                self.mtime_ns,
-                self.size,
-                self.rdev,
-                self.target,
-                self.xattrs,
-                self.blob,
-                self.link,
-                self.kind,
-                self.ino,
-                self.nlink,
-                *((self.sha256,) if self.sha256 is not None else ()),  # (the record is as before without one)
-            ],
-            use_bin_type=True,
-        )
+        """The msgpack array of the fields in order; without ``sha256`` when it is None (the record as before)."""
+        return msgpack.packb(self if self.sha256 is not None else self[:13], use_bin_type=True)  # type: ignore[no-any-return]
 
     @classmethod
     def unpack(cls, raw: bytes) -> Entry:
         return cls(*msgpack.unpackb(raw, raw=True, strict_map_key=False))
 
     def with_(self, **kw: object) -> Entry:
-        return replace(self, **kw)  # type: ignore[arg-type]
+        return self._replace(**kw)  # type: ignore[arg-type]
 
     def stat_result(self) -> os.stat_result:
         """The entry as ``lstat`` would report it (times all equal to mtime)."""

@@ -89,7 +89,7 @@ class Tree:
         old = self.entries.get(path)
         if old is not None and not (old.is_dir and e.is_dir):
             self.remove(path)
-        self._put(path, e.with_(kind=0, link=None), group)
+        self._put(path, e if e.kind == 0 and e.link is None else e.with_(kind=0, link=None), group)
 
     def apply_layer(self, items: Iterable[tuple[bytes, Entry]]) -> None:
         items = list(items)

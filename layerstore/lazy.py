@@ -63,11 +63,12 @@ class Lazy:
         self.store = store
         self.opts = opts or SourceOptions()
         self._sessions: dict[tuple[str, bool], Session] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _inflight
         self._inflight: dict[bytes, threading.Event] = {}
+        self._connecting = threading.Lock()  # guards _sessions; held while a registry is reached
 
     def close(self) -> None:
-        with self._lock:
+        with self._connecting:
             for s in self._sessions.values():
                 s.close()
             self._sessions.clear()
@@ -234,10 +235,29 @@ class Lazy:
                 txn.delete(k, db=db["pending"])
                 self.store.ref_blob(txn, blob, size, +1)
 
-    def _range(self, host: str, insecure: bool, path: str, start: int, end: int) -> BinaryIO:
-        with self._lock:
+    def connect(self, keys: Iterable[bytes]) -> None:
+        """Open the sessions to the registries the layers ``keys`` are fetched from (the client made, the
+        registry reached), so that a first open waits for its range alone. Errors are left for the fetches."""
+        origins = set()
+        with self.store.env.begin() as txn:
+            for key in keys:
+                raw = txn.get(key, db=self.store.db["layers"])
+                origin = msgpack.unpackb(raw, raw=False).get("origin") if raw is not None else None
+                if origin:
+                    origins.add((origin[0], bool(origin[2])))
+        for host, insecure in origins:
+            try:
+                self._session(host, insecure)
+            except SourceError:
+                pass
+
+    def _session(self, host: str, insecure: bool) -> Session:
+        with self._connecting:
             s = self._sessions.get((host, insecure))
             if s is None:
                 opts = dataclasses.replace(self.opts, tls_verify=False) if insecure else self.opts
                 s = self._sessions[(host, insecure)] = Session(host, opts)
-        return s.blob_range(path, start, end)  # type: ignore[return-value]  # a ChunkReader reads as a BinaryIO
+            return s
+
+    def _range(self, host: str, insecure: bool, path: str, start: int, end: int) -> BinaryIO:
+        return self._session(host, insecure).blob_range(path, start, end)  # type: ignore[return-value]  # a ChunkReader reads as a BinaryIO

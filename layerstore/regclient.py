@@ -51,6 +51,9 @@ MANIFEST_TYPES = (
 )
 _ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 _CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
+# (host, tls_verify) -> the base URL a registry answered on in this process, so that a later session
+# (a lazy mount's daemon, forked from the pull) starts without probing; a fetch that fails says so itself
+_BASES: dict[tuple[str, bool], str] = {}
 
 
 class Session:
@@ -71,7 +74,9 @@ class Session:
             transport=transport,
         )
         try:
-            self.base = self._probe()
+            known = _BASES.get((host, opts.tls_verify))
+            self.base = known or self._probe()
+            _BASES[(host, opts.tls_verify)] = self.base
         except BaseException:
             self.client.close()
             raise

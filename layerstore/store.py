@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -223,6 +223,7 @@ class Store:
             name = normalize_name(_image_id(src.config_digest, keys)[7:19])
         assert self.blobs is not None
         new_blobs: list[bytes] = []
+        fresh: dict[bytes, list[tuple[bytes, Entry]]] = {}  # the layers read now, not read back for the flattening
         with self.env.begin(write=True) as txn:
             try:
                 missing = [la for la, k in zip(src.layers, keys, strict=True) if not self._has_layer(txn, k)]
@@ -235,8 +236,8 @@ class Store:
                         on_read = functools.partial(progress, i, len(src.layers), layer.size)
                         on_read(0)
                     if not self._has_layer(txn, keys[i]):
-                        self._import_layer(txn, layer, keys[i], keys[:i], new_blobs, on_read, lazy)
-                self._record_image(txn, src, name, keys)
+                        fresh[keys[i]] = self._import_layer(txn, layer, keys[i], keys[:i], new_blobs, on_read, lazy)
+                self._record_image(txn, src, name, keys, fresh)
                 if new_blobs:
                     self.blobs.sync()  # blobs on disk before the index that names them
             except BaseException:
@@ -258,9 +259,10 @@ class Store:
         new_blobs: list[bytes],
         on_read: Callable[[int], None] | None = None,
         lazy: bool = False,
-    ) -> None:
+    ) -> list[tuple[bytes, Entry]]:
         """Read one layer (its tar, or a zstd:chunked layer by its TOC) and record it under ``key``;
-        ``lazy``: a chunked layer's missing files are recorded as ``pending`` instead of fetched."""
+        ``lazy``: a chunked layer's missing files are recorded as ``pending`` instead of fetched.
+        Returns the entries recorded, as :meth:`layer_entries` would read them back."""
 
         def exists_below(path: bytes) -> bool:
             return any(txn.get(d + SEP + path, db=self.db["entries"]) is not None for d in below)
@@ -297,11 +299,11 @@ class Store:
             got = layer_entries.get(path)
             layer_entries[path] = (got or Entry(0)).with_(kind=KIND_OPAQUE)
         size = 0
-        for path, e in layer_entries.items():
-            txn.put(key + SEP + path, e.pack(), db=self.db["entries"])
+        for e in layer_entries.values():
             if e.blob is not None:
                 self.ref_blob(txn, e.blob, e.size, +1)
             size += e.size
+        txn.cursor(db=self.db["entries"]).putmulti((key + SEP + path, e.pack()) for path, e in layer_entries.items())
         info: dict[str, Any] = {"size": size, "entries": len(layer_entries), "created": time.time()}
         if key != layer.diff_id.encode() and pending:
             assert layer.origin is not None
@@ -309,6 +311,7 @@ class Store:
             for f in pending:
                 txn.put(bytes.fromhex(f.digest[7:]) + key, _pack([f.start, f.end, f.size]), db=self.db["pending"])
         txn.put(key, _pack(info), db=self.db["layers"])
+        return sorted(layer_entries.items())
 
     def _read_tar(
         self,
@@ -348,7 +351,14 @@ class Store:
                     break
                 yield k[len(prefix) :], Entry.unpack(v)
 
-    def _record_image(self, txn: lmdb.Transaction, src: ImageSource, name: str, keys: list[bytes]) -> None:
+    def _record_image(
+        self,
+        txn: lmdb.Transaction,
+        src: ImageSource,
+        name: str,
+        keys: list[bytes],
+        fresh: Mapping[bytes, list[tuple[bytes, Entry]]],
+    ) -> None:
         image_id = _image_id(src.config_digest, keys).encode()
         known = txn.get(image_id, db=self.db["configs"])
         if known is not None:  # the image is there: only a digest it is now also known by is new
@@ -361,10 +371,9 @@ class Store:
             tree = Tree()
             diff_ids = keys  # a zstd:chunked layer's is its TOC's: its diff_id is not verified
             for d in diff_ids:
-                tree.apply_layer(self.layer_entries(txn, d))
+                tree.apply_layer(fresh[d] if d in fresh else self.layer_entries(txn, d))
             prefix = image_key(image_id)
-            for path, e in tree.finish():
-                txn.put(merged_key(prefix, path), e.pack(), db=self.db["merged"])
+            txn.cursor(db=self.db["merged"]).putmulti((merged_key(prefix, p), e.pack()) for p, e in tree.finish())
             cfg = {
                 "config": src.config,
                 "manifest": src.manifest_digest,
@@ -596,6 +605,7 @@ class Store:
         name = valid_name(tag)
         assert self.blobs is not None
         new_blobs: list[bytes] = []
+        fresh: dict[bytes, list[tuple[bytes, Entry]]] = {}  # the layers read now, not read back for the flattening
         with self.env.begin(write=True) as txn:
             try:
                 keys = [layer.diff_id.encode() for layer in layers]  # the parent's as the store keeps them
@@ -603,8 +613,8 @@ class Store:
                     if not self._has_layer(txn, keys[i]):
                         if i < len(layers) - 1:
                             raise StoreError(f"layer {layer.diff_id[:19]} of the image is missing from the store")
-                        self._import_layer(txn, layer, keys[i], keys[:i], new_blobs)
-                self._record_image(txn, src, name, keys)
+                        fresh[keys[i]] = self._import_layer(txn, layer, keys[i], keys[:i], new_blobs)
+                self._record_image(txn, src, name, keys, fresh)
                 if new_blobs:
                     self.blobs.sync()
             except BaseException:

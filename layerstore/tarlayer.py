@@ -65,7 +65,7 @@ def check_entry(name: str, path: bytes, uid: int, gid: int) -> None:
     """What no file system (or no store key) can hold: a refusal, one line (``name`` as the layer spells it)."""
     if len(path) > MAX_PATH:
         raise LayerError(f"layer entry '{name[:60]}...' has a path of {len(path)} bytes (the store takes {MAX_PATH})")
-    if any(len(part) > NAME_MAX for part in path.split(b"/")):
+    if len(path) > NAME_MAX and max(map(len, path.split(b"/"))) > NAME_MAX:
         raise LayerError(f"layer entry '{name[:60]}...' has a name longer than {NAME_MAX} bytes")
     if not (0 <= uid <= MAX_ID and 0 <= gid <= MAX_ID):
         raise LayerError(f"layer entry '{name}' has an owner out of range ({uid}:{gid})")
@@ -90,6 +90,8 @@ def marker(name: str, path: bytes) -> tuple[bytes, Entry] | None:
 def clean_path(name: str) -> bytes:
     """Normalise a member name to a layer-relative path; rejects ``..``."""
     raw = name.encode("utf-8", "surrogateescape")
+    if b"//" not in raw and b"/." not in raw and not raw.startswith((b"/", b".")) and not raw.endswith(b"/"):
+        return raw  # no empty, "." or ".." part: already clean (most names)
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise LayerError(f"layer entry '{name}' climbs out of the layer with '..'")

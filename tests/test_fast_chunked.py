@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import stat
@@ -19,7 +20,7 @@ import zstandard
 
 from layerstore import chunked
 from layerstore.blobs import BlobStore
-from layerstore.tarlayer import LayerError
+from layerstore.tarlayer import LayerError, clean_path
 
 CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
 POSITION = "io.github.containers.zstd-chunked.manifest-position"
@@ -104,12 +105,29 @@ def _entry(**kw: object) -> dict:  # type: ignore[type-arg]
         (_entry(name="x/.wh."), "whiteout of no name"),
         (_entry(xattrs={"user.a": "not base64!"}), "not base64"),
         (_entry(name="n" * 300), "longer than 255"),
+        (_entry(name="a/../../b"), "climbs out"),
+        (_entry(uid=True), "uid out of range"),
+        (_entry(modtime="2024-13-02T03:04:05Z"), "time out of range"),  # (times are parsed once per text, cached)
+        (_entry(modtime="2024-13-02T03:04:05Z", name="g"), "'g' has a time out of range"),
     ],
 )
 def test_hostile_toc_entries_are_refused(extra: dict, needle: str) -> None:  # type: ignore[type-arg]
     blob, ann, _ = _layer({"a": b"alpha\n" * 1000, "r": os.urandom(20_000)}, [extra])
     with pytest.raises(LayerError, match=needle):
         _read(blob, ann)
+
+
+def test_clean_path_agrees_with_the_rule_on_every_spelling() -> None:
+    """Its shortcut for names with nothing to clean gives what splitting does, and refuses every '..'."""
+    parts = ["", ".", "..", "a", ".a", "a.", "..a", "a..b"]
+    for combo in itertools.product(parts, repeat=3):
+        for name in ("/".join(combo), "/" + "/".join(combo), "/".join(combo) + "/"):
+            kept = [p for p in name.split("/") if p not in ("", ".")]
+            if ".." in kept:
+                with pytest.raises(LayerError, match="climbs out"):
+                    clean_path(name)
+            else:
+                assert clean_path(name) == "/".join(kept).encode(), name
 
 
 def test_hostile_tocs_are_refused() -> None:

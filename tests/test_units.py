@@ -12,10 +12,11 @@ import stat
 import tarfile
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from layerstore import names, plugins, tarwrite
-from layerstore.entry import dir_size
+from layerstore.entry import Entry, dir_size
 from layerstore.oci import META_MAX, SourceError, open_regular, read_meta
 from layerstore.tarlayer import MAX_PATH, LayerError, mtime_ns, read_layer
 from unionfs.cli.server import decode_request, encode_request
@@ -232,3 +233,16 @@ def test_command_server_requests_round_trip() -> None:
 def test_command_server_refuses_what_is_not_a_request(msg: bytes) -> None:
     with pytest.raises(ValueError):
         decode_request(msg)
+
+
+def test_entry_records_keep_their_format() -> None:
+    """A record is the msgpack array of the fields in order; one without a sha256 is the 13-field record
+    older versions wrote and read, so stores made before stay readable and the same."""
+    e = Entry(0o100644, 1, 2, 3, 4, 0, None, {b"user.a": b"b"}, b"xxh3:1", None, 0, 7, 2)
+    assert msgpack.unpackb(e.pack(), raw=True, strict_map_key=False) == [
+        0o100644, 1, 2, 3, 4, 0, None, {b"user.a": b"b"}, b"xxh3:1", None, 0, 7, 2
+    ]  # fmt: skip
+    assert Entry.unpack(e.pack()) == e
+    lazy = e.with_(blob=None, sha256=b"s" * 32)
+    assert (lazy.blob, lazy.sha256, lazy.ino, e.blob) == (None, b"s" * 32, 7, b"xxh3:1")
+    assert Entry.unpack(lazy.pack()) == lazy

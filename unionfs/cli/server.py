@@ -67,6 +67,7 @@ def decode_request(msg: bytes) -> tuple[str, str, list[str], dict[bytes, bytes]]
 
 def _preload() -> None:
     """Import what the commands import, so that no child pays for it."""
+    import httpcore  # noqa: F401  (httpx imports it at its first client: 60 ms of a lazy mount's)
     import trio  # noqa: F401
 
     import layerstore.store  # noqa: F401

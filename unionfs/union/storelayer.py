@@ -57,13 +57,17 @@ class StoreLayer:
                 self._db = self.store.db["merged"]
             if self.store.blobs is not None:
                 self.lazy = Lazy(self.store)
-                if prefetch > 0:
-                    keys = [k.encode() for k in cfg["layers"]]
-                    self._prefetcher = threading.Thread(target=self._prefetch, args=(keys, prefetch), daemon=True)
-                    self._prefetcher.start()
+                keys = [k.encode() for k in cfg["layers"]]
+                self._prefetcher = threading.Thread(target=self._prefetch, args=(keys, prefetch), daemon=True)
+                self._prefetcher.start()
 
     def _prefetch(self, keys: list[bytes], share: float) -> None:
+        """Reach the registries at once (a first open then waits for its range alone), then, with a ``share``,
+        fetch the rest."""
         assert self.lazy is not None
+        self.lazy.connect(keys)
+        if share <= 0:
+            return
         try:
             n = self.lazy.complete(keys, self._stop, share)
             if not self._stop.is_set():
