@@ -41,6 +41,7 @@ class LayerRef:
     # [start, end) of the blob, where the source can read parts of it (a file, a registry that honours Range)
     open_range: Callable[[int, int], BinaryIO] | None = None
     origin: tuple[str, str, bool] | None = None  # a registry's (host, repository, insecure) that serves it
+    media_type: str | None = None  # the descriptor's, where the source is a registry
 
 
 def _nothing() -> None:

@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import glob
 import hashlib
@@ -247,6 +248,22 @@ class Session:
         self._check(r, f"{repo}@{digest}", (200, 404))
         r.close()
         return r.status_code == 200
+
+    def mount_blob(self, repo: str, digest: str, source: str) -> bool:
+        """Cross-repository mount: whether the registry now has blob ``digest`` of repository ``source``
+        in ``repo`` too (201). A registry that cannot (it opened an upload instead, 202) has that upload
+        cancelled; False."""
+        url = httpx.URL(f"{self.base}{repo}/blobs/uploads/", params={"mount": digest, "from": source})
+        r = self._send("POST", url, {"Content-Length": "0"})
+        r.close()
+        if r.status_code == 201:
+            return True
+        self._check(r, f"{repo} (a mount of {digest} from {source})", (202,))
+        location = r.headers.get("location")
+        if location:
+            with contextlib.suppress(SourceError):
+                self._send("DELETE", httpx.URL(self.base).join(location), {}).close()
+        return False
 
     def upload(self, repo: str, digest: str, size: int, path: str) -> None:
         """Upload the blob in file ``path``; an upload the network broke is started over, RETRIES times."""

@@ -124,6 +124,7 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
             blobs = [b["digest"] for b in manifest.get("layers") or []]
             sizes = [b.get("size") if isinstance(b.get("size"), int) else None for b in manifest.get("layers") or []]
             annotations = [b.get("annotations") or {} for b in manifest.get("layers") or []]
+            types = [t if isinstance(t := b.get("mediaType"), str) else None for b in manifest.get("layers") or []]
             if not all(isinstance(a, dict) for a in annotations):
                 raise TypeError
         except (KeyError, TypeError):
@@ -147,8 +148,9 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
             a,
             functools.partial(_blob_range, s, f"{repo}/blobs/{b}"),
             (place.host, repo, place.insecure),
+            mt,
         )
-        for d, b, size, a in zip(ids, blobs, sizes, annotations, strict=True)
+        for d, b, size, a, mt in zip(ids, blobs, sizes, annotations, types, strict=True)
     ]
     tags = [ref.name] if ref.name else []
     return ImageSource(config, config_digest, digest, layers, tags, fetch.close, (repo_digest,), fetch.start)
@@ -231,6 +233,15 @@ class Destination:
             return False
         self._s.upload(self.ref.repo, digest, size, path)
         return True
+
+    def reuse(self, host: str, repo: str, digest: str) -> bool:
+        """Whether the repository has blob ``digest``, which ``host``'s repository ``repo`` served, or can mount it
+        from there (the same registry only): a manifest may then name it without an upload."""
+        if host != self.ref.host:
+            return False
+        if self._s.has_blob(self.ref.repo, digest):
+            return True
+        return repo != self.ref.repo and self._s.mount_blob(self.ref.repo, digest, repo)
 
     def put_manifest(self, media_type: str, raw: bytes) -> str:
         """Tag ``raw``; returns its digest."""

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from . import tarwrite
 from .entry import Entry
-from .oci import SourceOptions
+from .oci import SourceError, SourceOptions, diff_ids
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
 from .store import Store, StoreError, valid_name
 
@@ -185,17 +185,39 @@ def _oci_ref(ref: str, dest: str) -> str:
 
 def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -> tuple[str, int, int]:
     """Push image ``name`` to the registry tag ``ref`` (``docker push``). Returns (manifest digest, blobs
-    uploaded, blobs). Layers are gzipped and uploaded PUSH_PARALLEL at a time (zlib releases the GIL), each
-    only if the repository lacks it; then the config, then the manifest."""
+    uploaded, blobs).
+
+    A layer pulled from the destination's registry is named by the blob it came as (its digest, media type
+    and annotations, so a zstd:chunked layer stays one) when the repository has that blob or can mount it
+    from the repository it came from: nothing of it is uploaded. The others are gzipped and uploaded
+    PUSH_PARALLEL at a time (zlib releases the GIL), each only if the repository lacks it; then the config
+    (the imported one, byte for byte, when every layer is its original blob), then the manifest."""
     from .registry import Destination
 
     image_id = store.resolve(name)
+    keys: list[str] = store.config(image_id)["layers"]
+    raw_config = store.raw_config(image_id)
+    try:
+        original = diff_ids(raw_config)
+    except SourceError:
+        original = []
+    if len(original) != len(keys):  # (a config this store wrote, e.g. a commit's, names its layers by key)
+        original = [k if k.startswith("sha256:") else "" for k in keys]
     dest = Destination(ref, opts or SourceOptions())
 
-    def layer(diff_id: str) -> tuple[_Blob, bool]:
-        b = _layer_blob(store, diff_id, tmp, compress=True)
+    def layer(i: int) -> tuple[_Blob, dict[str, Any], bool]:
+        for src in store.layer_sources(keys[i]) if original[i] else ():
+            kind = REUSABLE.get(src.media_type or "")
+            if kind is not None and dest.reuse(src.host, src.repo, src.digest):
+                desc = {"mediaType": kind, "digest": src.digest, "size": src.size}
+                return _Blob(src.digest, src.size, "", original[i]), {**desc, **_annotations(src.annotations)}, False
+        b = _layer_blob(store, keys[i], tmp, compress=True)
         try:
-            return b, dest.put_blob(b.digest, b.size, b.path)
+            return (
+                b,
+                {"mediaType": LAYER_TYPE + "+gzip", "digest": b.digest, "size": b.size},
+                dest.put_blob(b.digest, b.size, b.path),
+            )
         finally:
             os.unlink(b.path)
 
@@ -203,22 +225,52 @@ def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -
         # in the store (not /tmp: layers are big); PID-named, so a later import cleans up after a kill
         with tempfile.TemporaryDirectory(dir=os.path.join(store.root, "tmp"), prefix=f"{os.getpid()}.push") as tmp:
             with ThreadPoolExecutor(PUSH_PARALLEL, thread_name_prefix="push") as pool:
-                done = list(pool.map(layer, store.config(image_id)["layers"]))
-            layers = [b for b, _ in done]
-            cfg = _config_blob(store, image_id, layers, tmp)
-            uploaded = sum(up for _, up in done) + dest.put_blob(cfg.digest, cfg.size, cfg.path)
-            digest = dest.put_manifest(MANIFEST_TYPE, _manifest(cfg, layers, LAYER_TYPE + "+gzip"))
+                done = list(pool.map(layer, range(len(keys))))
+            layers = [b for b, _, _ in done]
+            if [b.diff_id for b in layers] == original:  # every layer as it was pulled: the config too
+                cfg = _raw_blob(raw_config, tmp)
+                places = {(s.host, s.repo) for k in keys for s in store.layer_sources(k)}
+                mounted = any(dest.reuse(host, repo, cfg.digest) for host, repo in sorted(places))
+            else:
+                cfg, mounted = _config_blob(store, image_id, layers, tmp), False
+            uploaded = sum(up for _, _, up in done) + (not mounted and dest.put_blob(cfg.digest, cfg.size, cfg.path))
+            digest = dest.put_manifest(MANIFEST_TYPE, _manifest(cfg, [d for _, d, _ in done]))
     finally:
         dest.close()
     return digest, uploaded, len(layers) + 1
 
 
-def _manifest(cfg: _Blob, layers: list[_Blob], layer_type: str = LAYER_TYPE) -> bytes:
+#: layer media types a pushed manifest may name a pulled blob by (Docker's as their OCI equivalents)
+REUSABLE = {
+    LAYER_TYPE + "+gzip": LAYER_TYPE + "+gzip",
+    LAYER_TYPE + "+zstd": LAYER_TYPE + "+zstd",
+    LAYER_TYPE: LAYER_TYPE,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": LAYER_TYPE + "+gzip",
+}
+
+
+def _annotations(a: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in a.items() if isinstance(k, str) and isinstance(v, str)}
+    return {"annotations": kept} if kept else {}
+
+
+def _raw_blob(raw: bytes, tmpdir: str) -> _Blob:
+    fd, path = tempfile.mkstemp(dir=tmpdir)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    return _Blob("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw), path)
+
+
+def _descs(layers: list[_Blob]) -> list[dict[str, Any]]:
+    return [{"mediaType": LAYER_TYPE, "digest": b.digest, "size": b.size} for b in layers]
+
+
+def _manifest(cfg: _Blob, layers: list[dict[str, Any]]) -> bytes:
     manifest = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "config": {"mediaType": CONFIG_TYPE, "digest": cfg.digest, "size": cfg.size},
-        "layers": [{"mediaType": layer_type, "digest": b.digest, "size": b.size} for b in layers],
+        "layers": layers,
     }
     return json.dumps(manifest, separators=(",", ":")).encode()
 
@@ -250,7 +302,7 @@ def _save_oci(store: Store, image_id: bytes, root: str, ref: str) -> str:
             layers,
         ),
     ):
-        raw = _manifest(cfg, layers)
+        raw = _manifest(cfg, _descs(layers))
         entry = _index_entry(raw, ref)
         mdigest = entry["digest"]
         for b in [*layers, cfg]:
@@ -340,7 +392,7 @@ def _save_oci_archive(store: Store, image_id: bytes, path: str, ref: str) -> str
         put("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
         for b in [*layers, cfg]:
             put(f"blobs/sha256/{b.digest[7:]}", b.path)
-        raw = _manifest(cfg, layers)
+        raw = _manifest(cfg, _descs(layers))
         desc = _index_entry(raw, ref)
         put(f"blobs/sha256/{desc['digest'][7:]}", raw)
         put("index.json", json.dumps({"schemaVersion": 2, "manifests": [desc]}).encode())

@@ -79,6 +79,21 @@ def _unpack(v: object) -> dict[str, Any]:
     return cast(dict[str, Any], msgpack.unpackb(v, raw=False))
 
 
+SOURCES = 8  # registry blobs remembered per layer
+
+
+@dataclass(slots=True, frozen=True)
+class LayerSource:
+    """A registry blob a layer was pulled as: the same contents, compressed as that registry serves them."""
+
+    host: str
+    repo: str
+    digest: str
+    media_type: str | None
+    size: int
+    annotations: dict[str, Any]
+
+
 @dataclass(slots=True, frozen=True)
 class ImageInfo:
     name: str
@@ -237,6 +252,7 @@ class Store:
                         on_read(0)
                     if not self._has_layer(txn, keys[i]):
                         fresh[keys[i]] = self._import_layer(txn, layer, keys[i], keys[:i], new_blobs, on_read, lazy)
+                    self._add_source(txn, keys[i], layer)
                 self._record_image(txn, src, name, keys, fresh)
                 if new_blobs:
                     self.blobs.sync()  # blobs on disk before the index that names them
@@ -246,6 +262,29 @@ class Store:
                     self.blobs.remove(d)
                 raise
         return name, _image_id(src.config_digest, keys)
+
+    def _add_source(self, txn: lmdb.Transaction, key: bytes, layer: LayerRef) -> None:
+        """Remember the registry blob ``layer`` came as (host, repository, digest, media type, size, annotations),
+        the newest first, SOURCES at most: ``image push`` to that registry reuses it instead of uploading."""
+        if layer.origin is None or layer.digest is None or layer.size is None:
+            return
+        info = _unpack(txn.get(key, db=self.db["layers"]))
+        host, repo, _ = layer.origin
+        new = [host, repo, layer.digest, layer.media_type, layer.size, dict(layer.annotations)]
+        old = [s for s in info.get("sources", []) if s[:3] != new[:3]]
+        txn.put(key, _pack({**info, "sources": [new, *old][:SOURCES]}), db=self.db["layers"])
+
+    def layer_sources(self, key: str) -> list[LayerSource]:
+        """The registry blobs layer ``key`` was pulled as, the newest first (see :meth:`_add_source`)."""
+        with self.env.begin() as txn:
+            raw = txn.get(key.encode(), db=self.db["layers"])
+        return [LayerSource(*s) for s in _unpack(raw).get("sources", [])] if raw is not None else []
+
+    def raw_config(self, image_id: bytes) -> bytes:
+        """The image's config as it was imported, byte for byte."""
+        with self.env.begin() as txn:
+            raw: bytes = _unpack(txn.get(image_id, db=self.db["configs"]))["config"]
+        return raw
 
     def _has_layer(self, txn: lmdb.Transaction, key: bytes) -> bool:
         return txn.get(key, db=self.db["layers"]) is not None

@@ -10,6 +10,7 @@ counts the bytes. Measured, each on a fresh store:
 
 * lazy: ``unionmount mount --pull lazy --no-prefetch`` then ``cat /etc/os-release``
   (time from the command's start, and bytes), then ``chroot MNT python3 -c 'import json'``;
+  and the first read again with ``unionmount server`` running (into another fresh store);
 * full: ``unionmount image pull``, ``podman pull`` (a private storage root), and
   ``skopeo copy`` to a directory (fetch only);
 * partial: ``image pull`` of version 2 into a store that has version 1: bytes, as a
@@ -75,9 +76,11 @@ def images(work: Path) -> Path:
     return oci
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], server: str | None = None) -> float:
+    """Seconds ``cmd`` took: a Python start of its own, or (``server``: its socket) a fork of a running server."""
+    env = {**os.environ, "UNIONMOUNT_SERVER": server} if server else {**os.environ, "UNIONMOUNT_NO_SERVER": "1"}
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "UNIONMOUNT_NO_SERVER": "1"})
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} failed: {r.stderr.strip()[-300:]}")
     return time.perf_counter() - t
@@ -107,7 +110,11 @@ def main() -> int:
         rows.setdefault(name, []).append((t, proxy.down - before))
         print(f"{name}: {t:.2f} s, {(proxy.down - before) / 1e6:.1f} MB", flush=True)
 
+    sock = str(work / "server.sock")
+    server = subprocess.Popen([UM, "server"], env={**os.environ, "UNIONMOUNT_SERVER": sock}, stderr=subprocess.DEVNULL)
     try:
+        while not os.path.exists(sock):
+            time.sleep(0.05)
         with registry(work / "reg") as reg:
             for tag in ("1", "2"):
                 digest = reg.push(f"oci:{oci}:{tag}", f"deb:{tag}", "--dest-compress-format", "zstd:chunked")
@@ -136,6 +143,14 @@ def main() -> int:
                                                    + rows["lazy: then python3 -c 'import json'"][-1][0],
                                                    proxy.down - b0)]  # fmt: skip
                 timed([UM, "umount", str(mnt)])
+                # the same with `unionmount server` running (the command a fork of it, no Python start)
+                t0, b0 = time.perf_counter(), proxy.down
+                timed([*cmd[:3], str(d / "lazy-server"), *cmd[4:], str(mnt)], sock)
+                (mnt / "etc/os-release").read_bytes()
+                rows.setdefault("lazy, `unionmount server` running: mount + cat /etc/os-release", []).append(
+                    (time.perf_counter() - t0, proxy.down - b0)
+                )
+                timed([UM, "umount", str(mnt)])
                 # full pulls
                 run("unionmount image pull", proxy, [UM, "image", "--root", str(d / "full"), "pull", ref])
                 podman = ["podman", "--root", str(d / "podman"), "--runroot", str(d / "podman-run"), "--storage-driver",
@@ -150,6 +165,8 @@ def main() -> int:
                 shutil.rmtree(d, ignore_errors=True)
             proxy.close()
     finally:
+        server.terminate()
+        server.wait()
         release_fs(fs)
     full = statistics.median(b for _, b in rows["unionmount image pull"])
     lines = [

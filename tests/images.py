@@ -69,8 +69,14 @@ def image_mount(
 ) -> Iterator[Path]:
     """``unionmount mount --image`` (the image's VOLUMEs ignored unless asked); always unmounted on exit."""
     args = ["mount", "--root", store, "--image", image, "--name", name, "--image-volumes", volumes]
-    args += [*(["--log", log] if log else []), mnt]
-    r = um(*args)
+    with mounted(*args, *(["--log", log] if log else []), mnt=mnt):
+        yield mnt
+
+
+@contextmanager
+def mounted(*args: str | Path, mnt: Path) -> Iterator[Path]:
+    """``unionmount ARGS MNT``, which must succeed; always unmounted on exit."""
+    r = um(*args, mnt)
     assert r.returncode == 0, r.stderr
     try:
         yield mnt

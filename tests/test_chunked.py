@@ -6,17 +6,19 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
 import lmdb
 
-from .images import image_mount, sh, um
+from .images import image_mount, mounted, sh, um
 from .mounts import daemon_pid, force_unmount
 from .registry import BlobProxy, Registry, registry
 from .tree import snapshot
@@ -33,6 +35,11 @@ def served(base: Path, ranges: bool = True) -> Iterator[tuple[Registry, BlobProx
             yield reg, proxy
         finally:
             proxy.close()
+
+
+def lazy_mount(store: Path, ref: str, mnt: Path, *extra: str) -> AbstractContextManager[Path]:
+    """``mount --pull lazy --no-prefetch`` (and ``extra``); always unmounted on exit."""
+    return mounted("mount", "--root", store, "--image", ref, "--pull", "lazy", "--no-prefetch", *extra, mnt=mnt)
 
 
 def _pull(store: Path, ref: str) -> None:
@@ -95,6 +102,47 @@ def test_zstd_chunked_images_pull_by_toc_and_mount_as_they_are(image: Path, tmp_
         with image_mount(store, f"{proxy.host}/gnu:1", "c2", mnt):
             assert snapshot(mnt) == snapshot(tree)
         assert um("store", "--root", store, "check").returncode == 0
+
+
+def test_a_push_names_the_blobs_it_pulled(image: Path, tmp_path: Path) -> None:
+    """Pushed to the registry it came from, a pulled image keeps its blobs: the same layer descriptors
+    (zstd:chunked annotations included) and config, mounted from their repository, nothing uploaded."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    with served(tmp_path) as (reg, proxy):
+        pulled = {"app": reg.push(f"oci:{image}/img:t", "app:1", *CHUNKED)}
+        pulled["gz"] = reg.push(f"oci:{image}/img:t", "gz:1")
+        pulled["v"] = reg.push(f"oci:{_versions(tmp_path)}:1", "v:1", *CHUNKED)  # (podman cannot apply img:t's layers)
+        for name in pulled:
+            _pull(store, f"{reg.host}/{name}:1")
+        for name, digest in pulled.items():
+            r = um("image", "--root", store, "push", f"{reg.host}/{name}:1", f"{reg.host}/team/{name}:2")
+            assert r.returncode == 0, r.stderr
+            n = len(_layers(reg, digest)) + 1
+            assert f"(0 of {n} blobs uploaded" in r.stdout, r.stdout  # mounted across repositories
+            pushed = json.loads(reg.blob_file(r.stdout.split()[1]).read_bytes())
+            original = json.loads(reg.blob_file(digest).read_bytes())
+            assert pushed["layers"] == original["layers"] and pushed["config"]["digest"] == original["config"]["digest"]
+        # the same repository, another tag: the registry has every blob
+        r = um("image", "--root", store, "push", f"{reg.host}/gz:1", f"{reg.host}/gz:again")
+        assert r.returncode == 0 and "(0 of" in r.stdout, r.stdout + r.stderr
+        # what was pushed is whole: skopeo copies it and podman pulls it (checking every digest); read by its
+        # TOC, lazily
+        sh(f"skopeo copy --src-tls-verify=false docker://{reg.host}/team/gz:2 oci:{tmp_path}/out:x", tmp_path)
+        runroot = tempfile.mkdtemp(prefix="pdr.")  # podman wants a short runroot path
+        podman = ["podman", "--root", str(tmp_path / "pd"), "--runroot", runroot, "--storage-driver", "vfs"]
+        try:
+            r = subprocess.run([*podman, "pull", "--tls-verify=false", f"{reg.host}/team/v:2"],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        finally:
+            subprocess.run([*podman, "rmi", "-a", "-f"], capture_output=True)
+            shutil.rmtree(runroot, ignore_errors=True)
+        fresh = tmp_path / "fresh"
+        with lazy_mount(fresh, f"{proxy.host}/team/app:2", mnt, "--image-volumes", "ignore"):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+        info = json.loads(um("image", "--root", fresh, "inspect", f"{proxy.host}/team/app:2").stdout)
+        assert all(la.startswith("toc:") for la in info["Layers"]), info["Layers"]
 
 
 def _versions(base: Path) -> Path:
