@@ -20,7 +20,7 @@ import lmdb
 
 from .images import image_mount, mounted, sh, um
 from .mounts import daemon_pid, force_unmount
-from .registry import BlobProxy, Registry, registry
+from .registry import PASSWORD, USER, BlobProxy, Registry, registry
 from .tree import snapshot
 
 CHUNKED = ["--dest-compress-format", "zstd:chunked"]
@@ -143,6 +143,17 @@ def test_a_push_names_the_blobs_it_pulled(image: Path, tmp_path: Path) -> None:
             assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
         info = json.loads(um("image", "--root", fresh, "inspect", f"{proxy.host}/team/app:2").stdout)
         assert all(la.startswith("toc:") for la in info["Layers"]), info["Layers"]
+
+
+def test_a_lazy_mount_fetches_with_the_login_it_was_given(tmp_path: Path) -> None:
+    """``mount --pull lazy --creds``: the daemon fetches files with that login too (it had the auth files' only)."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    img = _versions(tmp_path)
+    with registry(tmp_path / "reg", "htpasswd") as reg:
+        reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
+        with lazy_mount(store, f"{reg.host}/app:1", mnt, "--creds", f"{USER}:{PASSWORD}"):
+            assert (mnt / "data" / "f7").read_bytes() == _file(img, "1", "data/f7")
 
 
 def _versions(base: Path) -> Path:

@@ -258,7 +258,9 @@ def prepare_image_mount(
         raise UsageError("--image brings its own container layer: drop --upper/--work")
     policy, registry = pull
     with open_store(root, create=policy != "never") as store:
-        image_id = _image_or_pull(store, image, policy, _source_options(**registry))
+        opts = _source_options(**registry)
+        image_id = _image_or_pull(store, image, policy, opts)
+        cfg.registry = opts  # a lazy image's daemon fetches with the same login
         fresh = container is None or not _exists(store, container)
         name, upper, work = store.container(container, image_id)
         if fresh:  # a mount that fails leaves no container behind

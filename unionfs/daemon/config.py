@@ -12,9 +12,13 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from unionfs.union.graft import Graft
 from unionfs.union.idmap import IdMap
+
+if TYPE_CHECKING:
+    from layerstore.oci import SourceOptions  # (60 ms of imports a command without a registry need not pay)
 
 
 class UsageError(Exception):
@@ -91,6 +95,7 @@ class MountConfig:
     log_file: str | None = None
     image: tuple[str, bytes] | None = None  # (store root, image id)
     prefetch: float = 0.5  # a lazily pulled image: share of the time spent fetching the rest (0: none)
+    registry: SourceOptions | None = None  # a lazily pulled image: how its files are fetched (--creds, TLS)
     hold_fds: list[int] = field(default_factory=list)  # kept open for the daemon's life (container lock, leases)
     #: volumes whose file system the local driver mounted for us: (store root, name, lease fd), released at exit
     volume_mounts: list[tuple[str, str, int]] = field(default_factory=list)

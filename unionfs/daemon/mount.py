@@ -211,6 +211,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
                 timeout > 0 if cfg.dircache is None else cfg.dircache,
                 cfg.settle_ms / 1000,
                 cfg.prefetch,
+                cfg.registry,
             )
         )
     except OSError as e:

@@ -18,6 +18,7 @@ import trio
 
 from layerstore.entry import Entry, dir_size
 from layerstore.lazy import Lazy
+from layerstore.oci import SourceOptions
 from layerstore.schema import SEP
 from layerstore.store import Store, image_key, merged_key
 
@@ -28,14 +29,21 @@ class StoreLayer:
     """Read-only view of one imported image."""
 
     def __init__(
-        self, index: int, root: str, image_id: bytes, store: Store | None = None, prefetch: float = 0.0
+        self,
+        index: int,
+        root: str,
+        image_id: bytes,
+        store: Store | None = None,
+        prefetch: float = 0.0,
+        registry: SourceOptions | None = None,
     ) -> None:
         """Open the image; ``store``: an already open store of ``root`` to use (and not close).
 
         (lmdb forbids opening one environment twice in a process.) An image pulled lazily
         has its store opened writable (its files are fetched into it as they are opened,
         :class:`layerstore.lazy.Lazy`); ``prefetch`` > 0 fetches the rest in the background
-        meanwhile, taking about that share of the time, until :meth:`close`.
+        meanwhile, taking about that share of the time, until :meth:`close`; ``registry``: the login and TLS
+        options it is fetched with (else the auth files').
         """
         self.index = index
         self.root = root
@@ -56,7 +64,7 @@ class StoreLayer:
                 self.store = Store(root)
                 self._db = self.store.db["merged"]
             if self.store.blobs is not None:
-                self.lazy = Lazy(self.store)
+                self.lazy = Lazy(self.store, registry)
                 keys = [k.encode() for k in cfg["layers"]]
                 self._prefetcher = threading.Thread(target=self._prefetch, args=(keys, prefetch), daemon=True)
                 self._prefetcher.start()

@@ -14,6 +14,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerstore.host import proc_path
 
@@ -29,6 +30,9 @@ from .namei import Found, Resolver
 from .records import Attrs, Caller, FsStats, KillRequests
 from .settle import DELAY as SETTLE_DELAY
 from .space import Room
+
+if TYPE_CHECKING:
+    from layerstore.oci import SourceOptions
 from .storelayer import StoreLayer
 from .upper import Upper
 
@@ -96,6 +100,7 @@ class Options:
     dircache: bool = False  # the kernel may keep the union's directory listings (Opened.cache_dir)
     settle: float = SETTLE_DELAY  # pause in copy-ups after which they are settled (0: in the open; see settle)
     prefetch: float = 0.0  # a lazily pulled image: share of the time to spend fetching the rest (0: none)
+    registry: SourceOptions | None = None  # a lazily pulled image: its registry's login and TLS (else auth files)
 
 
 class _NoCopy:
@@ -146,7 +151,8 @@ class Super:
         dialect = WriteDialect.probe(opts.work_dir) if opts.work_dir else WriteDialect(b"trusted.")
         self.lowers: list[Layer] = [DirLayer(i, p, self.cache) for i, p in enumerate(opts.lowers)]
         if opts.image is not None:
-            self.lowers.append(StoreLayer(len(self.lowers), *opts.image, prefetch=opts.prefetch))
+            image = StoreLayer(len(self.lowers), *opts.image, prefetch=opts.prefetch, registry=opts.registry)
+            self.lowers.append(image)
         up_layer = DirLayer(-1, opts.upper_dir, self.cache, writable=True) if opts.upper_dir else None
         self.upper = Upper(up_layer, opts.work_dir, dialect) if up_layer is not None and opts.work_dir else None
         self.resolver = Resolver(up_layer, self.lowers, dialect)
