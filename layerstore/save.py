@@ -183,7 +183,13 @@ def _oci_ref(ref: str, dest: str) -> str:
     return ref
 
 
-def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -> tuple[str, int, int]:
+def push(
+    store: Store,
+    name: str,
+    ref: str,
+    opts: SourceOptions | None = None,
+    before_write: Callable[[str], None] | None = None,
+) -> tuple[str, int, int]:
     """Push image ``name`` to the registry tag ``ref`` (``docker push``). Returns (manifest digest, blobs
     uploaded, blobs).
 
@@ -191,7 +197,9 @@ def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -
     and annotations, so a zstd:chunked layer stays one) when the repository has that blob or can mount it
     from the repository it came from: nothing of it is uploaded. The others are gzipped and uploaded
     PUSH_PARALLEL at a time (zlib releases the GIL), each only if the repository lacks it; then the config
-    (the imported one, byte for byte, when every layer is its original blob), then the manifest."""
+    (the imported one, byte for byte, when every layer is its original blob), then the manifest.
+    ``before_write(key)`` is called before a layer is written again (from several threads at once): a
+    lazily pulled layer's files are fetched there."""
     from .registry import Destination
 
     image_id = store.resolve(name)
@@ -211,6 +219,8 @@ def push(store: Store, name: str, ref: str, opts: SourceOptions | None = None) -
             if kind is not None and dest.reuse(src.host, src.repo, src.digest):
                 desc = {"mediaType": kind, "digest": src.digest, "size": src.size}
                 return _Blob(src.digest, src.size, "", original[i]), {**desc, **_annotations(src.annotations)}, False
+        if before_write is not None:
+            before_write(keys[i])
         b = _layer_blob(store, keys[i], tmp, compress=True)
         try:
             return (

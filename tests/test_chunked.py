@@ -123,6 +123,13 @@ def test_a_push_names_the_blobs_it_pulled(image: Path, tmp_path: Path) -> None:
             pushed = json.loads(reg.blob_file(r.stdout.split()[1]).read_bytes())
             original = json.loads(reg.blob_file(digest).read_bytes())
             assert pushed["layers"] == original["layers"] and pushed["config"]["digest"] == original["config"]["digest"]
+        # pulled lazily, pushed to its own registry: nothing of it is fetched first, nothing uploaded
+        lazy = tmp_path / "lazy"
+        assert um("image", "--root", lazy, "pull", "--lazy", f"{reg.host}/v:1").returncode == 0
+        missing = _missing(lazy, f"{reg.host}/v:1")
+        r = um("image", "--root", lazy, "push", f"{reg.host}/v:1", f"{reg.host}/team/lazy:2")
+        assert r.returncode == 0 and "(0 of" in r.stdout, r.stdout + r.stderr
+        assert missing > 0 and _missing(lazy, f"{reg.host}/v:1") == missing
         # the same repository, another tag: the registry has every blob
         r = um("image", "--root", store, "push", f"{reg.host}/gz:1", f"{reg.host}/gz:again")
         assert r.returncode == 0 and "(0 of" in r.stdout, r.stdout + r.stderr

@@ -135,9 +135,19 @@ def image_push(root: str | None, name: str, dest: str | None, **registry: Any) -
     opts = _source_options(**registry)
     start = time.monotonic()
     with open_store(root) as store:
-        _complete(store, store.resolve(name), opts)  # every file of it is pushed
+        lazy = Lazy(store, opts)
+
+        def whole(layer: str) -> None:  # a layer written again is written whole; one named by its blob is not
+            try:
+                lazy.complete([layer.encode()])
+            except OSError as e:
+                raise UsageError(str(e.strerror or e)) from None
+
         dest = dest or normalize_name(name)
-        digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts)
+        try:
+            digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts, whole)
+        finally:
+            lazy.close()
     took = time.monotonic() - start
     print(f"{dest} {digest} ({uploaded} of {total} blobs uploaded, {took:.1f}s)")
     return 0
