@@ -262,6 +262,18 @@ def _device(e: Mapping[str, object], name: str) -> int:
     return os.makedev(_int(e, "devMajor", name, 2**32 - 1), _int(e, "devMinor", name, 2**32 - 1))
 
 
+def contents(members: list[Member]) -> list[File]:
+    """The layer's files with contents, one per sha256 (the first), their ranges checked to lie apart: a TOC
+    whose ranges overlap is refused here, when it is read, not when one of them is fetched (a lazy pull)."""
+    unique: dict[str, File] = {}
+    for m in members:
+        if m.file is not None and m.file.digest not in unique:
+            unique[m.file.digest] = m.file
+    files = list(unique.values())
+    plan(files, 0, 0)
+    return files
+
+
 def plan(files: list[File], gap: int, most: int) -> list[tuple[int, int, list[File]]]:
     """Ranges to fetch for ``files``: neighbours at most ``gap`` bytes apart share one, up to ``most``
     bytes a range (a file longer than that has one of its own). Overlapping files: LayerError."""

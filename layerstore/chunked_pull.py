@@ -82,10 +82,7 @@ def pull_chunked(
         members = list(chunked.members(chunked.read_toc(pos, toc), pos.offset))
         blob_of: dict[str, bytes] = {}  # sha256:HEX -> blob, for the files of this layer
         wanted: dict[str, chunked.File] = {}
-        for m in members:
-            f = m.file
-            if f is None or f.digest in blob_of or f.digest in wanted:
-                continue
+        for f in chunked.contents(members):
             have = known(bytes.fromhex(f.digest[7:]))
             if have is not None:
                 blob_of[f.digest] = have

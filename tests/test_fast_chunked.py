@@ -159,6 +159,20 @@ def test_hostile_tocs_are_refused() -> None:
         _read(toc, a)
 
 
+def test_overlapping_files_are_refused_when_the_toc_is_read() -> None:
+    """Before anything is fetched (a lazy pull fetches later): two contents in one range are refused; one
+    content named twice (a copy) is one file to fetch."""
+    a = b"alpha\n" * 1000
+    sha = "sha256:" + hashlib.sha256(a).hexdigest()
+    copy = _entry(name="copy", size=len(a), digest=sha, offset=0, endOffset=10)
+    blob, ann, _ = _layer({"a": a, "r": os.urandom(5000)}, [copy])
+    assert [f.path for f in chunked.contents(_read(blob, ann))] == [b"a", b"r"]
+    forged = _entry(name="c", size=6000, digest="sha256:" + "1" * 64, offset=0, endOffset=10)
+    blob, ann, _ = _layer({"a": a, "r": os.urandom(5000)}, [forged])
+    with pytest.raises(LayerError, match="overlaps"):
+        chunked.contents(_read(blob, ann))
+
+
 def test_ranges_are_merged_and_overlaps_refused() -> None:
     def f(start: int, end: int) -> chunked.File:
         return chunked.File(b"p%d" % start, "sha256:" + "0" * 64, 1, start, end)
