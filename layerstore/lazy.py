@@ -256,7 +256,7 @@ class Lazy:
             s = self._sessions.get((host, insecure))
             if s is None:
                 opts = dataclasses.replace(self.opts, tls_verify=False) if insecure else self.opts
-                s = self._sessions[(host, insecure)] = Session(host, opts)
+                s = self._sessions[(host, insecure)] = Session(host, opts, known=True)  # (forked from the pull)
             return s
 
     def _range(self, host: str, insecure: bool, path: str, start: int, end: int) -> BinaryIO:

@@ -60,8 +60,11 @@ _BASES: dict[tuple[str, bool], str] = {}
 class Session:
     """One HTTP client for one registry: scheme, certificates and authorization."""
 
-    def __init__(self, host: str, opts: SourceOptions, transport: httpx.BaseTransport | None = None) -> None:
-        """``transport``: httpx's, to serve the session from elsewhere than the network (the tests' registry)."""
+    def __init__(
+        self, host: str, opts: SourceOptions, transport: httpx.BaseTransport | None = None, known: bool = False
+    ) -> None:
+        """``transport``: httpx's, to serve the session from elsewhere than the network (the tests' registry);
+        ``known``: start from the base URL an earlier session of this process found, if any, unprobed."""
         self.host = host
         self.api = "registry-1.docker.io" if host == DOCKER_HUB else host
         self.opts = opts
@@ -75,8 +78,8 @@ class Session:
             transport=transport,
         )
         try:
-            known = _BASES.get((host, opts.tls_verify))
-            self.base = known or self._probe()
+            found = _BASES.get((host, opts.tls_verify)) if known else None
+            self.base = found or self._probe()
             _BASES[(host, opts.tls_verify)] = self.base
         except BaseException:
             self.client.close()
