@@ -270,19 +270,24 @@ def contents(members: list[Member]) -> list[File]:
         if m.file is not None and m.file.digest not in unique:
             unique[m.file.digest] = m.file
     files = list(unique.values())
-    plan(files, 0, 0)
+    _in_order(files)
     return files
+
+
+def _in_order(files: list[File]) -> list[File]:
+    """``files`` by their place in the blob; LayerError if two overlap."""
+    ordered = sorted(files, key=lambda f: f.start)
+    for before, f in zip(ordered, ordered[1:], strict=False):
+        if f.start < before.end:
+            raise LayerError(f"layer file '{f.path.decode(errors='replace')}' overlaps another in the blob")
+    return ordered
 
 
 def plan(files: list[File], gap: int, most: int) -> list[tuple[int, int, list[File]]]:
     """Ranges to fetch for ``files``: neighbours at most ``gap`` bytes apart share one, up to ``most``
     bytes a range (a file longer than that has one of its own). Overlapping files: LayerError."""
     out: list[tuple[int, int, list[File]]] = []
-    last_end = -1
-    for f in sorted(files, key=lambda f: f.start):
-        if f.start < last_end:
-            raise LayerError(f"layer file '{f.path.decode(errors='replace')}' overlaps another in the blob")
-        last_end = f.end
+    for f in _in_order(files):
         if out and f.start - out[-1][1] <= gap and f.end - out[-1][0] <= most:
             start, _, group = out[-1]
             out[-1] = (start, f.end, [*group, f])

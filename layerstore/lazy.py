@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import msgpack
 
@@ -201,9 +201,7 @@ class Lazy:
 
     def _fetch(self, key: bytes, rows: list[tuple[bytes, File]], name: bytes) -> None:
         """Fetch the files ``rows`` of layer ``key`` (one range where they lie close) and record them."""
-        with self.store.env.begin() as txn:
-            raw = txn.get(key, db=self.store.db["layers"])
-        origin = msgpack.unpackb(raw, raw=False).get("origin") if raw is not None else None
+        origin = self._origin(key)
         shown = name.decode(errors="replace") or f"{len(rows)} file(s) of layer {key[:16].decode()}"
         if not origin:
             raise OSError(errno.EIO, f"{shown}: its layer has no registry to fetch it from", name)
@@ -238,18 +236,18 @@ class Lazy:
     def connect(self, keys: Iterable[bytes]) -> None:
         """Open the sessions to the registries the layers ``keys`` are fetched from (the client made, the
         registry reached), so that a first open waits for its range alone. Errors are left for the fetches."""
-        origins = set()
-        with self.store.env.begin() as txn:
-            for key in keys:
-                raw = txn.get(key, db=self.store.db["layers"])
-                origin = msgpack.unpackb(raw, raw=False).get("origin") if raw is not None else None
-                if origin:
-                    origins.add((origin[0], bool(origin[2])))
+        origins = {(o[0], bool(o[2])) for o in map(self._origin, keys) if o}
         for host, insecure in origins:
             try:
                 self._session(host, insecure)
             except SourceError:
                 pass
+
+    def _origin(self, key: bytes) -> list[Any] | None:
+        """Layer ``key``'s [host, repository, insecure, blob digest], where its pending files come from."""
+        with self.store.env.begin() as txn:
+            raw = txn.get(key, db=self.store.db["layers"])
+        return msgpack.unpackb(raw, raw=False).get("origin") if raw is not None else None
 
     def _session(self, host: str, insecure: bool) -> Session:
         with self._connecting:

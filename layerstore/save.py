@@ -136,7 +136,11 @@ def _config_blob(store: Store, image_id: bytes, layers: list[_Blob], tmpdir: str
     """The image's config with these layers' digests as its ``rootfs.diff_ids``, as a temporary file."""
     config = dict(store.config(image_id)["config"])
     config["rootfs"] = {"type": "layers", "diff_ids": [b.diff_id for b in layers]}
-    raw = json.dumps(config, separators=(",", ":")).encode()
+    return _raw_blob(json.dumps(config, separators=(",", ":")).encode(), tmpdir)
+
+
+def _raw_blob(raw: bytes, tmpdir: str) -> _Blob:
+    """``raw`` as a temporary file."""
     fd, path = tempfile.mkstemp(dir=tmpdir)
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
@@ -211,10 +215,11 @@ def push(
         original = []
     if len(original) != len(keys):  # (a config this store wrote, e.g. a commit's, names its layers by key)
         original = [k if k.startswith("sha256:") else "" for k in keys]
+    sources = [store.layer_sources(k) if original[i] else [] for i, k in enumerate(keys)]
     dest = Destination(ref, opts or SourceOptions())
 
     def layer(i: int) -> tuple[_Blob, dict[str, Any], bool]:
-        for src in store.layer_sources(keys[i]) if original[i] else ():
+        for src in sources[i]:
             kind = REUSABLE.get(src.media_type or "")
             if kind is not None and dest.reuse(src.host, src.repo, src.digest):
                 desc = {"mediaType": kind, "digest": src.digest, "size": src.size}
@@ -239,7 +244,7 @@ def push(
             layers = [b for b, _, _ in done]
             if [b.diff_id for b in layers] == original:  # every layer as it was pulled: the config too
                 cfg = _raw_blob(raw_config, tmp)
-                places = {(s.host, s.repo) for k in keys for s in store.layer_sources(k)}
+                places = {(s.host, s.repo) for layer_sources in sources for s in layer_sources}
                 mounted = any(dest.reuse(host, repo, cfg.digest) for host, repo in sorted(places))
             else:
                 cfg, mounted = _config_blob(store, image_id, layers, tmp), False
@@ -262,13 +267,6 @@ REUSABLE = {
 def _annotations(a: dict[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in a.items() if isinstance(k, str) and isinstance(v, str)}
     return {"annotations": kept} if kept else {}
-
-
-def _raw_blob(raw: bytes, tmpdir: str) -> _Blob:
-    fd, path = tempfile.mkstemp(dir=tmpdir)
-    with os.fdopen(fd, "wb") as f:
-        f.write(raw)
-    return _Blob("sha256:" + hashlib.sha256(raw).hexdigest(), len(raw), path)
 
 
 def _descs(layers: list[_Blob]) -> list[dict[str, Any]]:

@@ -55,11 +55,17 @@ def _complete(store: Store, image_id: bytes, opts: SourceOptions) -> None:
     if Lazy.pending_in(store, layers):
         lazy = Lazy(store, opts)
         try:
-            lazy.complete(k.encode() for k in layers)
-        except OSError as e:
-            raise UsageError(str(e.strerror or e)) from None
+            _fetch_rest(lazy, layers)
         finally:
             lazy.close()
+
+
+def _fetch_rest(lazy: Lazy, layers: list[str]) -> None:
+    """Fetch what a lazy pull left of ``layers``; one line if it cannot."""
+    try:
+        lazy.complete(k.encode() for k in layers)
+    except OSError as e:
+        raise UsageError(str(e.strerror or e)) from None
 
 
 def image_import_rootfs(
@@ -136,16 +142,10 @@ def image_push(root: str | None, name: str, dest: str | None, **registry: Any) -
     start = time.monotonic()
     with open_store(root) as store:
         lazy = Lazy(store, opts)
-
-        def whole(layer: str) -> None:  # a layer written again is written whole; one named by its blob is not
-            try:
-                lazy.complete([layer.encode()])
-            except OSError as e:
-                raise UsageError(str(e.strerror or e)) from None
-
         dest = dest or normalize_name(name)
-        try:
-            digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts, whole)
+        try:  # a layer written again is fetched whole first; one named by its pulled blob is not
+            digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts,
+                                           lambda layer: _fetch_rest(lazy, [layer]))  # fmt: skip
         finally:
             lazy.close()
     took = time.monotonic() - start
