@@ -36,6 +36,7 @@ import json
 import os
 import re
 import stat
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -49,7 +50,7 @@ from .tarlayer import LayerError, check_entry, clean_path, marker
 _PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
 TOC_MAX = 256 << 20  # bytes of a TOC, compressed or not: a layer of a million files has about 300 MB
 _TYPE_JSON = 1  # manifest-position's last field: the TOC is JSON (the only kind there is)
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _TIME_RE = re.compile(r"(-?\d{4,})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)\Z")
 _MAX_ID = 2**32 - 2
 #: the longest a zstd frame holding N bytes can be, as zstd bounds it (ZSTD_compressBound), plus framing slack
@@ -82,13 +83,15 @@ class Position:
 
 @dataclass(frozen=True, slots=True)
 class File:
-    """A regular file of the layer whose bytes lie in the blob: [start, end) decompresses to ``size`` bytes."""
+    """A regular file of the layer whose bytes lie in the blob: [start, end) decompresses to ``size`` bytes
+    (zstd frames; with ``gzip``, gzip members whose first ``size`` bytes are the file's, as eStargz has them)."""
 
     path: bytes
     digest: str  # sha256:HEX of the contents
     size: int
     start: int
     end: int
+    gzip: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +113,7 @@ def position(annotations: Mapping[str, object], blob_size: int | None) -> Positi
         pos, checksum = annotations.get(prefix + "manifest-position"), annotations.get(prefix + "manifest-checksum")
         if pos is None and checksum is None:
             continue
-        if not isinstance(pos, str) or not isinstance(checksum, str) or not _DIGEST_RE.match(checksum):
+        if not isinstance(pos, str) or not isinstance(checksum, str) or not DIGEST_RE.match(checksum):
             raise LayerError("zstd:chunked layer with malformed TOC annotations")
         fields = pos.split(":")
         if len(fields) != 4 or not all(f.isdigit() and len(f) <= 15 for f in fields):
@@ -137,15 +140,21 @@ def read_toc(pos: Position, compressed: bytes) -> list[dict[str, object]]:
         raise LayerError(f"zstd:chunked TOC cannot be decompressed: {e}") from None
     if len(raw) != pos.uncompressed:
         raise LayerError(f"zstd:chunked TOC is not the {pos.uncompressed} bytes its position says")
+    return parse_toc(raw, "zstd:chunked")
+
+
+def parse_toc(raw: bytes, fmt: str) -> list[dict[str, object]]:
+    """The entries of a TOC's JSON (``fmt`` names the layer format in errors): zstd:chunked's and
+    eStargz's are the same document, version 1, a list of entry objects."""
     try:
         doc = json.loads(raw)
     except ValueError:
-        raise LayerError("zstd:chunked TOC is not JSON") from None
+        raise LayerError(f"{fmt} TOC is not JSON") from None
     if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("entries"), list):
-        raise LayerError("zstd:chunked TOC is not a version 1 table of contents")
+        raise LayerError(f"{fmt} TOC is not a version 1 table of contents")
     entries: list[dict[str, object]] = doc["entries"]
     if not all(isinstance(e, dict) for e in entries):
-        raise LayerError("zstd:chunked TOC has an entry that is not an object")
+        raise LayerError(f"{fmt} TOC has an entry that is not an object")
     return entries
 
 
@@ -197,8 +206,10 @@ def _xattrs(e: Mapping[str, object], name: str) -> dict[bytes, bytes] | None:
         raise LayerError(f"layer entry '{name}' has an xattr that is not base64") from None
 
 
-def members(entries: list[dict[str, object]], data_end: int) -> Iterator[Member]:
-    """The layer's members in TOC order; file ranges must lie in [0, ``data_end``) (before the TOC).
+def members(entries: list[dict[str, object]], data_end: int, gzip: bool = False) -> Iterator[Member]:
+    """The layer's members in TOC order; file ranges must lie in [0, ``data_end``) (before the TOC), each
+    file's given by ``offset`` and ``endOffset``; ``gzip``: they are eStargz's gzip members (whose range
+    also holds the tar headers after the file, so no bound on its length), not zstd frames.
 
     Whiteouts (``.wh.NAME``) and opaque marks come out as marks, as :func:`layerstore.tarlayer.marker` makes them.
     Hard links are entries with ``link`` set; whether their target exists is the importer's check.
@@ -216,7 +227,7 @@ def members(entries: list[dict[str, object]], data_end: int) -> Iterator[Member]
         if mark is not None:
             yield Member(*mark)
             continue
-        mode = _int(e, "mode", name, 0o7777)
+        mode = _int(e, "mode", name, 0o177777) & 0o7777  # (a tar's mode field may carry the type's bits too)
         mtime = mtime_ns(e.get("modtime"), name)
         if kind == "hardlink":
             target = e.get("linkName")
@@ -235,13 +246,13 @@ def members(entries: list[dict[str, object]], data_end: int) -> Iterator[Member]
             file = None
             if size:
                 digest, start, end = e.get("digest"), e.get("offset"), e.get("endOffset")
-                if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+                if not isinstance(digest, str) or not DIGEST_RE.match(digest):
                     raise LayerError(f"layer file '{name}' has no sha256 digest in the TOC")
                 if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= data_end):
                     raise LayerError(f"layer file '{name}' has a range outside the layer's data")
-                if end - start > size + size // 64 + _SLACK * (1 + size // (1 << 17)):
+                if not gzip and end - start > size + size // 64 + _SLACK * (1 + size // (1 << 17)):
                     raise LayerError(f"layer file '{name}' has a range longer than {size} bytes can take compressed")
-                file = File(path, digest, size, start, end)
+                file = File(path, digest, size, start, end, gzip)
             yield Member(path, Entry(fmt | mode, uid, gid, mtime, size, xattrs=xattrs), file)
             continue
         target_b = None
@@ -302,13 +313,17 @@ def store_file(f: File, frames: BinaryIO, blobs: BlobStore) -> tuple[bytes, bool
     exactly ``size`` bytes with the TOC's sha256."""
     name = f.path.decode(errors="replace")
     bounded = _Exactly(frames, f.end - f.start)
-    reader = zstandard.ZstdDecompressor().stream_reader(bounded, read_across_frames=True)  # type: ignore[arg-type]
+    reader: BinaryIO
+    if f.gzip:
+        reader = _Gunzip(bounded, f.size)  # type: ignore[assignment]
+    else:
+        reader = zstandard.ZstdDecompressor().stream_reader(bounded, read_across_frames=True)  # type: ignore[arg-type]
     try:
         digest, new, sha = blobs.ingest(reader, f.size)
-        extra = reader.read(1)
+        extra = b"" if f.gzip else reader.read(1)  # (after an eStargz file come the next tar headers)
     except EOFError:
         raise LayerError(f"layer file '{name}' is shorter than its size in the TOC") from None
-    except zstandard.ZstdError as e:
+    except (zstandard.ZstdError, zlib.error) as e:
         raise LayerError(f"layer file '{name}' cannot be decompressed: {e}") from None
     if extra or "sha256:" + sha.hex() != f.digest:
         if new:
@@ -342,6 +357,38 @@ class _Exactly(io.RawIOBase):
         """Read what the decompressor left (the frames' tail, after the last byte of the file)."""
         while self._left:
             self.read(min(self._left, 1 << 20))
+
+
+class _Gunzip(io.RawIOBase):
+    """The first ``n`` bytes that the gzip members in ``src``, one after another, decompress to (never more
+    are decompressed, whatever the members hold); fewer there: EOFError; not gzip: zlib.error."""
+
+    def __init__(self, src: io.RawIOBase, n: int) -> None:
+        self._src, self._left = src, n
+        self._z = zlib.decompressobj(31)
+        self._in = b""  # compressed bytes read and not yet decompressed
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Fill ``b`` (up to the ``n`` bytes): a read is short only at the end, as the callers expect."""
+        want = min(len(b), self._left)
+        got = 0
+        while got < want:
+            if not self._in:
+                self._in = self._src.read(1 << 16) or b""
+                if not self._in:
+                    raise EOFError("layer blob ends inside a file")
+            out = self._z.decompress(self._in, want - got)
+            self._in = self._z.unconsumed_tail
+            if self._z.eof:  # a member ends: the next one starts in what follows it
+                self._in = self._z.unused_data + self._in
+                self._z = zlib.decompressobj(31)
+            b[got : got + len(out)] = out
+            got += len(out)
+        self._left -= got
+        return got
 
 
 #: a stream of [start, end) of a layer's blob

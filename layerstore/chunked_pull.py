@@ -1,7 +1,7 @@
-"""Taking a zstd:chunked layer file by file: only the files the store does not hold are fetched.
+"""Taking a zstd:chunked or eStargz layer file by file: only the files the store does not hold are fetched.
 
-:func:`pull_chunked` reads the layer's TOC (:mod:`layerstore.chunked`) with one range
-read, looks every regular file up by its sha256 among the blobs the store already has
+:func:`pull_chunked` reads the layer's TOC (:mod:`layerstore.chunked`, :mod:`layerstore.estargz`)
+with one or two range reads, looks every regular file up by its sha256 among the blobs the store already has
 (files of any earlier import, whatever its format), and fetches the others' bytes in
 ranges, neighbours merged (:data:`GAP`, :data:`MOST`). Each file's bytes are checked
 against the TOC's sha256 before the store keeps them.
@@ -14,6 +14,7 @@ manifest's digest, and read from there: the layer is the same either way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-from . import chunked
+from . import chunked, estargz
 from .blobs import BlobStore
 from .entry import Entry
 from .oci import LayerRef, RangeIgnored, SourceError
@@ -40,13 +41,35 @@ PARALLEL = 6  # ranges fetched at once (a remote registry's round trip is most o
 Opener = Callable[[int, int], BinaryIO]
 
 
+#: the prefixes of the keys of layers taken by their TOC: zstd:chunked's and eStargz's
+TOC_KEYS = (b"toc:", b"sgz:")
+
+
 def layer_key(layer: LayerRef) -> bytes:
-    """The key the store keeps ``layer`` under: ``toc:HEX`` for a zstd:chunked layer whose source can
-    read parts of blobs, else its diff_id. LayerError for malformed chunked annotations."""
+    """The key the store keeps ``layer`` under: ``toc:HEX`` for a zstd:chunked layer and ``sgz:HEX`` for an
+    eStargz one (of known size) whose source can read parts of blobs, else its diff_id. LayerError for
+    malformed TOC annotations."""
     if layer.open_range is None or not layer.annotations:
         return layer.diff_id.encode()
     pos = chunked.position(layer.annotations, layer.size)
-    return pos.key if pos is not None else layer.diff_id.encode()
+    if pos is not None:
+        return pos.key
+    digest = estargz.toc_digest(layer.annotations)
+    if digest is not None and layer.size is not None:
+        return estargz.key(digest)
+    return layer.diff_id.encode()
+
+
+def _toc(layer: LayerRef, opener: Opener) -> tuple[list[chunked.Member], int]:
+    """The members of a layer taken by its TOC (zstd:chunked or eStargz), and the bytes read for them."""
+    pos = chunked.position(layer.annotations, layer.size)
+    if pos is not None:
+        toc = _read(opener, pos.offset, pos.offset + pos.length)
+        return list(chunked.members(chunked.read_toc(pos, toc), pos.offset)), len(toc)
+    digest = estargz.toc_digest(layer.annotations)
+    assert digest is not None and layer.size is not None
+    entries, data_end, nread = estargz.read_toc(functools.partial(_read, opener), layer.size, digest)
+    return list(chunked.members(entries, data_end, gzip=True)), nread
 
 
 def pull_chunked(
@@ -60,26 +83,24 @@ def pull_chunked(
     on_read: Callable[[int], None] | None = None,
     pending: Callable[[chunked.File], None] | None = None,
 ) -> Iterator[tuple[bytes, Entry]]:
-    """Yield (path, entry) for every member of a zstd:chunked layer, as :func:`layerstore.tarlayer.read_layer`
-    does for a tar: file contents are in the blob store (``on_new_blob`` told of each new one), ``known(sha256)``
-    names a blob the store has with that content, ``learn(sha256, blob)`` is told each file's. A whole
-    blob downloaded for a source that cannot read parts is an unnamed file in ``tmpdir``.
+    """Yield (path, entry) for every member of a zstd:chunked or eStargz layer, as
+    :func:`layerstore.tarlayer.read_layer` does for a tar: file contents are in the blob store (``on_new_blob``
+    told of each new one), ``known(sha256)`` names a blob the store has with that content, ``learn(sha256,
+    blob)`` is told each file's. A whole blob downloaded for a source that cannot read parts is an unnamed
+    file in ``tmpdir``.
 
     With ``pending`` (a lazy pull), the files the store lacks are not fetched: ``pending`` is told
     each one (once per content), and their entries carry their sha256 and no blob."""
-    pos = chunked.position(layer.annotations, layer.size)
-    assert pos is not None and layer.open_range is not None
+    assert layer.open_range is not None
     with contextlib.ExitStack() as stack:
         opener: Opener = layer.open_range
         try:
-            toc = _read(opener, pos.offset, pos.offset + pos.length)
+            members, fetched = _toc(layer, opener)
         except RangeIgnored:
             opener = _whole(layer, stack, tmpdir)
-            toc = _read(opener, pos.offset, pos.offset + pos.length)
-        fetched = len(toc)
+            members, fetched = _toc(layer, opener)
         if on_read:
             on_read(fetched)
-        members = list(chunked.members(chunked.read_toc(pos, toc), pos.offset))
         blob_of: dict[str, bytes] = {}  # sha256:HEX -> blob, for the files of this layer
         wanted: dict[str, chunked.File] = {}
         for f in chunked.contents(members):

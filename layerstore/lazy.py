@@ -1,6 +1,6 @@
 """Files of lazily pulled images, fetched when they are first needed and in the background.
 
-A lazy pull (``image pull --lazy``, ``mount --pull lazy``) records a zstd:chunked layer
+A lazy pull (``image pull --lazy``, ``mount --pull lazy``) records a zstd:chunked or eStargz layer
 from its table of contents alone: every file whose contents the store lacks is a row of
 ``pending`` (its sha256, the layer, its range in the layer's blob), and its entries carry
 the sha256 instead of a blob (:mod:`layerstore.schema`). :class:`Lazy` turns such rows into
@@ -55,6 +55,11 @@ def still_to_fetch(store: Store, keys: Iterable[str]) -> tuple[int, int]:
     return files, size
 
 
+def _file(sha: bytes, key: bytes, start: int, end: int, size: int) -> File:
+    """A pending row's file: in gzip members for an eStargz layer's (``sgz:`` key), else zstd frames."""
+    return File(b"", "sha256:" + sha.hex(), size, start, end, key.startswith(b"sgz:"))
+
+
 class Lazy:
     """Fetches pending files of ``store`` (opened writable) from the registries their layers came from."""
 
@@ -103,7 +108,7 @@ class Lazy:
                 sha, key = bytes(k[:_SHA]), bytes(k[_SHA:])
                 if want is None or key in want:
                     start, end, size = msgpack.unpackb(v)
-                    out.append((sha, key, File(b"", "sha256:" + sha.hex(), size, start, end)))
+                    out.append((sha, key, _file(sha, key, start, end, size)))
         return out
 
     def _rows(self, sha: bytes) -> list[tuple[bytes, File]]:
@@ -116,7 +121,8 @@ class Lazy:
                     if bytes(k[:_SHA]) != sha:
                         break
                     start, end, size = msgpack.unpackb(v)
-                    out.append((bytes(k[_SHA:]), File(b"", "sha256:" + sha.hex(), size, start, end)))
+                    key = bytes(k[_SHA:])
+                    out.append((key, _file(sha, key, start, end, size)))
         return out
 
     # -- fetching -----------------------------------------------------------------

@@ -22,9 +22,10 @@ Sub-databases
              ``refs`` counts the layer entries (one per layer, per path) that
              use the blob. Invariant: every blob file on disk has a row, and a
              row with ``refs == 0`` is garbage for ``store gc``.
-``layers``   key: diff_id (``b"sha256:<hex>"`` of the uncompressed tar), or for a zstd:chunked
-             layer taken by its table of contents ``b"toc:<hex>"`` (the TOC's sha256,
-             :mod:`layerstore.chunked`: its tar is never read, so no diff_id is verified)
+``layers``   key: diff_id (``b"sha256:<hex>"`` of the uncompressed tar), or for a layer taken by its
+             table of contents ``b"toc:<hex>"`` (zstd:chunked, :mod:`layerstore.chunked`) or
+             ``b"sgz:<hex>"`` (eStargz, :mod:`layerstore.estargz`), the TOC's sha256: its tar
+             is never read, so no diff_id is verified
              → ``{"size": bytes of the layer's file contents, "entries": n,
              "created": unix seconds}``. A row exists only once all
              of the layer's entries and blobs are in the store (one transaction).
@@ -32,10 +33,10 @@ Sub-databases
              layer's own content as its tar said it (whiteouts and opaque marks
              included), for flattening new images and for diffs.
 ``sha256``   key: 32-byte sha256 of a file's contents → the 16-byte XXH3-128 digest of the blob
-             holding them: what zstd:chunked TOCs name files by, learned at every import.
+             holding them: what zstd:chunked and eStargz TOCs name files by, learned at every import.
              A hint: a row whose blob is gone counts for nothing (``store gc`` drops it).
 ``pending``  key: a file's 32-byte sha256 + layer key → ``[start, end, size]``: a file of a lazily
-             pulled zstd:chunked layer not fetched yet, and its range in the layer's blob
+             pulled layer (zstd:chunked or eStargz) not fetched yet, and its range in the layer's blob
              (the layer's row has ``"origin": [registry host, repository, insecure, blob
              digest]``). Fetching it stores the blob, adds one reference to it for each
              layer whose row goes, and records it in ``sha256``, in one transaction.

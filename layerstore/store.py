@@ -30,7 +30,7 @@ import msgpack
 
 from . import chunked, names
 from .blobs import BlobStore
-from .chunked_pull import layer_key, pull_chunked
+from .chunked_pull import TOC_KEYS, layer_key, pull_chunked
 from .entry import Entry
 from .flatten import Tree
 from .host import real_root
@@ -197,7 +197,7 @@ class Store:
         """Import ``spec``; returns (name:tag, image id). ``progress(i, n, size, done)`` hears of layer
         ``i`` of ``n`` at its start and as its blob is read (``done`` bytes of ``size``, if known).
 
-        ``lazy``: the files of zstd:chunked layers from a registry that the store lacks are not
+        ``lazy``: the files of zstd:chunked and eStargz layers from a registry that the store lacks are not
         fetched; they are recorded as pending (:mod:`layerstore.lazy` fetches them)."""
         src = parse(spec, opts)
         try:
@@ -299,7 +299,7 @@ class Store:
         on_read: Callable[[int], None] | None = None,
         lazy: bool = False,
     ) -> list[tuple[bytes, Entry]]:
-        """Read one layer (its tar, or a zstd:chunked layer by its TOC) and record it under ``key``;
+        """Read one layer (its tar, or a zstd:chunked or eStargz layer by its TOC) and record it under ``key``;
         ``lazy``: a chunked layer's missing files are recorded as ``pending`` instead of fetched.
         Returns the entries recorded, as :meth:`layer_entries` would read them back."""
 
@@ -408,7 +408,7 @@ class Store:
                 txn.put(image_id, _pack({**cfg, "repo_digests": digests + new}), db=self.db["configs"])
         else:
             tree = Tree()
-            diff_ids = keys  # a zstd:chunked layer's is its TOC's: its diff_id is not verified
+            diff_ids = keys  # a layer taken by its TOC is known by the TOC's: its diff_id is not verified
             for d in diff_ids:
                 tree.apply_layer(fresh[d] if d in fresh else self.layer_entries(txn, d))
             prefix = image_key(image_id)
@@ -664,10 +664,10 @@ class Store:
 
 
 def _image_id(config_digest: str, keys: list[bytes]) -> str:
-    """An image's id: its config's digest, unless a layer is kept by its TOC (zstd:chunked), whose
+    """An image's id: its config's digest, unless a layer is kept by its TOC (zstd:chunked, eStargz), whose
     contents the config's diff_ids do not vouch for; then a digest of the config's and the TOCs' (as
     podman names such images), so that no other image with the same config can take its place."""
-    if not any(k.startswith(b"toc:") for k in keys):
+    if not any(k.startswith(TOC_KEYS) for k in keys):
         return config_digest
     return "sha256:" + hashlib.sha256(b"\n".join([config_digest.encode(), *keys])).hexdigest()
 

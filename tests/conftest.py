@@ -35,7 +35,7 @@ def ext4(tmp_path: Path) -> Iterator[Path]:
 
 
 #: modules of the fast tier: no root, no mount, no server (``pytest -m "not mount"``)
-FAST = {"test_units", "test_mutex", "test_fast_union", "test_fast_registry", "test_fast_chunked"}
+FAST = {"test_units", "test_mutex", "test_fast_union", "test_fast_registry", "test_fast_chunked", "test_fast_estargz"}
 #: what else a module needs, beyond root and real mounts
 NEEDS = {
     "test_registry": "registry",

@@ -1,5 +1,6 @@
-"""zstd:chunked images (issue 21): made by skopeo, served by a real docker-registry, pulled by their
-tables of contents, file by file, through a proxy that counts the bytes (:class:`tests.registry.BlobProxy`)."""
+"""zstd:chunked images (issue 21), made by skopeo, and eStargz images, written by :mod:`tests.estargz`: served
+by a real docker-registry, pulled by their tables of contents, file by file, through a proxy that counts the
+bytes (:class:`tests.registry.BlobProxy`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import lmdb
 
+from . import estargz
 from .images import image_mount, mounted, sh, um
 from .mounts import daemon_pid, force_unmount
 from .registry import PASSWORD, USER, BlobProxy, Registry, registry
@@ -249,18 +251,7 @@ def test_damaged_chunked_layers_are_refused(tmp_path: Path) -> None:
     img = _versions(tmp_path)
     with served(tmp_path) as (reg, proxy):
         digest = reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
-        layer = max(_layers(reg, digest), key=lambda la: la["size"])
-        blob = reg.blob_file(layer["digest"])
-        good = blob.read_bytes()
-        # a byte of a file's frames changed (the blob's digest is never checked when files come in parts)
-        bad = bytearray(good)
-        bad[len(good) // 3] ^= 0x55
-        blob.write_bytes(bytes(bad))
-        r = um("image", "--root", store, "pull", f"{proxy.host}/app:1")
-        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert "sha256" in r.stderr or "decompress" in r.stderr, r.stderr
-        blob.write_bytes(good)
-        assert not [p for p in (store / "blobs").rglob("*") if p.is_file()], "a refused pull left blobs"
+        _refused_when_damaged(reg, digest, store, f"{proxy.host}/app:1")
 
         # a manifest whose TOC checksum is not the TOC's
         manifest = json.loads(reg.blob_file(digest).read_bytes())
@@ -283,6 +274,23 @@ def test_damaged_chunked_layers_are_refused(tmp_path: Path) -> None:
         _one_line_error(um("image", "--root", store, "pull", f"{proxy.host}/app:beyond"), "beyond the end")
         assert um("store", "--root", store, "check").returncode == 0
         _pull(store, f"{proxy.host}/app:1")  # the sound image still pulls
+
+
+def _refused_when_damaged(reg: Registry, digest: str, store: Path, ref: str) -> None:
+    """A byte of a file's bytes in the biggest layer of manifest ``digest`` changed (the blob's digest is never
+    checked when files come in parts): the pull of ``ref`` fails in one line and leaves no blob."""
+    blob = reg.blob_file(max(_layers(reg, digest), key=lambda la: la["size"])["digest"])
+    good = blob.read_bytes()
+    bad = bytearray(good)
+    bad[len(good) // 3] ^= 0x55
+    blob.write_bytes(bytes(bad))
+    try:
+        r = um("image", "--root", store, "pull", ref)
+    finally:
+        blob.write_bytes(good)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sha256" in r.stderr or "decompress" in r.stderr, r.stderr
+    assert not [p for p in (store / "blobs").rglob("*") if p.is_file()], "a refused pull left blobs"
 
 
 def _missing(store: Path, ref: str) -> int:
@@ -393,3 +401,84 @@ def test_a_lazy_mount_without_its_registry_fails_reads_not_the_mount(tmp_path: P
         um("umount", mnt)
     # what needs every file (save, push) says in one line that it cannot have them
     _one_line_error(um("image", "--root", store, "save", ref, f"oci:{tmp_path / 'out'}:x"), "cannot fetch")
+
+
+def _stargz(img: Path, tags: list[str], chunk: int) -> Path:
+    """The OCI layout ``img`` with an eStargz version of each of ``tags`` (tagged ``sgz-TAG``), in place."""
+    for tag in tags:
+        estargz.convert(img, tag, f"sgz-{tag}", chunk)
+    return img
+
+
+def test_estargz_images_pull_by_toc_and_mount_as_they_are(image: Path, tmp_path: Path) -> None:
+    """An eStargz image (its layers also plain gzip tars) is taken by its TOCs, in ranges; its tree is the image's,
+    without the TOC's landmark files; pushed on, it keeps its blobs; and it reads whole from a registry that
+    ignores ``Range``."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    layout = _stargz(Path(shutil.copytree(image / "img", tmp_path / "img")), ["t"], 64 << 10)
+    with served(tmp_path) as (reg, proxy):
+        digest = reg.push(f"oci:{layout}:sgz-t", "app:1")
+        assert all(estargz.ANNOTATION in la.get("annotations", {}) for la in _layers(reg, digest))
+        ref = f"{proxy.host}/app:1"
+        _pull(store, ref)
+        layers = {la["digest"] for la in _layers(reg, digest)}
+        assert all(r is not None for p, r, _ in proxy.gets if p.rsplit("/", 1)[-1] in layers)  # parts only
+        info = json.loads(um("image", "--root", store, "inspect", ref).stdout)
+        assert all(la.startswith("sgz:") for la in info["Layers"]), info["Layers"]
+        with image_mount(store, ref, "c1", mnt):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+        assert um("store", "--root", store, "check").returncode == 0
+        _pull(store, f"{reg.host}/app:1")  # (the proxy takes no uploads: the registry's own name, a pull of nothing)
+        r = um("image", "--root", store, "push", f"{reg.host}/app:1", f"{reg.host}/team/app:2")
+        assert r.returncode == 0 and f"(0 of {len(layers) + 1} blobs uploaded" in r.stdout, r.stdout + r.stderr
+        # the same image from a registry that sends whole blobs only
+        whole = BlobProxy(reg.host, ranges=False)
+        try:
+            _pull(tmp_path / "whole", f"{whole.host}/app:1")
+            with image_mount(tmp_path / "whole", f"{whole.host}/app:1", "c2", mnt):
+                assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+        finally:
+            whole.close()
+
+
+def test_estargz_lazy_mounts_and_partial_pulls(tmp_path: Path) -> None:
+    """A lazy mount fetches a file's members when it is read (three chunks of one file here); a second version
+    fetches only its new files; damaged bytes and a lying annotation are refused in one line."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    img = _stargz(_versions(tmp_path), ["1", "2"], 16 << 10)
+    with served(tmp_path) as (reg, proxy):
+        reg.push(f"oci:{img}:sgz-1", "app:1")
+        d2 = reg.push(f"oci:{img}:sgz-2", "app:2")
+        ref = f"{proxy.host}/app:1"
+        with lazy_mount(store, ref, mnt):
+            toc = proxy.blob_bytes()
+            assert sorted(os.listdir(mnt / "data")) == sorted(f"f{i}" for i in range(1, 61))
+            assert all((mnt / "data" / f"f{i}").stat().st_size == 40960 for i in range(1, 61))
+            assert proxy.blob_bytes() == toc  # listing and stat fetch nothing
+            assert (mnt / "data" / "f7").read_bytes() == _file(img, "1", "data/f7")
+            assert 40960 <= proxy.blob_bytes() - toc < 42_000  # its members, the next header, nothing else
+            assert not (mnt / ".no.prefetch.landmark").exists()
+        assert _missing(store, ref) == 59
+        _pull(store, ref)  # completes the lazy pull
+        assert _missing(store, ref) == 0
+        before = proxy.blob_bytes()
+        _pull(store, f"{proxy.host}/app:2")
+        fetched = proxy.blob_bytes() - before
+        size = sum(la["size"] for la in _layers(reg, d2))
+        assert 4 * 40960 <= fetched <= 0.15 * size, (fetched, size)
+        with image_mount(store, f"{proxy.host}/app:2", "c2", mnt):
+            for name in ("f7", "new", "f8"):
+                assert (mnt / "data" / name).read_bytes() == _file(img, "2", f"data/{name}")
+        assert um("store", "--root", store, "check").returncode == 0
+
+        # damaged: a byte of a file's members, then a manifest whose annotation is not its TOC's digest
+        fresh = tmp_path / "fresh"
+        _refused_when_damaged(reg, d2, fresh, f"{proxy.host}/app:2")
+        manifest = json.loads(reg.blob_file(d2).read_bytes())
+        manifest["layers"][-1]["annotations"][estargz.ANNOTATION] = "sha256:" + "0" * 64
+        put = httpx.put(f"http://{reg.host}/v2/app/manifests/lying", content=json.dumps(manifest),
+                        headers={"Content-Type": MANIFEST})  # fmt: skip
+        assert put.status_code == 201, put.text
+        _one_line_error(um("image", "--root", fresh, "pull", f"{proxy.host}/app:lying"), "does not match its digest")

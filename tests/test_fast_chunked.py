@@ -89,13 +89,19 @@ def _entry(**kw: object) -> dict:  # type: ignore[type-arg]
     return {"type": "reg", "name": "f", "mode": 0o644, "modtime": "2024-01-02T03:04:05Z", **kw}
 
 
+def test_a_mode_with_its_type_bits_is_taken_as_tar_takes_it() -> None:
+    """Go's tar headers may carry the file type's bits in ``mode`` (``c_ISREG``); a tar import ignores them."""
+    blob, ann, _ = _layer({}, [_entry(mode=0o104755)])
+    assert [m.entry.mode for m in _read(blob, ann) if m.path == b"f"] == [stat.S_IFREG | 0o4755]
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
         (_entry(name="../../etc/passwd"), "climbs out"),
         (_entry(type="socket"), "unknown type"),
         (_entry(uid=2**32), "uid out of range"),
-        (_entry(mode=0o170000), "mode out of range"),
+        (_entry(mode=0o200000), "mode out of range"),
         (_entry(modtime="yesterday"), "malformed time"),
         (_entry(size=5, digest="sha256:" + "0" * 64, offset=0, endOffset=10**9), "outside the layer's data"),
         (_entry(size=5, digest="sha256:" + "0" * 64, offset=5, endOffset=5), "outside the layer's data"),

@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--lazy",
         action="store_true",
-        help="zstd:chunked layers: record their files, fetch them when first read (a pull without it completes it)",
+        help="zstd:chunked and eStargz layers: record their files, fetch them when first read "
+        "(a pull without it completes it)",
     )
     _source_options(pl)
     _action(im, "ls", "list images", _call("images", "image_ls", "root", "format"), fmt=True)
@@ -257,7 +258,8 @@ def _mount_parser(sub: Any) -> None:
         choices=("missing", "always", "never", "lazy"),
         default="missing",
         help="pull --image from its registry when the store lacks it (default), every time, never, or when the "
-        "store lacks it lazily (zstd:chunked files are fetched as they are read, the rest in the background)",
+        "store lacks it lazily (zstd:chunked and eStargz files are fetched as they are read, the rest in the "
+        "background)",
     )
     pg.add_argument(
         "--no-prefetch",
