@@ -35,7 +35,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from . import tarwrite
+import zstandard
+
+from . import chunked_write, tarwrite
 from .entry import Entry
 from .oci import SourceError, SourceOptions, diff_ids
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
@@ -53,6 +55,12 @@ class _Blob:
     size: int
     path: str  # a temporary file holding it
     diff_id: str = ""  # a layer's uncompressed digest (its digest, unless compressed)
+    media_type: str = LAYER_TYPE
+    annotations: dict[str, str] | None = None  # (a zstd:chunked layer's: where its TOC lies)
+
+
+#: what ``push --compression`` takes; None: gzip, and any pulled blob is reused as it is
+COMPRESSIONS = ("gzip", "zstd", "zstd:chunked")
 
 
 class _HashWriter:
@@ -114,22 +122,46 @@ def _blob_fd(store: Store, digest: bytes) -> int:
     return os.open(f"{h[:2]}/{h}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.blob_fd)
 
 
-def _layer_blob(store: Store, diff_id: str, tmpdir: str, *, compress: bool = False) -> _Blob:
-    """A layer's tar as a temporary file; ``compress``: gzip (level 1, mtime 0: fast and reproducible).
+def _layer_blob(store: Store, diff_id: str, tmpdir: str, *, compression: str | None = None) -> _Blob:
+    """A layer's tar as a temporary file, compressed as ``compression`` (of :data:`COMPRESSIONS`) says: gzip
+    (level 1, mtime 0: fast and reproducible), zstd, or zstd:chunked (:mod:`layerstore.chunked_write`).
 
     Safe to call from several threads at once (each reads in its own lmdb transaction).
     """
+    if compression == "zstd:chunked":
+        return _chunked_blob(store, diff_id, tmpdir)
     fd, path = tempfile.mkstemp(dir=tmpdir)
     with os.fdopen(fd, "wb") as f:
         outer = _HashWriter(f)
-        if compress:
+        if compression == "gzip":
             with gzip.GzipFile(fileobj=outer, mode="wb", mtime=0, compresslevel=1) as gz:
                 inner = _HashWriter(gz)  # type: ignore[arg-type]
+                write_layer_tar(store, diff_id.encode(), inner)  # type: ignore[arg-type]
+        elif compression == "zstd":
+            zstd = zstandard.ZstdCompressor(level=chunked_write.LEVEL)
+            with zstd.stream_writer(outer, closefd=False) as zw:  # type: ignore[arg-type]
+                inner = _HashWriter(zw)
                 write_layer_tar(store, diff_id.encode(), inner)  # type: ignore[arg-type]
         else:
             inner = outer
             write_layer_tar(store, diff_id.encode(), inner)  # type: ignore[arg-type]
-    return _Blob("sha256:" + outer.h.hexdigest(), outer.n, path, "sha256:" + inner.h.hexdigest())
+    media_type = LAYER_TYPE + ("+" + compression if compression else "")
+    return _Blob("sha256:" + outer.h.hexdigest(), outer.n, path, "sha256:" + inner.h.hexdigest(), media_type)
+
+
+def _chunked_blob(store: Store, diff_id: str, tmpdir: str) -> _Blob:
+    """A layer as zstd:chunked: its tar written first (the writer reads it twice), then compressed file by file."""
+    tar = _layer_blob(store, diff_id, tmpdir)
+    try:
+        fd, path = tempfile.mkstemp(dir=tmpdir)
+        with open(tar.path, "rb") as src, os.fdopen(fd, "w+b") as out:
+            annotations = chunked_write.write(src, out)
+            out.seek(0)
+            h = hashlib.file_digest(out, "sha256")
+            size = out.tell()
+    finally:
+        os.unlink(tar.path)
+    return _Blob("sha256:" + h.hexdigest(), size, path, tar.digest, LAYER_TYPE + "+zstd", annotations)
 
 
 def _config_blob(store: Store, image_id: bytes, layers: list[_Blob], tmpdir: str) -> _Blob:
@@ -193,14 +225,17 @@ def push(
     ref: str,
     opts: SourceOptions | None = None,
     before_write: Callable[[str], None] | None = None,
+    compression: str | None = None,
 ) -> tuple[str, int, int]:
     """Push image ``name`` to the registry tag ``ref`` (``docker push``). Returns (manifest digest, blobs
     uploaded, blobs).
 
     A layer pulled from the destination's registry is named by the blob it came as (its digest, media type
     and annotations, so a zstd:chunked layer stays one) when the repository has that blob or can mount it
-    from the repository it came from: nothing of it is uploaded. The others are gzipped and uploaded
-    PUSH_PARALLEL at a time (zlib releases the GIL), each only if the repository lacks it; then the config
+    from the repository it came from: nothing of it is uploaded; with ``compression`` (of
+    :data:`COMPRESSIONS`), only a blob of that compression is. The others are compressed (gzip unless
+    ``compression`` says otherwise) and uploaded PUSH_PARALLEL at a time (zlib and zstd release the GIL),
+    each only if the repository lacks it; then the config
     (the imported one, byte for byte, when every layer is its original blob), then the manifest.
     ``before_write(key)`` is called before a layer is written again (from several threads at once): a
     lazily pulled layer's files are fetched there."""
@@ -221,18 +256,17 @@ def push(
     def layer(i: int) -> tuple[_Blob, dict[str, Any], bool]:
         for src in sources[i]:
             kind = REUSABLE.get(src.media_type or "")
-            if kind is not None and dest.reuse(src.host, src.repo, src.digest):
+            if kind is None or not _compressed_as(kind, src.annotations, compression):
+                continue
+            if dest.reuse(src.host, src.repo, src.digest):
                 desc = {"mediaType": kind, "digest": src.digest, "size": src.size}
                 return _Blob(src.digest, src.size, "", original[i]), {**desc, **_annotations(src.annotations)}, False
         if before_write is not None:
             before_write(keys[i])
-        b = _layer_blob(store, keys[i], tmp, compress=True)
+        b = _layer_blob(store, keys[i], tmp, compression=compression or "gzip")
         try:
-            return (
-                b,
-                {"mediaType": LAYER_TYPE + "+gzip", "digest": b.digest, "size": b.size},
-                dest.put_blob(b.digest, b.size, b.path),
-            )
+            desc = {"mediaType": b.media_type, "digest": b.digest, "size": b.size, **_annotations(b.annotations or {})}
+            return b, desc, dest.put_blob(b.digest, b.size, b.path)
         finally:
             os.unlink(b.path)
 
@@ -262,6 +296,15 @@ REUSABLE = {
     LAYER_TYPE: LAYER_TYPE,
     "application/vnd.docker.image.rootfs.diff.tar.gzip": LAYER_TYPE + "+gzip",
 }
+
+
+def _compressed_as(media_type: str, annotations: dict[str, Any], compression: str | None) -> bool:
+    """Whether a blob of this media type and these annotations is what ``compression`` asks for (None: any)."""
+    if compression is None:
+        return True
+    if compression == "zstd:chunked":
+        return media_type.endswith("+zstd") and any(k.endswith("zstd-chunked.manifest-checksum") for k in annotations)
+    return media_type.endswith("+" + compression)
 
 
 def _annotations(a: dict[str, Any]) -> dict[str, Any]:

@@ -482,3 +482,64 @@ def test_estargz_lazy_mounts_and_partial_pulls(tmp_path: Path) -> None:
                         headers={"Content-Type": MANIFEST})  # fmt: skip
         assert put.status_code == 201, put.text
         _one_line_error(um("image", "--root", fresh, "pull", f"{proxy.host}/app:lying"), "does not match its digest")
+
+
+def test_a_push_writes_zstd_chunked_layers(image: Path, tmp_path: Path) -> None:
+    """``push --compression zstd:chunked``: layers podman pulls (checking each diff_id) and skopeo copies, that
+    unionmount pulls lazily by their TOCs, the same tree; a gzip blob pulled is not reused for it."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    with served(tmp_path) as (reg, proxy):
+        reg.push(f"oci:{image}/img:t", "gz:1")
+        img = _versions(tmp_path)
+        reg.push(f"oci:{img}:1", "v:1")
+        pushed = {}
+        for name in ("gz", "v"):
+            _pull(store, f"{reg.host}/{name}:1")
+            r = um("image", "--root", store, "push", "--compression", "zstd:chunked",
+                   f"{reg.host}/{name}:1", f"{reg.host}/ch-{name}:1")  # fmt: skip
+            assert r.returncode == 0 and "(0 of" not in r.stdout, r.stdout + r.stderr
+            pushed[name] = r.stdout.split()[1]
+            for la in _layers(reg, pushed[name]):
+                assert la["mediaType"].endswith("+zstd") and "io.containers.zstd-chunked.manifest-checksum" in la[
+                    "annotations"], la  # fmt: skip
+        fresh = tmp_path / "fresh"
+        with lazy_mount(fresh, f"{proxy.host}/ch-gz:1", mnt, "--image-volumes", "ignore"):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+        info = json.loads(um("image", "--root", fresh, "inspect", f"{proxy.host}/ch-gz:1").stdout)
+        assert all(la.startswith("toc:") for la in info["Layers"]), info["Layers"]
+        # pushed again as zstd:chunked from the store that pushed it: its own blobs, nothing written again
+        _pull(store, f"{reg.host}/ch-v:1")
+        r = um("image", "--root", store, "push", "--compression", "zstd:chunked", f"{reg.host}/ch-v:1",
+               f"{reg.host}/again:1")  # fmt: skip
+        assert r.returncode == 0 and "(0 of" in r.stdout, r.stdout + r.stderr
+        sh(f"skopeo copy --src-tls-verify=false docker://{reg.host}/ch-v:1 oci:{tmp_path}/out:x", tmp_path)
+        # podman pulls it whole (checking the diff_ids), and file by file by its TOC (partial pulls on)
+        for driver, partial in (("vfs", False), ("overlay", True)):
+            log = _podman_export(tmp_path / driver, driver, partial, f"{reg.host}/ch-v:1", tmp_path / "x.tar")
+            f7 = subprocess.run(["tar", "-xOf", tmp_path / "x.tar", "data/f7"], capture_output=True, check=True)
+            assert f7.stdout == _file(img, "1", "data/f7")
+            assert ("Retrieved partial blob" in log) == partial, log[-2000:]
+
+
+def _podman_export(base: Path, driver: str, partial: bool, ref: str, out: Path) -> str:
+    """podman (its own storage under ``base``) pulls ``ref`` and exports a container of it to ``out``; returns
+    the pull's debug log."""
+    base.mkdir()
+    runroot = tempfile.mkdtemp(prefix="pdr.")  # podman wants a short runroot path
+    conf = base / "storage.conf"
+    options = '[storage.options]\npull_options = {enable_partial_images = "true"}\n' if partial else ""
+    conf.write_text(f'[storage]\ndriver = "{driver}"\ngraphroot = "{base}/g"\nrunroot = "{runroot}"\n{options}')
+    env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
+    try:
+        r = subprocess.run(["podman", "--log-level", "debug", "pull", "--tls-verify=false", ref],
+                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        subprocess.run(["podman", "create", "--name", "x", ref, "true"], check=True, capture_output=True, env=env)
+        with out.open("wb") as f:
+            subprocess.run(["podman", "export", "x"], stdout=f, check=True, timeout=300, env=env)
+        return r.stderr
+    finally:
+        subprocess.run(["podman", "rm", "-a", "-f"], capture_output=True, env=env)
+        subprocess.run(["podman", "rmi", "-a", "-f"], capture_output=True, env=env)
+        shutil.rmtree(runroot, ignore_errors=True)

@@ -13,12 +13,14 @@ import itertools
 import json
 import os
 import stat
+import struct
+import tarfile
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from layerstore import chunked
+from layerstore import chunked, chunked_write
 from layerstore.blobs import BlobStore
 from layerstore.tarlayer import LayerError, clean_path
 
@@ -188,3 +190,36 @@ def test_ranges_are_merged_and_overlaps_refused() -> None:
     assert len(chunked.plan([f(0, 100), f(100, 200)], gap=1000, most=150)) == 2  # too long to merge
     with pytest.raises(LayerError, match="overlaps"):
         chunked.plan([f(0, 100), f(50, 150)], gap=0, most=10_000)
+
+
+def test_a_written_chunked_layer_is_the_tar_and_reads_file_by_file(tmp_path: Path) -> None:
+    """``push --compression zstd:chunked``'s writer: every zstd decoder reads the tar back byte for byte (the
+    TOC and footer are skippable frames); the TOC the annotations name gives each file, read from its range."""
+    files = {"etc/a": b"alpha\n", "bin/big": os.urandom(300_000), "empty": b"", "z/zeros": bytes(100_000)}
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.uid, ti.gid, ti.mtime = len(data), 0o4755, 7, 8, 1_700_000_000
+            ti.pax_headers = {"mtime": "1700000000.25", "SCHILY.xattr.user.k": "v"}
+            tf.addfile(ti, io.BytesIO(data))
+        link = tarfile.TarInfo("etc/l")
+        link.type, link.linkname = tarfile.LNKTYPE, "etc/a"
+        tf.addfile(link)
+    tar = raw.getvalue()
+    out = io.BytesIO()
+    annotations = chunked_write.write(io.BytesIO(tar), out)
+    blob = out.getvalue()
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True) as r:
+        assert r.read() == tar
+    assert annotations[CHECKSUM] == annotations["io.containers.zstd-chunked.manifest-checksum"]
+    members = {m.path: m for m in _read(blob, annotations)}
+    assert members[b"bin/big"].entry.mtime_ns == 1_700_000_000_250_000_000
+    assert members[b"bin/big"].entry.xattrs == {b"user.k": b"v"} and members[b"etc/l"].entry.link == b"etc/a"
+    store = BlobStore(str(tmp_path / "blobs"))
+    for f in chunked.contents(list(members.values())):
+        digest, _ = chunked.store_file(f, io.BytesIO(blob[f.start : f.end]), store)
+        assert Path(store.path(digest)).read_bytes() == files[f.path.decode()]
+    # the footer names the TOC as the annotation does (readers without annotations use it)
+    offset, length = (int(x) for x in annotations[POSITION].split(":")[:2])
+    assert blob[-40:-8] == struct.pack("<4Q", offset, length, int(annotations[POSITION].split(":")[2]), 1)

@@ -134,8 +134,9 @@ def image_save(root: str | None, name: str, dest: str, **registry: Any) -> int:
     return 0
 
 
-def image_push(root: str | None, name: str, dest: str | None, **registry: Any) -> int:
-    """``docker push``: to ``dest``, else to the registry and repository ``name`` names."""
+def image_push(root: str | None, name: str, dest: str | None, compression: str | None, **registry: Any) -> int:
+    """``docker push``: to ``dest``, else to the registry and repository ``name`` names; layers written again
+    are compressed as ``compression`` says (gzip unless given)."""
     from layerstore.save import push
 
     opts = _source_options(**registry)
@@ -145,7 +146,7 @@ def image_push(root: str | None, name: str, dest: str | None, **registry: Any) -
         dest = dest or normalize_name(name)
         try:  # a layer written again is fetched whole first; one named by its pulled blob is not
             digest, uploaded, total = push(store, name, dest.removeprefix("docker://"), opts,
-                                           lambda layer: _fetch_rest(lazy, [layer]))  # fmt: skip
+                                           lambda layer: _fetch_rest(lazy, [layer]), compression)  # fmt: skip
         finally:
             lazy.close()
     took = time.monotonic() - start

@@ -164,10 +164,16 @@ def _parser() -> argparse.ArgumentParser:
     _registry_options(sv)
     ps = _action(
         im, "push", "push an image to a registry, as docker push (DEST default: NAME)",
-        _call("images", "image_push", "root", "name", "dest", registry=True),
+        _call("images", "image_push", "root", "name", "dest", "compression", registry=True),
     )  # fmt: skip
     ps.add_argument("name", metavar="NAME")
     ps.add_argument("dest", metavar="DEST", nargs="?", help="[HOST[:PORT]/]NAME[:TAG]")
+    ps.add_argument(
+        "--compression",
+        choices=("gzip", "zstd", "zstd:chunked"),
+        help="compress the layers so (zstd:chunked: pullable file by file, lazily); a pulled blob is reused only "
+        "if it is already so (default: gzip, and every pulled blob reused as it is)",
+    )
     _registry_options(ps)
     tg = _action(im, "tag", "give an image another name", _call("images", "image_tag", "root", "name", "new"))
     tg.add_argument("name", metavar="NAME")
