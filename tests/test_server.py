@@ -11,8 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from .mounts import COMMAND, daemon_pid, force_unmount, fresh_dirs, is_mounted
+from .mounts import BIN, COMMAND, daemon_pid, force_unmount, fresh_dirs, is_mounted
 from .test_rootless import PY, home, user_run  # noqa: F401 - the fixture
+
+#: the C launcher scripts/setup builds and links into /usr/local/bin (unionfs/cli/launch.c)
+LAUNCHER = BIN.parent / "unionmount-launch"
+
+
+@pytest.fixture(params=["python", "launcher"])
+def client(request: pytest.FixtureRequest) -> list[str]:
+    """The command a caller runs: the Python entry point, or the C launcher in front of it."""
+    if request.param == "python":
+        return COMMAND
+    assert LAUNCHER.exists(), "scripts/setup builds the launcher"
+    return [str(LAUNCHER)]
 
 
 @pytest.fixture
@@ -33,23 +45,24 @@ def server(tmp_path: Path) -> Iterator[dict[str, str]]:
         assert not Path(env["UNIONMOUNT_SERVER"]).exists()
 
 
-def _um(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, timeout=60)
+def test_commands_run_in_the_server_with_the_callers_stdio(
+    server: dict[str, str], client: list[str], tmp_path: Path
+) -> None:
+    def _um(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*client, *args], env=env, capture_output=True, text=True, timeout=60)
 
-
-def test_commands_run_in_the_server_with_the_callers_stdio(server: dict[str, str], tmp_path: Path) -> None:
     lower, u, w, m = fresh_dirs(tmp_path, "l", "u", "w", "m")
     (lower / "f").write_text("hello\n")
     r = _um(server, "--version")
     assert r.returncode == 0 and r.stdout.startswith("unionmount ")
     big = {**server, **{f"BIG{i}": "x" * 100_000 for i in range(8)}}  # more than a socket buffer holds
-    r = subprocess.run([*COMMAND, "mount", "--lower", "missing", "m"], env=big, capture_output=True, text=True)
+    r = subprocess.run([*client, "mount", "--lower", "missing", "m"], env=big, capture_output=True, text=True)
     assert r.returncode == 2 and "missing" in r.stderr
     r = _um(server, "mount", "--lower", "missing", "--upper", "u", "--work", "w", "m")  # relative: the caller's cwd
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing" in r.stderr
     try:
         r = subprocess.run(
-            [*COMMAND, "mount", "--lower", "l", "--upper", "u", "--work", "w", "m"],
+            [*client, "mount", "--lower", "l", "--upper", "u", "--work", "w", "m"],
             env=server, cwd=tmp_path, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
@@ -69,11 +82,11 @@ def test_another_user_is_not_served(server: dict[str, str], home: Path) -> None:
     assert r.returncode == 0 and r.stdout.startswith("unionmount ")  # run by itself: the socket is root's alone
 
 
-def test_signals_reach_the_command(server: dict[str, str], tmp_path: Path) -> None:
+def test_signals_reach_the_command(server: dict[str, str], client: list[str], tmp_path: Path) -> None:
     """Ctrl-C on a foreground mount run by the server ends it as it would end one run here: unmounted, status 0."""
     lower, m = fresh_dirs(tmp_path, "l", "m")
     (lower / "f").write_text("hello\n")
-    cmd = [*COMMAND, "mount", "-f", "--lower", str(lower), str(m)]
+    cmd = [*client, "mount", "-f", "--lower", str(lower), str(m)]
     proc = subprocess.Popen(cmd, env=server, stderr=subprocess.PIPE)
     try:
         for _ in range(400):
@@ -88,3 +101,15 @@ def test_signals_reach_the_command(server: dict[str, str], tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
         force_unmount(m)
+
+
+def test_the_launcher_runs_commands_itself_without_a_server(tmp_path: Path) -> None:
+    """No server (or ``UNIONMOUNT_NO_SERVER=1``): the launcher runs the Python entry point, same output and status."""
+    assert LAUNCHER.exists(), "scripts/setup builds the launcher"
+    for extra in ({"UNIONMOUNT_SERVER": str(tmp_path / "none.sock")}, {"UNIONMOUNT_NO_SERVER": "1"}):
+        env = {**os.environ, **extra}
+        r = subprocess.run([str(LAUNCHER), "--version"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("unionmount "), r.stderr
+        r = subprocess.run([str(LAUNCHER), "umount", str(tmp_path / "nothing")], env=env, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 2 and r.stderr.startswith("unionmount: cannot unmount"), r.stderr

@@ -4,7 +4,8 @@
 once, then listens on a Unix socket (:func:`socket_path`). A command started while it
 runs (:mod:`unionfs.cli.fast`, the ``unionmount`` entry point) sends its arguments, working
 directory, environment and its stdin, stdout and stderr over the socket; the server
-forks, and the child runs the command exactly as ``unionmount ARGS`` would, writing
+has a child forked ahead waiting for it (so the fork is not on the command's path), and that child
+runs the command exactly as ``unionmount ARGS`` would, writing
 straight to the caller's terminal or pipes, then sends back the exit status. The child
 first sends its pid: SIGINT, SIGTERM and SIGHUP sent to the caller are passed on to it
 (so ``mount -f`` ends on Ctrl-C as it would without the server). So a mount
@@ -25,6 +26,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 OTHER_INSTALLATION = -1  # (as unionfs.cli.fast)
 _MAX = 1 << 20  # the largest request (arguments and environment) taken
@@ -100,37 +102,63 @@ def serve(path: str | None = None) -> int:
         os.umask(old)
     listener.listen(64)
     stop = False
+    spare = 0  # the child waiting in accept() for the next command
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stop
         stop = True
-        listener.close()
+        if spare:
+            os.kill(spare, signal.SIGTERM)  # its end closes the pipe the loop waits on
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         while not stop:
+            taken, told = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(taken)
+                _spare(listener, told)  # never returns
+            spare = pid
+            os.close(told)
+            if stop:  # (a signal while it was forked)
+                os.kill(pid, signal.SIGTERM)
             try:
-                conn, _ = listener.accept()
-            except OSError:
-                if stop:
-                    break
-                raise
+                started = time.monotonic()
+                got = os.read(taken, 1)  # a byte once the spare has a command; nothing if it died first
+            finally:
+                spare = 0  # (it runs a command now: a signal to the server is not for it)
+                os.close(taken)
             _reap()
-            with conn:
-                uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-                if uid != os.geteuid():
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    listener.close()
-                    _child(conn)  # never returns
+            if not got and not stop and time.monotonic() - started < 0.1:
+                time.sleep(0.1)  # a spare that dies at once: not a fork loop
     finally:
+        listener.close()
         try:
             os.unlink(path)
         except OSError:
             pass
     return 0
+
+
+def _spare(listener: socket.socket, told: int) -> None:
+    """A child forked ahead of the next command (the fork is not on the command's path): takes the next
+    connection of this user, tells the server (which forks the next spare), runs it; never returns."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        while True:
+            conn, _ = listener.accept()
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid == os.geteuid():
+                break
+            conn.close()
+        os.write(told, b"!")
+        os.close(told)
+        listener.close()
+    except BaseException:  # noqa: BLE001 - a spare that cannot serve ends; the server forks another
+        os._exit(1)
+    _child(conn)
 
 
 def _reap() -> None:
