@@ -39,13 +39,13 @@ import stat
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import zstandard
 
 from .blobs import BlobStore
 from .entry import Entry
-from .tarlayer import LayerError, check_entry, clean_path, marker
+from .tarlayer import NAME_MAX, LayerError, check_entry, clean_path, marker
 
 _PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
 TOC_MAX = 256 << 20  # bytes of a TOC, compressed or not: a layer of a million files has about 300 MB
@@ -81,8 +81,7 @@ class Position:
         return b"toc:" + self.checksum[7:].encode()
 
 
-@dataclass(frozen=True, slots=True)
-class File:
+class File(NamedTuple):
     """A regular file of the layer whose bytes lie in the blob: [start, end) decompresses to ``size`` bytes
     (zstd frames; with ``gzip``, gzip members whose first ``size`` bytes are the file's, as eStargz has them)."""
 
@@ -94,8 +93,7 @@ class File:
     gzip: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     """One TOC entry as the store takes it: a path and its entry (with no blob yet for a file whose
     bytes are in ``file``), or a whiteout or opaque mark (``entry.kind``)."""
 
@@ -214,41 +212,53 @@ def members(entries: list[dict[str, object]], data_end: int, gzip: bool = False)
     Whiteouts (``.wh.NAME``) and opaque marks come out as marks, as :func:`layerstore.tarlayer.marker` makes them.
     Hard links are entries with ``link`` set; whether their target exists is the importer's check.
     """
-    for e in entries:
-        kind, name = e.get("type"), e.get("name")
-        if not isinstance(kind, str) or not isinstance(name, str):
+    kinds, parse_time = _KINDS.get, _parse_time
+    for e in entries:  # (the common case inline: an image's TOC has tens of thousands of entries)
+        get = e.get
+        kind, name = get("type"), get("name")
+        if type(kind) is not str or type(name) is not str:
             raise LayerError("zstd:chunked TOC has an entry without type or name")
         if kind == "chunk":  # a part of the file before it: its bytes lie within that file's range
             continue
         path = clean_path(name)
-        uid, gid = _int(e, "uid", name, _MAX_ID), _int(e, "gid", name, _MAX_ID)
-        check_entry(name, path, uid, gid)
-        mark = marker(name, path) if path else None
+        uid, gid, mode = get("uid", 0), get("gid", 0), get("mode", 0)
+        if type(uid) is not int or type(gid) is not int or not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+            uid, gid = _int(e, "uid", name, _MAX_ID), _int(e, "gid", name, _MAX_ID)  # (raises)
+        if len(path) > NAME_MAX:  # (shorter ones hold no name too long either)
+            check_entry(name, path, uid, gid)
+        mark = marker(name, path) if b".wh." in path else None
         if mark is not None:
             yield Member(*mark)
             continue
-        mode = _int(e, "mode", name, 0o177777) & 0o7777  # (a tar's mode field may carry the type's bits too)
-        mtime = mtime_ns(e.get("modtime"), name)
+        if type(mode) is not int or not 0 <= mode <= 0o177777:
+            mode = _int(e, "mode", name, 0o177777)  # (raises)
+        mode &= 0o7777  # (a tar's mode field may carry the type's bits too)
+        text = get("modtime")
+        mtime = parse_time(text) if type(text) is str else None
+        if mtime is None or mtime < 0:
+            mtime = mtime_ns(text, name)  # (raises)
         if kind == "hardlink":
-            target = e.get("linkName")
+            target = get("linkName")
             if not isinstance(target, str) or not clean_path(target):
                 raise LayerError(f"hard link '{name}' has no target")
             yield Member(path, Entry(stat.S_IFREG, link=clean_path(target)))
             continue
-        fmt = _KINDS.get(kind)
+        fmt = kinds(kind)
         if fmt is None:
             raise LayerError(f"layer entry '{name}' has an unknown type '{kind[:20]}'")
         if not path and fmt != stat.S_IFDIR:
             raise LayerError(f"layer entry '{name}' (the root) is not a directory")
-        xattrs = _xattrs(e, name)
+        xattrs = _xattrs(e, name) if "xattrs" in e else None
         if fmt == stat.S_IFREG:
-            size = _int(e, "size", name, 2**63 - 1)
+            size = get("size", 0)
+            if type(size) is not int or not 0 <= size < 2**63:
+                size = _int(e, "size", name, 2**63 - 1)  # (raises)
             file = None
             if size:
-                digest, start, end = e.get("digest"), e.get("offset"), e.get("endOffset")
+                digest, start, end = get("digest"), get("offset"), get("endOffset")
                 if not isinstance(digest, str) or not DIGEST_RE.match(digest):
                     raise LayerError(f"layer file '{name}' has no sha256 digest in the TOC")
-                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= data_end):
+                if not (type(start) is int and type(end) is int and 0 <= start < end <= data_end):
                     raise LayerError(f"layer file '{name}' has a range outside the layer's data")
                 if not gzip and end - start > size + size // 64 + _SLACK * (1 + size // (1 << 17)):
                     raise LayerError(f"layer file '{name}' has a range longer than {size} bytes can take compressed")
@@ -258,7 +268,7 @@ def members(entries: list[dict[str, object]], data_end: int, gzip: bool = False)
         target_b = None
         rdev = 0
         if fmt == stat.S_IFLNK:
-            target = e.get("linkName")
+            target = get("linkName")
             if not isinstance(target, str) or not target:
                 raise LayerError(f"symlink '{name}' has no target")
             target_b = target.encode("utf-8", "surrogateescape")

@@ -41,6 +41,7 @@ from perf.container_bench import ENV, ROOT, build, chrooted  # noqa: E402  (the 
 from tests.registry import CuttingProxy, registry  # noqa: E402  (the same real registry the tests use)
 
 UM = str(Path(sys.executable).parent / "unionmount")
+LAUNCHER = UM + "-launch" if os.path.exists(UM + "-launch") else UM  # (what setup puts on PATH)
 
 
 def sh(cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -145,7 +146,7 @@ def main() -> int:
                 timed([UM, "umount", str(mnt)])
                 # the same with `unionmount server` running (the command a fork of it, no Python start)
                 t0, b0 = time.perf_counter(), proxy.down
-                timed([*cmd[:3], str(d / "lazy-server"), *cmd[4:], str(mnt)], sock)
+                timed([LAUNCHER, *cmd[1:3], str(d / "lazy-server"), *cmd[4:], str(mnt)], sock)
                 (mnt / "etc/os-release").read_bytes()
                 rows.setdefault("lazy, `unionmount server` running: mount + cat /etc/os-release", []).append(
                     (time.perf_counter() - t0, proxy.down - b0)
