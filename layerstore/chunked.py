@@ -48,6 +48,7 @@ from .entry import Entry
 from .tarlayer import NAME_MAX, LayerError, check_entry, clean_path, marker
 
 _PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
+PREFIX = b"toc:"  # of the store's key of a layer taken by its zstd:chunked TOC
 TOC_MAX = 256 << 20  # bytes of a TOC, compressed or not: a layer of a million files has about 300 MB
 _TYPE_JSON = 1  # manifest-position's last field: the TOC is JSON (the only kind there is)
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -78,7 +79,7 @@ class Position:
     @property
     def key(self) -> bytes:
         """The layer's name in the store (``toc:HEX``, as long as a diff_id's hex is: the same key room)."""
-        return b"toc:" + self.checksum[7:].encode()
+        return PREFIX + self.checksum[7:].encode()
 
 
 class File(NamedTuple):
@@ -217,7 +218,7 @@ def members(entries: list[dict[str, object]], data_end: int, gzip: bool = False)
         get = e.get
         kind, name = get("type"), get("name")
         if type(kind) is not str or type(name) is not str:
-            raise LayerError("zstd:chunked TOC has an entry without type or name")
+            raise LayerError("layer TOC has an entry without type or name")
         if kind == "chunk":  # a part of the file before it: its bytes lie within that file's range
             continue
         path = clean_path(name)

@@ -42,7 +42,7 @@ Opener = Callable[[int, int], BinaryIO]
 
 
 #: the prefixes of the keys of layers taken by their TOC: zstd:chunked's and eStargz's
-TOC_KEYS = (b"toc:", b"sgz:")
+TOC_KEYS = (chunked.PREFIX, estargz.PREFIX)
 
 
 def layer_key(layer: LayerRef) -> bytes:

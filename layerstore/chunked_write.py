@@ -60,7 +60,7 @@ def write(tar: BinaryIO, out: BinaryIO, level: int = LEVEL) -> dict[str, str]:
         if ti.offset_data > at:
             _frame(cctx, tar, at, ti.offset_data - at, out)
             at = ti.offset_data
-        e = _entry(ti)
+        e = toc_entry(ti)
         if e["type"] == "reg" and ti.size:
             start = out.tell()
             e["digest"] = "sha256:" + _frame(cctx, tar, ti.offset_data, ti.size, out)
@@ -105,8 +105,9 @@ def _frame(cctx: zstandard.ZstdCompressor, tar: BinaryIO, start: int, n: int, ou
     return h.hexdigest()
 
 
-def _entry(ti: tarfile.TarInfo) -> dict[str, Any]:
-    """The TOC entry of one tar member (Go's field names; zero and empty fields left out, as ``omitempty``)."""
+def toc_entry(ti: tarfile.TarInfo) -> dict[str, Any]:
+    """The TOC entry of one tar member, zstd:chunked's and eStargz's schema alike (Go's field names; zero and
+    empty fields left out, as ``omitempty``)."""
     kind = _KINDS.get(ti.type)
     if kind is None:
         raise LayerError(f"layer entry '{ti.name}' has a tar type zstd:chunked cannot name ({ti.type!r})")

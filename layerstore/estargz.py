@@ -42,6 +42,7 @@ from .chunked import DIGEST_RE, TOC_MAX, parse_toc
 from .tarlayer import LayerError
 
 ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+PREFIX = b"sgz:"  # of the store's key of a layer taken by its eStargz TOC
 FOOTER = 51
 TOC_NAME = "stargz.index.json"
 #: the blob's last bytes read at first: the footer, and the TOC too when it is no longer (one round trip)
@@ -63,7 +64,7 @@ def toc_digest(annotations: Mapping[str, object]) -> str | None:
 
 def key(digest: str) -> bytes:
     """The layer's name in the store: ``sgz:HEX`` (as long as a ``toc:`` key, in the same key room)."""
-    return b"sgz:" + digest[7:].encode()
+    return PREFIX + digest[7:].encode()
 
 
 def toc_offset(footer: bytes, blob_size: int) -> int:

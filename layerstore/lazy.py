@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
+from . import estargz
 from .chunked import File
 from .chunked_pull import fetch_files
 from .oci import SourceError, SourceOptions
@@ -57,7 +58,7 @@ def still_to_fetch(store: Store, keys: Iterable[str]) -> tuple[int, int]:
 
 def _file(sha: bytes, key: bytes, start: int, end: int, size: int) -> File:
     """A pending row's file: in gzip members for an eStargz layer's (``sgz:`` key), else zstd frames."""
-    return File(b"", "sha256:" + sha.hex(), size, start, end, key.startswith(b"sgz:"))
+    return File(b"", "sha256:" + sha.hex(), size, start, end, key.startswith(estargz.PREFIX))
 
 
 class Lazy:

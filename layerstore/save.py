@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from . import chunked_write, tarwrite
+from . import chunked, chunked_write, tarwrite
 from .entry import Entry
 from .oci import SourceError, SourceOptions, diff_ids
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
@@ -241,6 +241,7 @@ def push(
     lazily pulled layer's files are fetched there."""
     from .registry import Destination
 
+    assert compression is None or compression in COMPRESSIONS, compression
     image_id = store.resolve(name)
     keys: list[str] = store.config(image_id)["layers"]
     raw_config = store.raw_config(image_id)
@@ -303,7 +304,7 @@ def _compressed_as(media_type: str, annotations: dict[str, Any], compression: st
     if compression is None:
         return True
     if compression == "zstd:chunked":
-        return media_type.endswith("+zstd") and any(k.endswith("zstd-chunked.manifest-checksum") for k in annotations)
+        return media_type.endswith("+zstd") and chunked.position(annotations, None) is not None
     return media_type.endswith("+" + compression)
 
 

@@ -17,17 +17,17 @@ The blob is an ordinary ``tar+gzip`` layer too (the tests check that ``gzip -t``
 
 from __future__ import annotations
 
-import base64
 import gzip
 import hashlib
 import io
 import json
 import struct
 import tarfile
-import time
 import zlib
 from pathlib import Path
 from typing import Any
+
+from layerstore.chunked_write import toc_entry
 
 ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 LANDMARK = ".no.prefetch.landmark"
@@ -60,33 +60,6 @@ def _footer(toc_offset: int) -> bytes:
     return header + b"\x01\x00\x00\xff\xff" + b"\0" * 8
 
 
-def _entry(ti: tarfile.TarInfo) -> dict[str, Any]:
-    kind = {
-        tarfile.DIRTYPE: "dir",
-        tarfile.SYMTYPE: "symlink",
-        tarfile.LNKTYPE: "hardlink",
-        tarfile.CHRTYPE: "char",
-        tarfile.BLKTYPE: "block",
-        tarfile.FIFOTYPE: "fifo",
-    }.get(ti.type, "reg")
-    e: dict[str, Any] = {"name": ti.name, "type": kind, "mode": ti.mode, "uid": ti.uid, "gid": ti.gid}
-    e["modtime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ti.mtime)))
-    if kind in ("symlink", "hardlink"):
-        e["linkName"] = ti.linkname
-    if kind in ("char", "block"):
-        e["devMajor"], e["devMinor"] = ti.devmajor, ti.devminor
-    if kind == "reg":
-        e["size"] = ti.size
-    xattrs = {
-        k.removeprefix("SCHILY.xattr."): base64.b64encode(v.encode("utf-8", "surrogateescape")).decode()
-        for k, v in ti.pax_headers.items()
-        if k.startswith("SCHILY.xattr.")
-    }
-    if xattrs:
-        e["xattrs"] = xattrs
-    return {k: v for k, v in e.items() if v not in (0, "", None)}  # Go's omitempty
-
-
 def build(tar: bytes, chunk: int = 4 << 20) -> tuple[bytes, str, str, int]:
     """(blob, the TOC JSON's sha256, the uncompressed stream's sha256, its size) of ``tar`` as eStargz."""
     w = _Writer()
@@ -100,7 +73,7 @@ def build(tar: bytes, chunk: int = 4 << 20) -> tuple[bytes, str, str, int]:
             members.append((ti, f.read() if f is not None else b""))
     for ti, data in members:
         w.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        e = _entry(ti)
+        e = toc_entry(ti)  # (eStargz and zstd:chunked TOCs are one schema)
         if not data:
             entries.append(e)
             continue
