@@ -277,6 +277,27 @@ def test_missing_names_are_asked_once(layers: dict[str, Path]) -> None:
         assert _lookups(m) - before == 5
 
 
+def test_symlink_targets_are_read_once(layers: dict[str, Path]) -> None:
+    """The kernel keeps a symlink's target (merged /usr makes every exec walk /bin and /lib); a symlink
+    replaced through the mount, even under an inode number the upper file system reuses, reads anew."""
+    with mount(layers) as m:
+        os.symlink("a", m / "sym")
+        before = _requests(m, "readlink")
+        for _ in range(5):
+            assert os.readlink(m / "sym") == "a" and (m / "sym").read_text() == (m / "a").read_text()
+        assert _requests(m, "readlink") - before <= 1
+        for i in range(20):  # rm + ln -s: ext4 hands the freed inode number to the next file made, while
+            held = os.open(m / "sym", os.O_PATH | os.O_NOFOLLOW)  # the kernel still holds the old inode
+            os.unlink(m / "sym")
+            os.symlink(f"t{i}", m / "sym")
+            assert os.readlink(m / "sym") == f"t{i}"
+            os.close(held)
+        for i in range(20):  # ln -sfn's way: a new link renamed over the old
+            os.symlink(f"r{i}", m / "tmp")
+            os.rename(m / "tmp", m / "sym")
+            assert os.readlink(m / "sym") == f"r{i}"
+
+
 def test_the_kernel_keeps_listings_until_they_change(layers: dict[str, Path]) -> None:
     """A directory read once is listed again from the kernel's cache; a change through the mount drops it."""
     with mount(layers) as m:

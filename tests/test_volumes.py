@@ -114,6 +114,26 @@ def test_graft_rules(tmp_path: Path) -> None:
         assert (host / "renamed").exists()
 
 
+def test_a_bind_shows_a_symlink_changed_on_the_host(tmp_path: Path) -> None:
+    """The kernel keeps symlink targets, but a bind's can change behind the mount: the change shows once the
+    entry is looked up again (within the graft's one-second timeout), as attributes do."""
+    low, up, work, mnt, host = dirs(tmp_path, "low", "up", "work", "mnt", "host")
+    os.symlink("one", host / "link")
+    with mounted("--lower", low, "--upper", up, "--work", work, "-v", f"{host}:/h", mnt):
+        assert os.readlink(mnt / "h" / "link") == "one"
+        for target in ("two", "three"):
+            os.unlink(host / "link")
+            os.symlink(target, host / "link")
+            time.sleep(1.2)
+            assert os.readlink(mnt / "h" / "link") == target
+            assert sorted(os.listdir(mnt / "h")) == ["link"]  # a listing revalidates it too
+            os.rename(host / "link", host / "old")
+            os.symlink(target + "!", host / "link")
+            os.unlink(host / "old")
+            time.sleep(1.2)
+            assert os.readlink(mnt / "h" / "link") == target + "!"
+
+
 def test_new_volume_is_filled_from_the_image(store: Path, image: Path, tmp_path: Path) -> None:
     (mnt,) = dirs(tmp_path, "mnt")
     ref = image / "ref" / "rootfs"

@@ -140,6 +140,7 @@ async def _serve(fs: UnionFS, cfg: MountConfig) -> None:
             session.spin_ns = 0
         stats.SETTINGS["spin"] = lambda: session.spin_ns > 0
         unopened = fs.list_without_open(lambda: session.nodeid, session.after_reply.append)
+        fs.keep_symlinks()  # (our INIT asks the kernel to keep them)
         stats.SETTINGS["opendir"] = lambda: not unopened
         assert _served.handlers is not None
         if cfg.killpriv:

@@ -171,6 +171,7 @@ class Handlers:
         want = (
             wire.ASYNC_READ | wire.PARALLEL_DIROPS | wire.AUTO_INVAL_DATA | wire.ASYNC_DIO | wire.ATOMIC_O_TRUNC
             | wire.EXPORT_SUPPORT | wire.BIG_WRITES | wire.DO_READDIRPLUS | wire.MAX_PAGES | wire.INIT_EXT
+            | wire.CACHE_SYMLINKS
         )  # fmt: skip
         if self.want_killpriv:  # (else the kernel drops setuid/setgid itself, as pyfuse3 has it)
             want |= wire.HANDLE_KILLPRIV_V2

@@ -204,6 +204,7 @@ class DirOps(Super):
             await self._remove(parent, name, found, is_dir=False)
             node.drop_link(parent, name)
             self._orphaned(node, found)
+            self._drop_target(node)
             self.table.maybe_drop(node)
 
     async def rmdir(self, parent_ino: int, name: bytes) -> None:
@@ -315,6 +316,7 @@ class DirOps(Super):
                     if dst_node.is_dir:
                         dst_node.links = []
                     self._orphaned(dst_node, dst)
+                    self._drop_target(dst_node)
                     self.table.maybe_drop(dst_node)
 
     async def _move_prepare(self, node: Node, to_parent: Node, to_name: bytes) -> None:

@@ -42,6 +42,8 @@ class InodeOps(Super):
             node = self._found_node(found, parent, name)
             a = self.attrs(node, found)
             self.table.remember(node)
+            if node.realm:
+                self._drop_target(node)
             return a
         a = self.attrs(node)
         self.table.remember(node)
@@ -77,6 +79,18 @@ class InodeOps(Super):
         for r in self.realms:
             r.resolver.forget_cache()
         release_free_memory()
+
+    def keep_symlinks(self) -> None:
+        """The kernel keeps a symlink's target once read (``FUSE_CACHE_SYMLINKS``, asked by the FUSE layer).
+
+        A union inode's target never changes while the inode lives, but its number can come
+        back for another symlink (the upper file system reuses a removed file's inode number),
+        so a symlink that loses a name through the mount has its kept target dropped. A graft's
+        host directory can change behind the mount: each of its symlinks has its kept target
+        dropped whenever the kernel (re)validates it (lookup or listing), before the reply, so
+        a host's change shows as soon as it would without the cache.
+        """
+        self._targets_kept = True
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)

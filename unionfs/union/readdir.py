@@ -169,6 +169,8 @@ class ListingOps(Super):
                 self.table.maybe_drop(node)
                 return -1
             self.table.remember(node)
+            if node.realm:
+                self._drop_target(node)
             sent += 1
         return sent
 

@@ -193,6 +193,7 @@ class Super:
         #: with the same fields (set by the FUSE layer, so that replies need no copy)
         self.new_attrs: Callable[[], Attrs] = Attrs
         self._after_reply: Callable[[Callable[[], None]], None] = lambda call: None
+        self._targets_kept = False  # see keep_symlinks
         self._unopened_dirs: OrderedDict[int, DirHandle] = OrderedDict()
         stats.SETTINGS["writeback"] = lambda: opts.writeback
         stats.SETTINGS["inodes"] = lambda: len(self.table)  # known to the kernel (or open)
@@ -293,6 +294,14 @@ class Super:
             if not copy.index_exists(node):
                 node.index_name = None  # hard links made in the upper itself, not a lower group
         return node
+
+    def _drop_target(self, node: Node) -> None:
+        """Make the kernel forget the target it keeps of symlink ``node`` (see ``keep_symlinks``)."""
+        if self._targets_kept and node.kind == stat.S_IFLNK:
+            try:
+                self.invalidate(node.ino)
+            except OSError:
+                pass  # the kernel does not hold the inode: nothing kept
 
     def _lookup_found(self, parent: Node, name: bytes) -> Found:
         found = self.realms[parent.realm].resolver.lookup(parent, name)
