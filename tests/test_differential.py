@@ -291,7 +291,7 @@ def sc_listings_follow_changes(r: Recorder, m: Path) -> None:
         out = []
         for d in dirs:
             with os.scandir(m / d) as it:  # opendir, read to the end, closedir: what ls and find do
-                out.append([(e.name, e.inode() > 0) for e in it])
+                out.append([(e.name, e.inode() > 0, *_shown(e.stat(follow_symlinks=False))) for e in it])
         return tuple(out)
 
     steps: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
@@ -301,6 +301,9 @@ def sc_listings_follow_changes(r: Recorder, m: Path) -> None:
         ("mknod", lambda: os.mkfifo(m / "d" / "m1" / "p"), ("d/m1",)),
         ("symlink", lambda: os.symlink("x", m / "d" / "s1"), ("d",)),
         ("link", lambda: os.link(m / "a", m / "d" / "a1"), (".", "d")),
+        ("chmod lower", lambda: os.chmod(m / "d" / "y", 0o600), ("d",)),
+        ("append lower", lambda: write(m / "d" / "y", "more\n", "a"), ("d",)),
+        ("replace lower", lambda: (write(m / "d" / "t", "t\n"), os.rename(m / "d" / "t", m / "d" / "y")), ("d",)),
         ("rename within", lambda: os.rename(m / "d" / "c1", m / "d" / "c2"), ("d",)),
         ("rename across", lambda: os.rename(m / "d" / "c2", m / "lowdir" / "c3"), ("d", "lowdir")),
         ("rename dir", lambda: os.rename(m / "lowdir", m / "ld2"), (".", "ld2", "ld2/inner")),
@@ -315,6 +318,11 @@ def sc_listings_follow_changes(r: Recorder, m: Path) -> None:
         r(f"before {label}", lambda dirs=dirs: ls(*[d for d in dirs if (m / d).is_dir()]))
         r(label, change)
         r(f"after {label}", lambda dirs=dirs: ls(*dirs))
+
+
+def _shown(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What a listing's entry must show alike on both (a directory's size is its file system's own)."""
+    return st.st_mode, st.st_nlink, st.st_uid, 0 if stat.S_ISDIR(st.st_mode) else st.st_size
 
 
 SCENARIOS: dict[str, Scenario] = {

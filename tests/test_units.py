@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import tarfile
 from pathlib import Path
 
@@ -246,3 +247,29 @@ def test_entry_records_keep_their_format() -> None:
     lazy = e.with_(blob=None, sha256=b"s" * 32)
     assert (lazy.blob, lazy.sha256, lazy.ino, e.blob) == (None, b"s" * 32, 7, b"xxh3:1")
     assert Entry.unpack(lazy.pack()) == lazy
+
+
+# -- the FUSE wire format ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [b"a", b"ab", b"abcdefg", b"abcdefgh", b"pkg1234.list", b"x" * 255])
+def test_a_listing_entry_is_an_entry_then_a_dirent(name: bytes) -> None:
+    """``struct fuse_direntplus``, packed in one go, is ``fuse_entry_out`` then ``fuse_dirent`` and the name,
+    padded to 8 bytes; times before 1970 and odd timeouts included."""
+    from unionfs.fuse import wire
+    from unionfs.union.records import Attrs
+
+    a = Attrs()
+    a.st_ino, a.st_size, a.st_blocks, a.st_nlink, a.st_uid, a.st_gid = 1 << 40 | 7, 5000, 16, 3, 1000, 100
+    a.st_mode, a.st_rdev, a.generation = stat.S_IFLNK | 0o777, 0x1_0000_0203, 9
+    a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = -1_500_000_001, 1_700_000_000_123_456_789, 0
+    a.entry_timeout, a.attr_timeout = 1.25, -3.0
+    got = wire.direntplus(name, a, 42)
+    entry = wire.entry_out(a)
+    assert got[: len(entry)] == entry and len(got) % 8 == 0
+    ino, off, namelen, kind = wire.DIRENT.unpack_from(got, len(entry))
+    assert (ino, off, namelen, kind) == (a.st_ino, 42, len(name), stat.S_IFLNK >> 12)
+    rest = got[len(entry) + wire.DIRENT.size :]
+    assert rest.rstrip(b"\0") == name.rstrip(b"\0") and len(rest) - len(name) < 8
+    nodeid, gen, es, as_, ens, ans = struct.unpack_from("=QQQQII", entry)
+    assert (nodeid, gen, es, ens, as_, ans) == (a.st_ino, 9, 1, 250_000_000, 0, 0)

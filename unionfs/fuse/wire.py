@@ -113,11 +113,19 @@ _U64 = (1 << 64) - 1
 _NS = 1_000_000_000
 
 
+_VALID: dict[float, tuple[int, int]] = {}  # the few timeouts a mount uses, converted once
+
+
 def _valid(t: float) -> tuple[int, int]:
     """A cache timeout as the kernel takes it: whole seconds and nanoseconds, never negative."""
-    t = max(t, 0.0)
-    s = int(t)
-    return s, min(int((t - s) * 1e9), _NS - 1)
+    v = _VALID.get(t)
+    if v is None:
+        c = max(t, 0.0)
+        s = int(c)
+        v = (s, min(int((c - s) * 1e9), _NS - 1))
+        if len(_VALID) < 64:
+            _VALID[t] = v
+    return v
 
 
 def _attr(a: Attrs) -> tuple[int, ...]:
@@ -149,7 +157,28 @@ def statfs_out(s: FsStats) -> bytes:
     )
 
 
+DIRENTPLUS = struct.Struct(ENTRY_OUT.format + DIRENT.format[1:])  # struct fuse_direntplus without the name
+_PAD = [b"\0" * (-n & 7) for n in range(8)]
+
+
 def direntplus(name: bytes, a: Attrs, off: int) -> bytes:
-    """One entry of a READDIRPLUS reply (``struct fuse_direntplus``), padded to 8 bytes."""
-    body = entry_out(a) + DIRENT.pack(a.st_ino, off, len(name), (a.st_mode >> 12) & 0o17) + name
-    return body + b"\0" * (-len(body) & 7)
+    """One entry of a READDIRPLUS reply (``struct fuse_direntplus``), padded to 8 bytes (a listing sends
+    one per name: packed in one go)."""
+    es, ens = _valid(a.entry_timeout)
+    as_, ans = _valid(a.attr_timeout)
+    at, atn = divmod(a.st_atime_ns, _NS)
+    mt, mtn = divmod(a.st_mtime_ns, _NS)
+    ct, ctn = divmod(a.st_ctime_ns, _NS)
+    ino, mode = a.st_ino, a.st_mode
+    # fmt: off
+    return (
+        DIRENTPLUS.pack(
+            ino, a.generation, es, as_, ens, ans,
+            ino, a.st_size, a.st_blocks, at & _U64, mt & _U64, ct & _U64, atn, mtn, ctn,
+            mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0,
+            ino, off, len(name), (mode >> 12) & 0o17,
+        )
+        + name
+        + _PAD[len(name) & 7]
+    )
+    # fmt: on

@@ -268,6 +268,20 @@ class Resolver:
         parts, top, kind = self._search_lowers(parent.lowers, name, want_dir_only=upper_st is not None)
         if upper_st is not None:
             return self._dir(upper_st, parts, top)
+        return self._lower_found(parts, top, kind)
+
+    def lookup_below(self, parent: Node, name: bytes) -> Found | None:
+        """:meth:`lookup` of a name that ``parent``'s upper part is known to lack (neither an entry nor a
+        whiteout of it there): only its lower parts are searched."""
+        if name.startswith(WH_PREFIX):
+            return None
+        parts, top, kind = self._search_lowers(parent.lowers, name, want_dir_only=False)
+        return self._lower_found(parts, top, kind)
+
+    def _lower_found(
+        self, parts: list[tuple[int, bytes]], top: os.stat_result | None, kind: int | None
+    ) -> Found | None:
+        """What a lower search found for a name the upper layer does not have."""
         if top is None or kind is None:
             return None
         if kind == S_IFDIR:
@@ -278,19 +292,23 @@ class Resolver:
         data = self._data_of(self.lowers[li], lpath, top, li + 1)
         return Found(ino, kind, None, top, parts, False, index, data)
 
-    def lookup_listing(self, parent: Node, names: list[bytes]) -> Iterator[tuple[bytes, Found | None]]:
-        """:meth:`lookup` of every name of ``parent``'s listing, in order.
+    def lookup_listing(
+        self, parent: Node, names: list[bytes], below: bool = False
+    ) -> Iterator[tuple[bytes, Found | None]]:
+        """:meth:`lookup` of every name of ``parent``'s listing, in order; ``below``: names that
+        ``parent``'s upper part lacks (:meth:`lookup_below`).
 
-        A directory that lies in one plain lower layer only (most of an image) has
+        A directory that draws from one plain lower layer only (most of an image) has
         its non-directory entries resolved through one directory fd, with one
-        ``fstatat`` each; anything else (directories, whiteouts, merged or upper
-        directories) takes :meth:`lookup`.
+        ``fstatat`` each; anything else (directories, whiteouts, several lower parts)
+        takes :meth:`lookup` (or :meth:`lookup_below`).
         """
-        part = parent.lowers[0] if len(parent.lowers) == 1 and not parent.in_upper else None
+        look = self.lookup_below if below else self.lookup
+        part = parent.lowers[0] if len(parent.lowers) == 1 and (below or not parent.in_upper) else None
         layer = self.lowers[part[0]] if part is not None else None
         if part is None or not isinstance(layer, DirLayer) or self.lower_dir(*part).xwhiteouts:
             for name in names:
-                yield name, self.lookup(parent, name)
+                yield name, look(parent, name)
             return
         li, lpath = part  # (its whiteouts hide names of deeper layers, and it has none below)
         dfd = layer.dirfd(lpath)
@@ -304,7 +322,7 @@ class Resolver:
                 yield name, None
                 continue
             if stat.S_ISDIR(st.st_mode) or is_whiteout_stat(st):
-                yield name, self.lookup(parent, name)  # marks, redirects, deeper layers
+                yield name, look(parent, name)  # marks, redirects, deeper layers
                 dfd = layer.dirfd(lpath)  # (the lookup may have pushed it out of the fd cache)
                 continue
             path = join(lpath, name)

@@ -28,11 +28,23 @@ from .super import LISTING_CACHE, LISTING_ENTRIES, DirHandle, Super, _err
 
 def merged_names(resolver: Resolver, node: Node) -> list[bytes]:
     """Candidate names of a union directory, each once, upper first."""
-    listings = []
+    below = lower_names(resolver, node) if not node.opaque else []
     if node.in_upper and resolver.upper_layer is not None:
-        listings.append(resolver.upper_layer.listdir(node.path))
-    if not node.opaque:
-        listings.extend(resolver.lower_listing(li, lpath) for li, lpath in node.lowers)
+        return over(resolver.upper_layer.listdir(node.path), below)
+    return below
+
+
+def lower_names(resolver: Resolver, node: Node) -> list[bytes]:
+    """The names ``node``'s lower parts give, each once, the topmost first (lower layers never change)."""
+    return _merge([resolver.lower_listing(li, lpath) for li, lpath in node.lowers])
+
+
+def over(upper: list[bytes], below: list[bytes]) -> list[bytes]:
+    """The names of an upper directory's listing, then those of ``below`` it neither has nor whites out."""
+    return _merge([upper, below])
+
+
+def _merge(listings: list[list[bytes]]) -> list[bytes]:
     seen: set[bytes] = set()
     hidden: set[bytes] = set()
     out: list[bytes] = []
@@ -146,22 +158,23 @@ class ListingOps(Super):
                 continue
             graft = self._graft_root(h.node, name)
             if graft is not None:
-                node, found, known = graft, None, None
+                node, found, known, keep = graft, None, None, False
             else:
-                cached = h.found.get(name) if h.found is not None else None
+                keep = h.found is not None and (h.upper is None or name not in h.upper)  # (a lower part's name)
+                cached = h.found.get(name) if keep else None  # type: ignore[union-attr]
                 resolver = self.realms[h.node.realm].resolver
                 found, known = cached if cached is not None else (resolver.lookup(h.node, name), None)
                 if found is None:
-                    if h.found is not None:
-                        h.found[name] = (None, None)
+                    if keep:
+                        h.found[name] = (None, None)  # type: ignore[index]
                     continue
                 node = self._found_node(found, h.node, name)
             try:
                 a = known if known is not None and not node.in_upper else self.attrs(node, found)
-                if h.found is not None and known is None:
+                if keep and known is None:
                     if not node.in_upper and found is not None:
                         found.lower_st = None  # its attributes are kept as ``a``: the stat is not needed again
-                    h.found[name] = (found, None if node.in_upper else a)
+                    h.found[name] = (found, None if node.in_upper else a)  # type: ignore[index]
             except FileNotFoundError:
                 self.table.maybe_drop(node)
                 continue
@@ -175,37 +188,51 @@ class ListingOps(Super):
         return sent
 
     def _take_listing(self, h: DirHandle) -> None:
-        """The names of an open directory, and for one that lies only in lower layers, their resolutions.
+        """The names of an open directory, and the resolutions of those its lower parts give.
 
-        Lower layers do not change, and a directory gets an upper part (copy-up)
-        before anything in it can change, so the listing of a lower-only directory
-        is resolved once and kept (bounded LRU) for every later read of it.
+        Lower layers do not change, so the names a directory's lower parts give, and what
+        each resolves to, are taken once and kept (bounded LRU, keyed by the node and its
+        lower parts) for every later listing of it. Only an upper part changes (through
+        this mount): it is listed again each time, and its names are resolved afresh.
         """
         node = h.node
-        if node.in_upper or node.realm:
-            h.names, h.found = [b".", b".."] + self._names(node), None
+        if node.realm:
+            h.names, h.found = (
+                [b".", b".."] + self._with_grafts(node, merged_names(self.realms[node.realm].resolver, node)),
+                None,
+            )
             return
+        key = (node.opaque, tuple(node.lowers))
         hit = self._listings.get(node.ino)
-        if hit is not None and hit[0] is node:
+        if hit is not None and hit[0] is node and hit[1] == key:
             self._listings.move_to_end(node.ino)
-            h.names, h.found = hit[1], hit[2]
-            return
-        h.names = [b".", b".."] + self._names(node)
-        resolver = self.realms[node.realm].resolver
-        h.found = {n: (f, None) for n, f in resolver.lookup_listing(node, h.names[2:])}
-        old = self._listings.pop(node.ino, None)
-        if old is not None:
-            self._listed -= len(old[2])
-        self._listings[node.ino] = (node, h.names, h.found)
-        self._listed += len(h.found)
-        while self._listings and (len(self._listings) > LISTING_CACHE or self._listed > LISTING_ENTRIES):
-            self._listed -= len(self._listings.popitem(last=False)[1][2])
+            below, found = hit[2], hit[3]
+        else:
+            resolver = self.realms[0].resolver
+            below = lower_names(resolver, node) if not node.opaque else []
+            found = {n: (f, None) for n, f in resolver.lookup_listing(node, below, below=node.in_upper)}
+            old = self._listings.pop(node.ino, None)
+            if old is not None:
+                self._listed -= len(old[3])
+            self._listings[node.ino] = (node, key, below, found)
+            self._listed += len(found)
+            while self._listings and (len(self._listings) > LISTING_CACHE or self._listed > LISTING_ENTRIES):
+                self._listed -= len(self._listings.popitem(last=False)[1][3])
+        names = below
+        h.upper = None
+        upper_layer = self.realms[0].resolver.upper_layer
+        if node.in_upper and upper_layer is not None:
+            listing = upper_layer.listdir(node.path)
+            names = over(listing, below)
+            h.upper = set(listing)
+        h.names = [b".", b".."] + self._with_grafts(node, names)
+        h.found = found
 
-    def _names(self, node: Node) -> list[bytes]:
-        names = merged_names(self.realms[node.realm].resolver, node)
+    def _with_grafts(self, node: Node, names: list[bytes]) -> list[bytes]:
+        """``names`` and the graft points in ``node`` that its layers lack."""
         if self.graft_at:
             have = set(names)
-            names += [n for (ino, n) in self.graft_at if ino == node.ino and n not in have]
+            names = names + [n for (ino, n) in self.graft_at if ino == node.ino and n not in have]
         return names
 
     def releasedir(self, fh: int) -> None:

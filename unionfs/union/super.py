@@ -82,7 +82,10 @@ class FileHandle:
 class DirHandle:
     node: Node
     names: list[bytes] | None = None  # taken at the first read from offset 0
-    found: dict[bytes, tuple[Found | None, Attrs | None]] | None = None  # lower-only dir
+    #: the resolutions of the names the directory's lower parts give (kept across listings; see
+    #: ``ListingOps._take_listing``); None in a graft
+    found: dict[bytes, tuple[Found | None, Attrs | None]] | None = None
+    upper: set[bytes] | None = None  # the names its upper part held at the listing: resolved afresh
 
 
 @dataclass(slots=True, frozen=True)
@@ -177,7 +180,8 @@ class Super:
         # (parent directory's ino, name) in the union -> realm; filled by prepare(). Keyed by the parent's
         # stable inode number, so a lookup costs one dict probe and no path walk.
         self.graft_at: dict[tuple[int, bytes], int] = {}
-        self._listings: OrderedDict[int, tuple[Node, list[bytes], dict]] = OrderedDict()  # type: ignore[type-arg]
+        #: ino -> (node, (opaque, lower parts), the names they give, their resolutions): see ``_take_listing``
+        self._listings: OrderedDict[int, tuple[Node, tuple, list[bytes], dict]] = OrderedDict()  # type: ignore[type-arg]
         self._listed = 0  # entries in all of _listings
         for k, g in enumerate(opts.grafts, start=1):
             self._add_graft(k, g, opts, dialect)
