@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -113,3 +114,56 @@ def test_the_launcher_runs_commands_itself_without_a_server(tmp_path: Path) -> N
         r = subprocess.run([str(LAUNCHER), "umount", str(tmp_path / "nothing")], env=env, capture_output=True,
                            text=True, timeout=60)  # fmt: skip
         assert r.returncode == 2 and r.stderr.startswith("unionmount: cannot unmount"), r.stderr
+
+
+def test_a_socket_activated_server_starts_with_the_first_command(client: list[str], tmp_path: Path) -> None:
+    """Started for its socket by a service manager (``contrib/systemd``; here ``systemd-socket-activate``,
+    which starts the server at the first connection), the server runs that command and the next ones, and
+    leaves the socket to the manager at its end; a bad hand-over is one line."""
+    sock = tmp_path / "run" / "server.sock"
+    sock.parent.mkdir(mode=0o700)
+    env = {**os.environ, "UNIONMOUNT_SERVER": str(sock)}
+    activator = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), *COMMAND, "server"], env=env,
+                                 stderr=subprocess.DEVNULL)  # fmt: skip
+    lower, u, w, m = fresh_dirs(tmp_path, "l", "u", "w", "m")
+    (lower / "f").write_text("hello\n")
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.025)
+        assert Path(f"/proc/{activator.pid}/comm").read_text().startswith("systemd-socket")  # nothing started yet
+        r = subprocess.run([*client, "mount", "--lower", lower, "--upper", u, "--work", w, m], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert (m / "f").read_text() == "hello\n"
+        assert Path(f"/proc/{daemon_pid(m)}/cmdline").read_bytes().split(b"\0")[-2:] == [b"server", b""]
+        assert Path(f"/proc/{activator.pid}/cmdline").read_bytes().split(b"\0")[-2:] == [b"server", b""]
+        assert subprocess.run([*client, "umount", m], env=env, timeout=60).returncode == 0
+        activator.terminate()
+        assert activator.wait(timeout=20) == 0
+        assert sock.exists()  # the manager's: it starts the server again for the next command
+    finally:
+        if activator.poll() is None:
+            activator.kill()
+        force_unmount(m)
+    with socket.socket() as probe:  # a free TCP port: a stream socket, but not a Unix one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tcp = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}", *COMMAND, "server"], env=env,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.025)
+        _, err = tcp.communicate(timeout=60)
+        assert tcp.returncode == 2
+        assert err.splitlines()[-1] == (
+            "unionmount: the socket passed is not a Unix stream socket (ListenStream= a path)"
+        )
+    finally:
+        if tcp.poll() is None:
+            tcp.kill()

@@ -273,3 +273,18 @@ def test_a_listing_entry_is_an_entry_then_a_dirent(name: bytes) -> None:
     assert rest.rstrip(b"\0") == name.rstrip(b"\0") and len(rest) - len(name) < 8
     nodeid, gen, es, as_, ens, ans = struct.unpack_from("=QQQQII", entry)
     assert (nodeid, gen, es, ens, as_, ans) == (a.st_ino, 9, 1, 250_000_000, 0, 0)
+
+
+def test_socket_activation_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service manager's variables are taken only when they name this process, and never left for a child."""
+    from unionfs.cli.server import activated
+
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    assert activated() is None and os.environ["LISTEN_FDS"] == "1"  # another process's
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.setenv("LISTEN_FDNAMES", "a:b")
+    with pytest.raises(ValueError, match="expected one socket"):
+        activated()
+    assert not {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} & set(os.environ)

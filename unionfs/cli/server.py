@@ -85,22 +85,51 @@ def _preload() -> None:
     unionfs.cli.main._parser()  # argparse's construction is a fifth of a mount's time
 
 
+LISTEN_FDS_START = 3  # sd_listen_fds(3): the first socket a service manager passes
+
+
+def activated() -> socket.socket | None:
+    """The listening socket a service manager started this process for (systemd's socket activation:
+    ``LISTEN_PID`` is this process and ``LISTEN_FDS`` 1, the socket at fd 3), else None.
+
+    The variables are removed, so that no command's child takes them for its own; ValueError if
+    what was passed is not one listening Unix stream socket."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count != "1":
+        raise ValueError(f"expected one socket from the service manager, got LISTEN_FDS={count[:10]!r}")
+    try:
+        sock = socket.socket(fileno=LISTEN_FDS_START)
+    except OSError as e:
+        raise ValueError(f"the socket passed at fd {LISTEN_FDS_START} is not usable: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ValueError("the socket passed is not a Unix stream socket (ListenStream= a path)")
+    sock.set_inheritable(False)
+    return sock
+
+
 def serve(path: str | None = None) -> int:
-    """Run the server in the foreground until SIGTERM or SIGINT."""
+    """Run the server in the foreground until SIGTERM or SIGINT.
+
+    Started by a service manager for its socket (:func:`activated`; ``contrib/systemd``), it
+    serves that socket from the first command on, and leaves it in place at its end: the
+    manager starts it again for the next command. Otherwise it listens on ``path``
+    (default :func:`socket_path`), made afresh and removed at its end."""
+    try:
+        passed = activated()
+    except ValueError as e:
+        print(f"unionmount: {e}", file=sys.stderr)
+        return 2
     path = path or socket_path()
     _preload()
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(64)
+    if passed is not None:
+        listener = passed
+    else:
+        listener = _listen(path)
     stop = False
     spare = 0  # the child waiting in accept() for the next command
 
@@ -134,11 +163,29 @@ def serve(path: str | None = None) -> int:
                 time.sleep(0.1)  # a spare that dies at once: not a fork loop
     finally:
         listener.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if passed is None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
     return 0
+
+
+def _listen(path: str) -> socket.socket:
+    """A socket listening on ``path`` that only this user can reach."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(64)
+    return listener
 
 
 def _spare(listener: socket.socket, told: int) -> None:
