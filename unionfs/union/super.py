@@ -37,7 +37,7 @@ from .storelayer import StoreLayer
 from .upper import Upper
 
 TIMEOUT = 300.0  # seconds: every change passes through us, so the kernel may cache long
-LISTING_CACHE = 4096  # lower-only directories whose resolved listing is kept
+LISTING_CACHE = 4096  # directories whose lower parts' resolved listing is kept
 LISTING_ENTRIES = 1 << 15  # and at most this many of their entries in all (memory: about 200 bytes each)
 GRAFT_TIMEOUT = 1.0  # a volume or host directory can change behind our back: attributes show within a second
 
