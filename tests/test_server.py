@@ -167,3 +167,53 @@ def test_a_socket_activated_server_starts_with_the_first_command(client: list[st
     finally:
         if tcp.poll() is None:
             tcp.kill()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_a_killed_server_leaves_no_spare_behind(tmp_path: Path) -> None:
+    """The child a server forks ahead for the next command ends with the server, even when the server is
+    killed (SIGKILL, the OOM killer, a service manager's last word); a command's process does not."""
+    sock = tmp_path / "run" / "server.sock"
+    env = {**os.environ, "UNIONMOUNT_SERVER": str(sock)}
+    proc = subprocess.Popen([*COMMAND, "server"], env=env)
+    lower, u, w, m = fresh_dirs(tmp_path, "l", "u", "w", "m")
+    try:
+        for _ in range(400):
+            if sock.exists() and _children(proc.pid):
+                break
+            time.sleep(0.025)
+        r = subprocess.run([*COMMAND, "mount", "--lower", lower, "--upper", u, "--work", w, m], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        daemon = daemon_pid(m)
+        for _ in range(400):
+            spares = [c for c in _children(proc.pid) if c != daemon]
+            if spares:
+                break
+            time.sleep(0.025)
+        assert spares, "the server forked no spare"
+        proc.kill()
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{s}").exists() for s in spares) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [s for s in spares if Path(f"/proc/{s}").exists()]
+        assert not left, f"spares outlived the server: {left}"
+        assert is_mounted(m) and Path(f"/proc/{daemon}").exists()  # the mount's daemon lives on
+        assert subprocess.run([*COMMAND, "umount", m], env={**env, "UNIONMOUNT_NO_SERVER": "1"}).returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        force_unmount(m)

@@ -83,6 +83,7 @@ def _preload() -> None:
     import unionfs.fuse.handlers  # noqa: F401
 
     unionfs.cli.main._parser()  # argparse's construction is a fifth of a mount's time
+    _libc()  # (each spare's _die_with_parent)
 
 
 LISTEN_FDS_START = 3  # sd_listen_fds(3): the first socket a service manager passes
@@ -144,10 +145,11 @@ def serve(path: str | None = None) -> int:
     try:
         while not stop:
             taken, told = os.pipe()
+            server = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(taken)
-                _spare(listener, told)  # never returns
+                _spare(listener, told, server)  # never returns
             spare = pid
             os.close(told)
             if stop:  # (a signal while it was forked)
@@ -188,24 +190,55 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def _spare(listener: socket.socket, told: int) -> None:
+def _spare(listener: socket.socket, told: int, server: int) -> None:
     """A child forked ahead of the next command (the fork is not on the command's path): takes the next
-    connection of this user, tells the server (which forks the next spare), runs it; never returns."""
+    connection of this user, tells the server (which forks the next spare), runs it; never returns.
+
+    Until it has a command it ends with the server, however the server ends (``PR_SET_PDEATHSIG``; even
+    SIGKILL): no spare outlives it to take commands on a socket it no longer serves. Once it has
+    one, it lives on as that command's process (a mount's daemon outlives the server)."""
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _die_with_parent(signal.SIGTERM)
+        if os.getppid() != server:  # it ended before that took hold
+            os._exit(0)
         while True:
             conn, _ = listener.accept()
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
             if uid == os.geteuid():
                 break
             conn.close()
+        _die_with_parent(0)
         os.write(told, b"!")
         os.close(told)
         listener.close()
     except BaseException:  # noqa: BLE001 - a spare that cannot serve ends; the server forks another
         os._exit(1)
     _child(conn)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+_LIBC: list[object] = []  # (no functools, no typing: fast.py imports this module, each import costs a command)
+
+
+def _libc() -> object:
+    """The C library, through ctypes (loaded by the server once, before its forks)."""
+    if not _LIBC:
+        import ctypes
+
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def _die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent ends (0: no longer)."""
+    if _libc().prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:  # type: ignore[attr-defined]  # (ctypes.CDLL)
+        import ctypes
+
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _reap() -> None:
