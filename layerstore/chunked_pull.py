@@ -39,6 +39,8 @@ MOST = 16 << 20  # the longest range that merges several files
 PARALLEL = 6  # ranges fetched at once (a remote registry's round trip is most of a small range's time)
 
 Opener = Callable[[int, int], BinaryIO]
+PartsOpener = Callable[[list[tuple[int, int]]], Iterator[tuple[int, BinaryIO]]]
+MANY = 64  # ranges asked for in one request where the registry sends parts (a header of about 1.5 KB)
 
 
 #: the prefixes of the keys of layers taken by their TOC: zstd:chunked's and eStargz's
@@ -114,7 +116,8 @@ def pull_chunked(
                 pending(f)
             wanted = {}
         parallel = PARALLEL if opener is layer.open_range and layer.origin is not None else 1  # (a registry's)
-        for f, digest, new, n in fetch_files(opener, list(wanted.values()), blobs, parallel):
+        parts = layer.open_parts if opener is layer.open_range else None
+        for f, digest, new, n in fetch_files(opener, list(wanted.values()), blobs, parallel, parts):
             if new:
                 on_new_blob(digest)
             learn(bytes.fromhex(f.digest[7:]), digest)
@@ -126,23 +129,37 @@ def pull_chunked(
 
 
 def fetch_files(
-    opener: Opener, files: list[chunked.File], blobs: BlobStore, parallel: int = PARALLEL
+    opener: Opener,
+    files: list[chunked.File],
+    blobs: BlobStore,
+    parallel: int = PARALLEL,
+    parts: PartsOpener | None = None,
 ) -> Iterator[tuple[chunked.File, bytes, bool, int]]:
-    """Fetch ``files`` into the blob store, neighbours in one range, PARALLEL ranges at a time: (file,
-    blob, newly stored, bytes of the blob read for it) for each, in the blob's order, each checked
-    against its sha256 (``parallel`` 1: one range after another, for an opener whose streams share
-    a file position). If a range fails, what the others stored is still yielded before the error
-    is raised (so that a failed import can take back every blob it stored)."""
+    """Fetch ``files`` into the blob store, neighbours in one range, PARALLEL requests at a time: (file,
+    blob, newly stored, bytes of the blob read for it) for each, each checked against its sha256
+    (``parallel`` 1: one range after another, for an opener whose streams share a file position).
+    With ``parts`` (a registry that may send several ranges in one answer), the ranges are asked for
+    MANY to a request, spread over the PARALLEL requests; what the registry does not send that way is
+    asked for range by range. If a request fails, what the others stored is still yielded before the
+    error is raised (so that a failed import can take back every blob it stored)."""
     groups = chunked.plan(files, GAP, MOST)
-    if len(groups) == 1 or parallel <= 1:
-        for g in groups:
-            out, err = _fetch_range(opener, blobs, *g)
+    jobs: list[Callable[[], _Fetched]]
+    if parts is not None and parallel > 1 and len(groups) > parallel:
+        n = min(MANY, -(-len(groups) // parallel))
+        jobs = [
+            functools.partial(_fetch_parts, opener, parts, blobs, groups[i : i + n]) for i in range(0, len(groups), n)
+        ]
+    else:
+        jobs = [functools.partial(_fetch_range, opener, blobs, *g) for g in groups]
+    if len(jobs) == 1 or parallel <= 1:
+        for job in jobs:
+            out, err = job()
             yield from out
             if err is not None:
                 raise err
         return
     with ThreadPoolExecutor(parallel, thread_name_prefix="range") as pool:
-        futures = [pool.submit(_fetch_range, opener, blobs, *g) for g in groups]
+        futures = [pool.submit(job) for job in jobs]
         first: BaseException | None = None
         for fut in futures:
             if fut.cancelled():
@@ -157,20 +174,64 @@ def fetch_files(
             raise first
 
 
-def _fetch_range(
-    opener: Opener, blobs: BlobStore, start: int, end: int, group: list[chunked.File]
-) -> tuple[list[tuple[chunked.File, bytes, bool, int]], BaseException | None]:
+_Fetched = tuple[list[tuple[chunked.File, bytes, bool, int]], BaseException | None]
+
+
+def _fetch_range(opener: Opener, blobs: BlobStore, start: int, end: int, group: list[chunked.File]) -> _Fetched:
     out: list[tuple[chunked.File, bytes, bool, int]] = []
     try:
         with contextlib.closing(opener(start, end)) as stream:
-            at = start
-            for f in group:
-                _skip(stream, f.start - at)
-                digest, new = chunked.store_file(f, stream, blobs)
-                out.append((f, digest, new, f.end - at))
-                at = f.end
+            _store_group(stream, start, group, blobs, out)
     except BaseException as e:  # noqa: BLE001 - handed to the caller with what was stored before it
         return out, e
+    return out, None
+
+
+def _store_group(
+    stream: BinaryIO,
+    start: int,
+    group: list[chunked.File],
+    blobs: BlobStore,
+    out: list[tuple[chunked.File, bytes, bool, int]],
+) -> None:
+    """Store the files of ``group`` from ``stream``, which begins at byte ``start`` of the blob."""
+    at = start
+    for f in group:
+        _skip(stream, f.start - at)
+        digest, new = chunked.store_file(f, stream, blobs)
+        out.append((f, digest, new, f.end - at))
+        at = f.end
+
+
+def _fetch_parts(
+    opener: Opener, parts: PartsOpener, blobs: BlobStore, groups: list[tuple[int, int, list[chunked.File]]]
+) -> _Fetched:
+    """The ranges of ``groups`` in one request; those the registry does not send so (it refuses parts,
+    leaves some out, or the answer breaks off) one by one, as :func:`_fetch_range` does."""
+    out: list[tuple[chunked.File, bytes, bool, int]] = []
+    left = {start: (start, end, group) for start, end, group in groups}
+    answer: Iterator[tuple[int, BinaryIO]] | None = None
+    try:
+        answer = parts([(s, e) for s, e, _ in groups])  # (a refusal may come here already)
+        for start, stream in answer:
+            _, _, group = left[start]
+            _store_group(stream, start, group, blobs, out)
+            del left[start]
+    except SourceError:
+        pass  # (a registry that cannot, or a broken answer: the ranges still missing are asked for alone)
+    except BaseException as e:  # noqa: BLE001 - as in _fetch_range
+        return out, e
+    finally:
+        if answer is not None:
+            getattr(answer, "close", lambda: None)()  # (a generator: its response closed now, not when collected)
+    stored = {f for f, _, _, _ in out}
+    for _, _, group in sorted(left.values()):
+        rest = [f for f in group if f not in stored]
+        if rest:
+            more, err = _fetch_range(opener, blobs, rest[0].start, rest[-1].end, rest)
+            out += more
+            if err is not None:
+                return out, err
     return out, None
 
 

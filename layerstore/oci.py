@@ -18,7 +18,7 @@ import os
 import platform
 import stat
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -42,6 +42,9 @@ class LayerRef:
     open_range: Callable[[int, int], BinaryIO] | None = None
     origin: tuple[str, str, bool] | None = None  # a registry's (host, repository, insecure) that serves it
     media_type: str | None = None  # the descriptor's, where the source is a registry
+    #: several [start, end) ranges in one request, where the registry sends them as parts: (start, its bytes)
+    #: for each part it sends (see ``Session.blob_parts``)
+    open_parts: Callable[[list[tuple[int, int]]], Iterator[tuple[int, BinaryIO]]] | None = None
 
 
 def _nothing() -> None:

@@ -68,6 +68,7 @@ class Session:
         self.host = host
         self.api = "registry-1.docker.io" if host == DOCKER_HUB else host
         self.opts = opts
+        self.parts_refused = False  # the registry answered a request for several ranges otherwise: not asked again
         self._creds = _parse_creds(opts.creds) if opts.creds is not None else None
         self.authorization: str | None = None
         self.client = httpx.Client(
@@ -246,6 +247,31 @@ class Session:
         :class:`RangeIgnored` if the registry sends the whole blob instead."""
         return _Body(self, path, end - start, start)
 
+    def blob_parts(self, path: str, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, ChunkReader]]:
+        """Several [start, end) ranges of a blob in one request (``Range: bytes=a-b,c-d``, answered as
+        ``multipart/byteranges``): (start, stream of exactly its bytes) for each part, in the order sent;
+        a part is read before the next is asked for. :class:`PartsRefused` if the registry answers
+        otherwise (the whole blob, one part only); SourceError if the answer breaks off or sends a part
+        not asked for. Parts it leaves out are not an error: the caller asks for them alone."""
+        what = path.replace("/blobs/", "@")
+        if self.parts_refused:
+            raise PartsRefused(f"{self.host}/{what}: the registry does not send several parts at once")
+        spec = ",".join(f"{s}-{e - 1}" for s, e in ranges)
+        r = self._send("GET", self.base + path, {"Range": f"bytes={spec}"})
+        ctype, _, params = r.headers.get("content-type", "").partition(";")
+        boundary = ""
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k.lower() == "boundary":
+                boundary = v.strip('"')
+        if r.status_code != 206 or ctype.strip().lower() != "multipart/byteranges" or not 0 < len(boundary) <= 70:
+            r.close()
+            if r.status_code not in (200, 206):
+                self._check(r, what)
+            self.parts_refused = True
+            raise PartsRefused(f"{self.host}/{what}: the registry does not send several parts at once")
+        return _Parts(r, boundary.encode(), f"{self.host}/{what}", dict(ranges)).parts()
+
     def has_blob(self, repo: str, digest: str) -> bool:
         r = self._send("HEAD", f"{self.base}{repo}/blobs/{digest}", {})
         self._check(r, f"{repo}@{digest}", (200, 404))
@@ -377,6 +403,97 @@ class _Body(ChunkReader):
         if not self.closed:
             self._r.close()
         super().close()
+
+
+class PartsRefused(SourceError):
+    """A registry asked for several ranges of a blob at once did not send them as parts."""
+
+
+class _Parts:
+    """The parts of a ``multipart/byteranges`` answer (RFC 9110 14.6), read one after another from
+    the response's body; each must be a range that was asked for, whole."""
+
+    def __init__(self, r: httpx.Response, boundary: bytes, what: str, asked: dict[int, int]) -> None:
+        self._r, self._what, self._asked = r, what, asked
+        self._delim = b"--" + boundary
+        self._chunks = r.iter_raw(1 << 20)
+        self._buf, self._pos = b"", 0
+
+    def _more(self) -> None:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            raise SourceError(f"{self._what}: the registry's answer ends inside its parts") from None
+        except httpx.TransportError as e:
+            raise SourceError(f"{self._what}: the download broke off: {_reason(e)}") from None
+        self._buf, self._pos = self._buf[self._pos :] + chunk, 0
+
+    def _line(self) -> bytes:
+        while (i := self._buf.find(b"\r\n", self._pos)) < 0:
+            if len(self._buf) - self._pos > 4096:
+                raise SourceError(f"{self._what}: the registry's parts are malformed")
+            self._more()
+        line, self._pos = self._buf[self._pos : i], i + 2
+        return line
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the part being read."""
+        if self._pos == len(self._buf):
+            self._more()
+        data = self._buf[self._pos : self._pos + n]
+        self._pos += len(data)
+        return data
+
+    def parts(self) -> Iterator[tuple[int, ChunkReader]]:
+        bad = SourceError(f"{self._what}: the registry's parts are malformed")
+        try:
+            for _ in range(64):  # a preamble, then the first delimiter
+                if self._line() == self._delim:
+                    break
+            else:
+                raise bad
+            while True:
+                start = last = -1
+                for _ in range(64):  # the part's headers, up to an empty line
+                    line = self._line()
+                    if not line:
+                        break
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-range":
+                        m = re.fullmatch(rb"\s*bytes (\d+)-(\d+)/(\d+|\*)\s*", value)
+                        if m is None:
+                            raise bad
+                        start, last = int(m[1]), int(m[2])
+                else:
+                    raise bad
+                if self._asked.get(start) != last + 1:
+                    raise SourceError(f"{self._what}: the registry sent a part that was not asked for")
+                part = _Part(self, last + 1 - start)
+                yield start, part
+                part.drain()  # (what the caller left of it)
+                if self._line() != b"":
+                    raise bad
+                line = self._line()
+                if line == self._delim + b"--":
+                    return
+                if line != self._delim:
+                    raise bad
+        finally:
+            self._r.close()
+
+
+class _Part(ChunkReader):
+    """Exactly ``n`` bytes of the part :class:`_Parts` is reading."""
+
+    def __init__(self, parts: _Parts, n: int) -> None:
+        self._parts, self._left = parts, n
+
+    def next_chunk(self) -> bytes:
+        if not self._left:
+            return b""
+        data = self._parts.take(min(self._left, 1 << 20))
+        self._left -= len(data)
+        return data
 
 
 class _Transient(SourceError):

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -149,6 +150,7 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
             functools.partial(_blob_range, s, f"{repo}/blobs/{b}"),
             (place.host, repo, place.insecure),
             mt,
+            functools.partial(_blob_parts, s, f"{repo}/blobs/{b}"),
         )
         for d, b, size, a, mt in zip(ids, blobs, sizes, annotations, types, strict=True)
     ]
@@ -158,6 +160,10 @@ def _open_at(place: registries_conf.Endpoint, ref: Reference, text: str, opts: S
 
 def _blob_range(s: Session, path: str, start: int, end: int) -> BinaryIO:
     return s.blob_range(path, start, end)  # type: ignore[return-value]  # a ChunkReader reads as a BinaryIO
+
+
+def _blob_parts(s: Session, path: str, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, BinaryIO]]:
+    return s.blob_parts(path, ranges)  # type: ignore[return-value]  # (as above)
 
 
 class _Fetcher:

@@ -282,11 +282,13 @@ def auth_file(path: Path, host: str, user: str = USER, password: str = PASSWORD)
 class BlobProxy:
     """An HTTP proxy in front of a plain-HTTP registry that counts what goes out: every GET's path,
     ``Range`` and body bytes (:attr:`gets`). ``ranges=False`` drops the ``Range`` header, as a
-    registry (or a cache in front of one) that sends whole blobs only."""
+    registry (or a cache in front of one) that sends whole blobs only; ``parts=False`` keeps only the
+    first range of a ``Range`` that asks for several, as one that sends one part at a time."""
 
-    def __init__(self, target: str, ranges: bool = True) -> None:
+    def __init__(self, target: str, ranges: bool = True, parts: bool = True) -> None:
         self.target = target
         self.ranges = ranges
+        self.parts = parts
         self.gets: list[tuple[str, str | None, int]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -311,6 +313,8 @@ class BlobProxy:
             def _forward(self, method: str) -> None:
                 skip = {"host", "connection"} | (set() if proxy.ranges else {"range"})
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                if not proxy.parts and "," in headers.get("Range", ""):
+                    headers["Range"] = headers["Range"].split(",")[0]
                 with httpx.stream(method, f"http://{proxy.target}{self.path}", headers=headers, timeout=60) as r:
                     body = r.read()
                     self.send_response(r.status_code)

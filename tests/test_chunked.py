@@ -30,9 +30,9 @@ MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 @contextmanager
-def served(base: Path, ranges: bool = True) -> Iterator[tuple[Registry, BlobProxy]]:
+def served(base: Path, ranges: bool = True, parts: bool = True) -> Iterator[tuple[Registry, BlobProxy]]:
     with registry(base / "reg") as reg:
-        proxy = BlobProxy(reg.host, ranges)
+        proxy = BlobProxy(reg.host, ranges, parts)
         try:
             yield reg, proxy
         finally:
@@ -217,6 +217,44 @@ def test_a_new_version_downloads_only_its_new_files(tmp_path: Path) -> None:
             assert um("image", "--root", other, "rm", name).returncode == 0
         assert um("store", "--root", other, "gc").returncode == 0
         assert _sha256_rows(other) == 0
+
+
+def test_a_new_version_asks_for_its_ranges_several_to_a_request(tmp_path: Path) -> None:
+    """A second version in one layer, every third file changed: its 20 ranges go several to a request
+    (``multipart/byteranges``), and a registry that sends one part at a time gets them one by one."""
+    sh(
+        """
+        umoci init --layout img; umoci new --image img:1; umoci unpack --image img:1 b
+        mkdir b/rootfs/data
+        for i in $(seq 60); do head -c 40960 /dev/urandom > b/rootfs/data/f$i; done
+        umoci repack --image img:1 b
+        for i in $(seq 1 3 60); do head -c 40960 /dev/urandom > b/rootfs/data/f$i; done
+        umoci new --image img:2; umoci unpack --image img:2 b2; cp -a b/rootfs/data b2/rootfs/
+        umoci repack --image img:2 b2
+        """,
+        tmp_path,
+    )  # (version 2 made afresh: one layer, not a diff over version 1)
+    img, mnt = tmp_path / "img", tmp_path / "mnt"
+    mnt.mkdir()
+    for parts in (True, False):
+        store = tmp_path / f"store-{parts}"
+        with served(tmp_path / f"s-{parts}", parts=parts) as (reg, proxy):
+            reg.push(f"oci:{img}:1", "app:1", *CHUNKED)
+            reg.push(f"oci:{img}:2", "app:2", *CHUNKED)
+            _pull(store, f"{proxy.host}/app:1")
+            seen = len(proxy.gets)
+            _pull(store, f"{proxy.host}/app:2")
+            ranged = [r for path, r, _ in proxy.gets[seen:] if "/blobs/" in path and r]
+            several = [r for r in ranged if "," in r]
+            asked = sum(r.count(",") + 1 for r in ranged) - 1  # ranges asked for (less the TOC's)
+            assert asked >= 10, ranged  # (changed files next to each other in the blob share one)
+            if parts:
+                assert several and len(ranged) <= 1 + 6, ranged  # the TOC, then at most PARALLEL requests
+            else:
+                assert 1 <= len(several) <= 6 and len(ranged) >= 1 + 10, ranged  # refused, then one by one
+            with image_mount(store, f"{proxy.host}/app:2", "c", mnt):
+                for i in range(1, 61):
+                    assert (mnt / "data" / f"f{i}").read_bytes() == _file(img, "2", f"data/f{i}"), i
 
 
 def _sha256_rows(store: Path) -> int:

@@ -15,6 +15,7 @@ import os
 import stat
 import struct
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import zstandard
 
 from layerstore import chunked, chunked_write
 from layerstore.blobs import BlobStore
+from layerstore.oci import SourceError
 from layerstore.tarlayer import LayerError, clean_path
 
 CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
@@ -223,3 +225,60 @@ def test_a_written_chunked_layer_is_the_tar_and_reads_file_by_file(tmp_path: Pat
     # the footer names the TOC as the annotation does (readers without annotations use it)
     offset, length = (int(x) for x in annotations[POSITION].split(":")[:2])
     assert blob[-40:-8] == struct.pack("<4Q", offset, length, int(annotations[POSITION].split(":")[2]), 1)
+
+
+class _Cut(io.RawIOBase):
+    """A part whose connection breaks after ``data``: the client's streams raise SourceError then."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self.data:
+            raise SourceError("the download broke off")
+        n = min(len(b), len(self.data))
+        b[:n], self.data = self.data[:n], self.data[n:]
+        return n
+
+
+@pytest.mark.parametrize("how", ["all", "some", "broken", "refused"])
+def test_ranges_asked_several_to_a_request(how: str, tmp_path: Path) -> None:
+    """``fetch_files`` with a source that sends several ranges in one answer: every file is stored, checked,
+    once, whatever the source does with the request (sends all parts, leaves some out, breaks off
+    inside one, refuses); the ranges it did not send come one by one."""
+    from layerstore import chunked_pull
+    from layerstore.regclient import PartsRefused
+
+    files = {f"f{i}": os.urandom(50_000) for i in range(40)}  # random: 50 KB frames, more than GAP apart
+    blob, annotations, _ = _layer(files)
+    wanted = [f for f in chunked.contents(_read(blob, annotations)) if int(f.path[1:]) % 3 == 0]
+    singles: list[tuple[int, int]] = []
+
+    def opener(start: int, end: int) -> io.BytesIO:
+        singles.append((start, end))
+        return io.BytesIO(blob[start:end])
+
+    def parts(ranges: list[tuple[int, int]]) -> Iterator[tuple[int, io.BytesIO]]:
+        if how == "refused":  # (as the client does: at the call, before any part)
+            raise PartsRefused("one part at a time")
+        return sent(ranges)
+
+    def sent(ranges: list[tuple[int, int]]) -> Iterator[tuple[int, io.BytesIO]]:
+        for i, (start, end) in enumerate(ranges):
+            if how == "some" and i % 2:
+                continue
+            if how == "broken" and i == 1:
+                yield start, _Cut(blob[start : start + 10])  # type: ignore[misc]  # a connection cut inside a part
+            yield start, io.BytesIO(blob[start:end])
+
+    store = BlobStore(str(tmp_path / "blobs"))
+    got = list(chunked_pull.fetch_files(opener, wanted, store, parallel=3, parts=parts))  # type: ignore[arg-type]
+    assert sorted(f.path for f, _, _, _ in got) == sorted(f.path for f in wanted)  # each once
+    for f, digest, _, _ in got:
+        assert Path(store.path(digest)).read_bytes() == files[f.path.decode()]
+    assert (len(singles) == 0) == (how == "all"), singles
+    if how == "refused":
+        assert len(singles) == len(wanted)

@@ -199,6 +199,81 @@ def test_parts_of_blobs() -> None:
         s.close()
 
 
+class _Pieces(httpx.SyncByteStream):
+    """A body that arrives in pieces of ``n`` bytes, then breaks off after ``upto`` bytes (if given)."""
+
+    def __init__(self, data: bytes, n: int, upto: int | None = None) -> None:
+        self.data, self.n, self.upto = data, n, upto
+
+    def __iter__(self) -> Iterator[bytes]:
+        end = len(self.data) if self.upto is None else self.upto
+        for i in range(0, end, self.n):
+            yield self.data[i : min(i + self.n, end)]
+        if self.upto is not None:
+            raise httpx.ReadError("connection reset by peer")
+
+
+def _multipart(parts: list[tuple[int, int]], boundary: str = "B0uNd") -> bytes:
+    out = b"preamble, ignored\r\n"
+    for first, last in parts:
+        out += f"--{boundary}\r\nContent-Type: application/octet-stream\r\n".encode()
+        out += f"Content-Range: bytes {first}-{last}/{len(BLOB)}\r\n\r\n".encode() + BLOB[first : last + 1] + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("piece", [3, 4096, 1 << 20])
+def test_several_parts_of_a_blob_in_one_answer(piece: int) -> None:
+    """``Range: bytes=a-b,c-d`` answered as ``multipart/byteranges``: each part as sent (in any order,
+    some left out), whatever pieces the network cuts the body into; a part not asked for, a malformed
+    answer and one that breaks off are SourceErrors; an answer that is not parts is PartsRefused, and
+    the session asks no more."""
+    mode = {"how": "parts"}
+    path = f"a/b/blobs/{BLOB_DIGEST}"
+    asked = [(10, 20), (5000, 105_000), (2_000_000, 2_000_001)]
+
+    def registry(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v2/":
+            return httpx.Response(200)
+        ranges = [tuple(int(x) for x in r.split("-")) for r in req.headers["range"].removeprefix("bytes=").split(",")]
+        how = mode["how"]
+        if how == "one":
+            first, last = ranges[0]
+            return _ok(BLOB[first : last + 1], 206, **{"content-range": f"bytes {first}-{last}/{len(BLOB)}"})
+        sent = [ranges[2], ranges[0]] if how == "reordered" else [(11, 20)] if how == "other" else ranges
+        body = _multipart(sent)  # type: ignore[arg-type]
+        if how == "malformed":
+            body = body.replace(b"Content-Range: bytes 10-19", b"Content-Range: 10-19")
+        upto = len(body) // 2 if how == "broken" else None
+        headers = {"content-type": 'multipart/byteranges; boundary="B0uNd"'}
+        return httpx.Response(206, stream=_Pieces(body, piece, upto), headers=headers)
+
+    def read(parts: Iterator[tuple[int, regclient.ChunkReader]], leave: bool = False) -> dict[int, bytes]:
+        got = {}
+        for start, stream in parts:
+            got[start] = stream.read(3) if leave else stream.read()  # (a part left half read is skipped)
+        return got
+
+    s = _session(registry)
+    try:
+        want = {a: BLOB[a:b] for a, b in asked}
+        assert read(s.blob_parts(path, asked)) == want
+        assert read(s.blob_parts(path, asked), leave=True) == {a: v[:3] for a, v in want.items()}
+        mode["how"] = "reordered"
+        assert read(s.blob_parts(path, asked)) == {2_000_000: want[2_000_000], 10: want[10]}
+        for how, needle in (("other", "not asked for"), ("malformed", "malformed"), ("broken", "broke off|ends")):
+            mode["how"] = how
+            with pytest.raises(SourceError, match=needle):
+                read(s.blob_parts(path, asked))
+        mode["how"] = "one"
+        with pytest.raises(regclient.PartsRefused):
+            read(s.blob_parts(path, asked))
+        mode["how"] = "parts"
+        with pytest.raises(regclient.PartsRefused):  # not asked again
+            read(s.blob_parts(path, asked))
+    finally:
+        s.close()
+
+
 def test_a_document_that_does_not_match_its_digest_is_refused() -> None:
     def registry(req: httpx.Request) -> httpx.Response:
         return _ok(b"{}", **{"docker-content-digest": "sha256:" + "0" * 64})
