@@ -213,6 +213,8 @@ def _fetch_parts(
 ) -> _Fetched:
     """The ranges of ``groups`` in one request; those the registry does not send so (it refuses parts,
     leaves some out, or the answer breaks off) one by one, as :func:`_fetch_range` does."""
+    if len(groups) == 1:  # (one range is answered as one, not as a part: that is no refusal)
+        return _fetch_range(opener, blobs, *groups[0])
     out: list[tuple[chunked.File, bytes, bool, int]] = []
     left = {start: (start, end, group) for start, end, group in groups}
     answer: Iterator[tuple[int, BinaryIO]] | None = None
