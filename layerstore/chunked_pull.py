@@ -146,16 +146,14 @@ def fetch_files(
     asked for range by range. If a request fails, what the others stored is still yielded before the
     error is raised (so that a failed import can take back every blob it stored)."""
     groups = chunked.plan(files, PARTS_GAP, MOST) if parts is not None and parallel > 1 else []
-    if len(groups) <= parallel:
-        groups = chunked.plan(files, GAP, MOST)  # (a range a request)
     jobs: list[Callable[[], _Fetched]]
-    if parts is not None and parallel > 1 and len(groups) > parallel:
+    if parts is not None and len(groups) > parallel:
         n = min(MANY, -(-len(groups) // parallel))
         jobs = [
             functools.partial(_fetch_parts, opener, parts, blobs, groups[i : i + n]) for i in range(0, len(groups), n)
         ]
-    else:
-        jobs = [functools.partial(_fetch_range, opener, blobs, *g) for g in groups]
+    else:  # (a range a request)
+        jobs = [functools.partial(_fetch_range, opener, blobs, *g) for g in chunked.plan(files, GAP, MOST)]
     if len(jobs) == 1 or parallel <= 1:
         for job in jobs:
             out, err = job()
@@ -179,11 +177,12 @@ def fetch_files(
             raise first
 
 
-_Fetched = tuple[list[tuple[chunked.File, bytes, bool, int]], BaseException | None]
+_Stored = tuple[chunked.File, bytes, bool, int]  # (file, blob, newly stored, bytes of the blob read for it)
+_Fetched = tuple[list[_Stored], BaseException | None]  # what was stored, and the error that ended it
 
 
 def _fetch_range(opener: Opener, blobs: BlobStore, start: int, end: int, group: list[chunked.File]) -> _Fetched:
-    out: list[tuple[chunked.File, bytes, bool, int]] = []
+    out: list[_Stored] = []
     try:
         with contextlib.closing(opener(start, end)) as stream:
             _store_group(stream, start, group, blobs, out)
@@ -197,7 +196,7 @@ def _store_group(
     start: int,
     group: list[chunked.File],
     blobs: BlobStore,
-    out: list[tuple[chunked.File, bytes, bool, int]],
+    out: list[_Stored],
 ) -> None:
     """Store the files of ``group`` from ``stream``, which begins at byte ``start`` of the blob."""
     at = start
@@ -215,7 +214,7 @@ def _fetch_parts(
     leaves some out, or the answer breaks off) one by one, as :func:`_fetch_range` does."""
     if len(groups) == 1:  # (one range is answered as one, not as a part: that is no refusal)
         return _fetch_range(opener, blobs, *groups[0])
-    out: list[tuple[chunked.File, bytes, bool, int]] = []
+    out: list[_Stored] = []
     left = {start: (start, end, group) for start, end, group in groups}
     answer: Iterator[tuple[int, BinaryIO]] | None = None
     try:

@@ -254,8 +254,9 @@ class Session:
         otherwise (the whole blob, one part only); SourceError if the answer breaks off or sends a part
         not asked for. Parts it leaves out are not an error: the caller asks for them alone."""
         what = path.replace("/blobs/", "@")
+        refused = PartsRefused(f"{self.host}/{what}: the registry does not send several parts at once")
         if self.parts_refused:
-            raise PartsRefused(f"{self.host}/{what}: the registry does not send several parts at once")
+            raise refused
         spec = ",".join(f"{s}-{e - 1}" for s, e in ranges)
         r = self._send("GET", self.base + path, {"Range": f"bytes={spec}"})
         ctype, _, params = r.headers.get("content-type", "").partition(";")
@@ -269,7 +270,7 @@ class Session:
             if r.status_code not in (200, 206):
                 self._check(r, what)
             self.parts_refused = True
-            raise PartsRefused(f"{self.host}/{what}: the registry does not send several parts at once")
+            raise refused
         return _Parts(r, boundary.encode(), f"{self.host}/{what}", dict(ranges)).parts()
 
     def has_blob(self, repo: str, digest: str) -> bool:
@@ -409,6 +410,9 @@ class PartsRefused(SourceError):
     """A registry asked for several ranges of a blob at once did not send them as parts."""
 
 
+_CONTENT_RANGE = re.compile(rb"\s*bytes (\d+)-(\d+)/(\d+|\*)\s*")
+
+
 class _Parts:
     """The parts of a ``multipart/byteranges`` answer (RFC 9110 14.6), read one after another from
     the response's body; each must be a range that was asked for, whole."""
@@ -431,7 +435,7 @@ class _Parts:
     def _line(self) -> bytes:
         while (i := self._buf.find(b"\r\n", self._pos)) < 0:
             if len(self._buf) - self._pos > 4096:
-                raise SourceError(f"{self._what}: the registry's parts are malformed")
+                raise self._malformed()
             self._more()
         line, self._pos = self._buf[self._pos : i], i + 2
         return line
@@ -444,8 +448,11 @@ class _Parts:
         self._pos += len(data)
         return data
 
+    def _malformed(self) -> SourceError:
+        return SourceError(f"{self._what}: the registry's parts are malformed")
+
     def parts(self) -> Iterator[tuple[int, ChunkReader]]:
-        bad = SourceError(f"{self._what}: the registry's parts are malformed")
+        bad = self._malformed()
         try:
             for _ in range(64):  # a preamble, then the first delimiter
                 if self._line() == self._delim:
@@ -460,7 +467,7 @@ class _Parts:
                         break
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-range":
-                        m = re.fullmatch(rb"\s*bytes (\d+)-(\d+)/(\d+|\*)\s*", value)
+                        m = _CONTENT_RANGE.fullmatch(value)
                         if m is None:
                             raise bad
                         start, last = int(m[1]), int(m[2])

@@ -142,10 +142,10 @@ def serve(path: str | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    server = os.getpid()
     try:
         while not stop:
             taken, told = os.pipe()
-            server = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(taken)

@@ -41,9 +41,7 @@ class InodeOps(Super):
                 return self._negative(parent)
             node = self._found_node(found, parent, name)
             a = self.attrs(node, found)
-            self.table.remember(node)
-            if node.realm:
-                self._drop_target(node)
+            self._handed(node)
             return a
         a = self.attrs(node)
         self.table.remember(node)

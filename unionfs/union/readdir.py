@@ -181,9 +181,7 @@ class ListingOps(Super):
             if not emit(name, a, i + 1):
                 self.table.maybe_drop(node)
                 return -1
-            self.table.remember(node)
-            if node.realm:
-                self._drop_target(node)
+            self._handed(node)
             sent += 1
         return sent
 
@@ -202,13 +200,13 @@ class ListingOps(Super):
                 None,
             )
             return
+        resolver = self.realms[0].resolver
         key = (node.opaque, tuple(node.lowers))
         hit = self._listings.get(node.ino)
         if hit is not None and hit[0] is node and hit[1] == key:
             self._listings.move_to_end(node.ino)
             below, found = hit[2], hit[3]
         else:
-            resolver = self.realms[0].resolver
             below = lower_names(resolver, node) if not node.opaque else []
             found = {n: (f, None) for n, f in resolver.lookup_listing(node, below, below=node.in_upper)}
             old = self._listings.pop(node.ino, None)
@@ -220,9 +218,8 @@ class ListingOps(Super):
                 self._listed -= len(self._listings.popitem(last=False)[1][3])
         names = below
         h.upper = None
-        upper_layer = self.realms[0].resolver.upper_layer
-        if node.in_upper and upper_layer is not None:
-            listing = upper_layer.listdir(node.path)
+        if node.in_upper and resolver.upper_layer is not None:
+            listing = resolver.upper_layer.listdir(node.path)
             names = over(listing, below)
             h.upper = set(listing)
         h.names = [b".", b".."] + self._with_grafts(node, names)

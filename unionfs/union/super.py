@@ -299,6 +299,13 @@ class Super:
                 node.index_name = None  # hard links made in the upper itself, not a lower group
         return node
 
+    def _handed(self, node: Node) -> None:
+        """The kernel was handed ``node`` (a lookup's answer or a listing's entry): one more lookup it holds,
+        and for a graft's symlink, whose host may have changed it, no kept target (see ``keep_symlinks``)."""
+        self.table.remember(node)
+        if node.realm:
+            self._drop_target(node)
+
     def _drop_target(self, node: Node) -> None:
         """Make the kernel forget the target it keeps of symlink ``node`` (see ``keep_symlinks``)."""
         if self._targets_kept and node.kind == stat.S_IFLNK:
