@@ -282,3 +282,35 @@ def test_ranges_asked_several_to_a_request(how: str, tmp_path: Path) -> None:
     assert (len(singles) == 0) == (how == "all"), singles
     if how == "refused":
         assert len(singles) == len(wanted)
+
+
+def test_long_ranges_are_asked_for_alone(tmp_path: Path) -> None:
+    """Where the source sends parts, only ranges shorter than ALONE are batched: a long range (its bytes, not
+    its round trip, are its time) has a request of its own, so a full pull's requests stay evenly loaded."""
+    from layerstore import chunked_pull
+
+    small = {f"s{i}": os.urandom(20_000) for i in range(12)}
+    big = {f"b{i}": os.urandom(chunked_pull.ALONE + 1000) for i in range(3)}
+    blob, annotations, _ = _layer({**small, **big})
+    members = list(chunked.contents(_read(blob, annotations)))
+    wanted = [f for f in members if f.path.startswith(b"b") or int(f.path[1:]) % 2 == 0]
+    singles: list[tuple[int, int]] = []
+    batched: list[list[tuple[int, int]]] = []
+
+    def opener(start: int, end: int) -> io.BytesIO:
+        singles.append((start, end))
+        return io.BytesIO(blob[start:end])
+
+    def parts(ranges: list[tuple[int, int]]) -> Iterator[tuple[int, io.BytesIO]]:
+        batched.append(ranges)
+        return ((s, io.BytesIO(blob[s:e])) for s, e in ranges)
+
+    store = BlobStore(str(tmp_path / "blobs"))
+    got = list(chunked_pull.fetch_files(opener, wanted, store, parallel=2, parts=parts))  # type: ignore[arg-type]
+    assert sorted(f.path for f, _, _, _ in got) == sorted(f.path for f in wanted)
+    assert singles and all(e - s >= chunked_pull.ALONE for s, e in singles), singles  # long ranges alone
+    for f in wanted:
+        if f.path.startswith(b"b"):
+            assert any(s <= f.start and f.end <= e for s, e in singles), f.path
+    assert len(batched) == 2 and all(e - s < chunked_pull.ALONE for r in batched for s, e in r), batched
+    assert sum(len(r) for r in batched) == 6  # the six short files, far apart: six ranges, in two requests
