@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -248,6 +250,38 @@ class Destination:
         if self._s.has_blob(self.ref.repo, digest):
             return True
         return repo != self.ref.repo and self._s.mount_blob(self.ref.repo, digest, repo)
+
+    def copy(self, host: str, repo: str, digest: str, size: int, tmpdir: str) -> bool:
+        """Blob ``digest`` of ``host``'s repository ``repo`` (another registry) into the repository, its
+        bytes as they are, so that a manifest may name it by the digest it was pulled by: downloaded into
+        ``tmpdir``, checked against ``digest`` and ``size``, uploaded; True if it was uploaded (False: the
+        repository has it). SourceError if ``host`` does not serve it (nothing is uploaded then).
+
+        ``host`` is asked with the login its auth files (or helpers) give and the TLS settings of this
+        push, plain HTTP where registries.conf calls it insecure."""
+        if self._s.has_blob(self.ref.repo, digest):
+            return False
+        insecure = any(e.insecure for e in registries_conf.endpoints(host, repo, True) if e.host == host)
+        opts = dataclasses.replace(self._s.opts, creds=None)  # (the push's login is the destination's)
+        src = _session(registries_conf.Endpoint(host, repo, insecure), opts)
+        fd, path = tempfile.mkstemp(dir=tmpdir, prefix=f"{os.getpid()}.copy-")
+        try:
+            sha = hashlib.sha256()
+            with os.fdopen(fd, "wb") as f:
+                body = src.blob(f"{repo}/blobs/{digest}", size)
+                try:
+                    while chunk := body.next_chunk():
+                        sha.update(chunk)
+                        f.write(chunk)
+                finally:
+                    body.close()
+                if f.tell() != size or "sha256:" + sha.hexdigest() != digest:
+                    raise SourceError(f"{host}/{repo}@{digest[:19]}: the registry sent other bytes than the blob")
+            self._s.upload(self.ref.repo, digest, size, path)
+        finally:
+            src.close()
+            os.unlink(path)
+        return True
 
     def put_manifest(self, media_type: str, raw: bytes) -> str:
         """Tag ``raw``; returns its digest."""

@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -42,6 +43,8 @@ from .entry import Entry
 from .oci import SourceError, SourceOptions, diff_ids
 from .schema import KIND_OPAQUE, KIND_WHITEOUT
 from .store import Store, StoreError, valid_name
+
+log = logging.getLogger(__name__)
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -233,10 +236,12 @@ def push(
     A layer pulled from the destination's registry is named by the blob it came as (its digest, media type
     and annotations, so a zstd:chunked layer stays one) when the repository has that blob or can mount it
     from the repository it came from: nothing of it is uploaded; with ``compression`` (of
-    :data:`COMPRESSIONS`), only a blob of that compression is. The others are compressed (gzip unless
-    ``compression`` says otherwise) and uploaded PUSH_PARALLEL at a time (zlib and zstd release the GIL),
-    each only if the repository lacks it; then the config
-    (the imported one, byte for byte, when every layer is its original blob), then the manifest.
+    :data:`COMPRESSIONS`), only a blob of that compression is. A layer pulled from another registry is
+    copied from there as it is (downloaded, checked against its digest, uploaded), keeping its digest;
+    where that registry cannot serve it (a WARNING says why), it is written again. The others are
+    compressed (gzip unless ``compression`` says otherwise) and uploaded PUSH_PARALLEL at a time (zlib
+    and zstd release the GIL), each only if the repository lacks it; then the config (the imported one,
+    byte for byte, when every layer is its original blob), then the manifest.
     ``before_write(key)`` is called before a layer is written again (from several threads at once): a
     lazily pulled layer's files are fetched there."""
     from .registry import Destination
@@ -259,9 +264,20 @@ def push(
             kind = REUSABLE.get(src.media_type or "")
             if kind is None or not _compressed_as(kind, src.annotations, compression):
                 continue
+            desc = {"mediaType": kind, "digest": src.digest, "size": src.size, **_annotations(src.annotations)}
             if dest.reuse(src.host, src.repo, src.digest):
-                desc = {"mediaType": kind, "digest": src.digest, "size": src.size}
-                return _Blob(src.digest, src.size, "", original[i]), {**desc, **_annotations(src.annotations)}, False
+                return _Blob(src.digest, src.size, "", original[i]), desc, False
+        for src in sources[i]:  # another registry's blob, copied as it is (the digest it was pulled by kept)
+            kind = REUSABLE.get(src.media_type or "")
+            if kind is None or not _compressed_as(kind, src.annotations, compression) or src.host == dest.ref.host:
+                continue
+            try:
+                uploaded = dest.copy(src.host, src.repo, src.digest, src.size, tmp)
+            except SourceError as e:
+                log.warning("layer %s: not copied from %s (%s); compressed again", keys[i][:19], src.host, e)
+                continue
+            desc = {"mediaType": kind, "digest": src.digest, "size": src.size, **_annotations(src.annotations)}
+            return _Blob(src.digest, src.size, "", original[i]), desc, uploaded
         if before_write is not None:
             before_write(keys[i])
         b = _layer_blob(store, keys[i], tmp, compression=compression or "gzip")

@@ -154,6 +154,38 @@ def test_a_push_names_the_blobs_it_pulled(image: Path, tmp_path: Path) -> None:
         assert all(la.startswith("toc:") for la in info["Layers"]), info["Layers"]
 
 
+def test_a_push_to_another_registry_copies_the_blobs_it_pulled(image: Path, tmp_path: Path) -> None:
+    """Pushed to another registry, a pulled image keeps its digests (as ``skopeo copy`` does): each layer blob
+    is copied from the registry it came from, checked, uploaded; a lazily pulled image fetches nothing into
+    the store for it. With that registry gone, the layers are compressed again (a warning says so)."""
+    store, lazy = tmp_path / "store", tmp_path / "lazy"
+    with registry(tmp_path / "other") as other:
+        with served(tmp_path) as (reg, _):
+            pulled = {"app": reg.push(f"oci:{image}/img:t", "app:1", *CHUNKED)}
+            pulled["gz"] = reg.push(f"oci:{image}/img:t", "gz:1")
+            for name in pulled:
+                _pull(store, f"{reg.host}/{name}:1")
+            assert um("image", "--root", lazy, "pull", "--lazy", f"{reg.host}/app:1").returncode == 0
+            missing = _missing(lazy, f"{reg.host}/app:1")
+            for where, name in ((store, "app"), (store, "gz"), (lazy, "app")):
+                r = um("image", "--root", where, "push", f"{reg.host}/{name}:1", f"{other.host}/{where.name}/{name}:1")
+                assert r.returncode == 0, r.stderr
+                pushed = json.loads(other.blob_file(r.stdout.split()[1]).read_bytes())
+                original = json.loads(reg.blob_file(pulled[name]).read_bytes())
+                assert pushed["layers"] == original["layers"], (pushed, original)  # digests, annotations kept
+                assert pushed["config"]["digest"] == original["config"]["digest"]
+                for desc in pushed["layers"]:
+                    assert other.blob_file(desc["digest"]).read_bytes() == reg.blob_file(desc["digest"]).read_bytes()
+            assert _missing(lazy, f"{reg.host}/app:1") == missing > 0  # (copied, not fetched into the store)
+        # the first registry gone: written again, and what was pushed is whole (skopeo checks every digest)
+        r = um("image", "--root", store, "push", f"{reg.host}/gz:1", f"{other.host}/again:1")
+        assert r.returncode == 0, r.stderr
+        assert "not copied from" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        pushed = json.loads(other.blob_file(r.stdout.split()[1]).read_bytes())
+        assert pushed["layers"] != json.loads(reg.blob_file(pulled["gz"]).read_bytes())["layers"]
+        sh(f"skopeo copy --src-tls-verify=false docker://{other.host}/again:1 oci:{tmp_path}/out:x", tmp_path)
+
+
 def test_a_lazy_mount_fetches_with_the_login_it_was_given(tmp_path: Path) -> None:
     """``mount --pull lazy --creds``: the daemon fetches files with that login too (it had the auth files' only)."""
     store, mnt = tmp_path / "store", tmp_path / "mnt"
