@@ -84,7 +84,8 @@ class Position:
 
 class File(NamedTuple):
     """A regular file of the layer whose bytes lie in the blob: [start, end) decompresses to ``size`` bytes
-    (zstd frames; with ``gzip``, gzip members whose first ``size`` bytes are the file's, as eStargz has them)."""
+    (zstd frames; with ``gzip``, gzip members whose bytes from ``inner`` on are the file's, as eStargz has
+    them: several small files may share one member, and so one range)."""
 
     path: bytes
     digest: str  # sha256:HEX of the contents
@@ -92,6 +93,7 @@ class File(NamedTuple):
     start: int
     end: int
     gzip: bool = False
+    inner: int = 0  # (eStargz) bytes the members decompress to before the file's: files packed in one member
 
 
 class Member(NamedTuple):
@@ -263,7 +265,10 @@ def members(entries: list[dict[str, object]], data_end: int, gzip: bool = False)
                     raise LayerError(f"layer file '{name}' has a range outside the layer's data")
                 if not gzip and end - start > size + size // 64 + _SLACK * (1 + size // (1 << 17)):
                     raise LayerError(f"layer file '{name}' has a range longer than {size} bytes can take compressed")
-                file = File(path, digest, size, start, end, gzip)
+                inner = get("innerOffset", 0)
+                if type(inner) is not int or not 0 <= inner < 2**63 or (inner and not gzip):
+                    raise LayerError(f"layer file '{name}' has an innerOffset that is not a place in its members")
+                file = File(path, digest, size, start, end, gzip, inner)
             yield Member(path, Entry(fmt | mode, uid, gid, mtime, size, xattrs=xattrs), file)
             continue
         target_b = None
@@ -297,39 +302,48 @@ def contents(members: list[Member]) -> list[File]:
 
 
 def _in_order(files: list[File]) -> list[File]:
-    """``files`` by their place in the blob; LayerError if two overlap."""
-    ordered = sorted(files, key=lambda f: f.start)
+    """``files`` by their place in the blob (and in their member); LayerError if two overlap. eStargz files
+    packed in one member overlap as its format has it: both end where it ends, and where both begin there
+    too, one after the other (``inner`` and ``size``)."""
+    ordered = sorted(files, key=lambda f: (f.start, f.inner))
     for before, f in zip(ordered, ordered[1:], strict=False):
-        if f.start < before.end:
+        packed = f.gzip and before.gzip and f.end == before.end
+        if packed and f.start == before.start:
+            packed = f.inner >= before.inner + before.size
+        if f.start < before.end and not packed:
             raise LayerError(f"layer file '{f.path.decode(errors='replace')}' overlaps another in the blob")
     return ordered
 
 
 def plan(files: list[File], gap: int, most: int) -> list[tuple[int, int, list[File]]]:
     """Ranges to fetch for ``files``: neighbours at most ``gap`` bytes apart share one, up to ``most``
-    bytes a range (a file longer than that has one of its own). Overlapping files: LayerError."""
+    bytes a range (a file longer than that has one of its own; files packed in one member always share
+    one, the order of their ``inner`` offsets). Overlapping files: LayerError."""
     out: list[tuple[int, int, list[File]]] = []
     for f in _in_order(files):
-        if out and f.start - out[-1][1] <= gap and f.end - out[-1][0] <= most:
-            start, _, group = out[-1]
-            out[-1] = (start, f.end, [*group, f])
+        if out and (f.start < out[-1][1] or f.start - out[-1][1] <= gap and f.end - out[-1][0] <= most):
+            start, end, group = out[-1]
+            out[-1] = (start, max(end, f.end), [*group, f])
         else:
             out.append((f.start, f.end, [f]))
     return out
 
 
 def store_file(f: File, frames: BinaryIO, blobs: BlobStore) -> tuple[bytes, bool]:
-    """Decompress the file's frames (exactly ``end - start`` bytes from ``frames``) into the blob store;
-    returns (blob, newly stored). LayerError, with nothing of it kept, unless they decompress to
-    exactly ``size`` bytes with the TOC's sha256."""
+    """Decompress the file's frames (exactly ``end - start`` bytes from ``frames``; for a gzip file, its
+    bytes from ``inner`` on) into the blob store; returns (blob, newly stored). LayerError, with nothing
+    of it kept, unless they decompress to exactly ``size`` bytes with the TOC's sha256."""
     name = f.path.decode(errors="replace")
     bounded = _Exactly(frames, f.end - f.start)
     reader: BinaryIO
     if f.gzip:
-        reader = _Gunzip(bounded, f.size)  # type: ignore[assignment]
+        reader = _Gunzip(bounded, f.inner + f.size)  # type: ignore[assignment]
     else:
         reader = zstandard.ZstdDecompressor().stream_reader(bounded, read_across_frames=True)  # type: ignore[arg-type]
     try:
+        left = f.inner  # (what the member holds before the file: the files packed before it, tar headers)
+        while left:
+            left -= len(reader.read(min(left, 1 << 20)))
         digest, new, sha = blobs.ingest(reader, f.size)
         extra = b"" if f.gzip else reader.read(1)  # (after an eStargz file come the next tar headers)
     except EOFError:

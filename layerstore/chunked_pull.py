@@ -214,13 +214,41 @@ def _store_group(
     blobs: BlobStore,
     out: list[_Stored],
 ) -> None:
-    """Store the files of ``group`` from ``stream``, which begins at byte ``start`` of the blob."""
+    """Store the files of ``group`` from ``stream``, which begins at byte ``start`` of the blob. A file that
+    begins inside the one before (eStargz files packed in one member, the first at ``inner`` 0 or in the
+    last member of a chunked file) is read from those bytes, kept as they went by."""
     at = start
-    for f in group:
+    kept_from, kept = start, b""  # bytes of the blob already read and kept, from kept_from on
+    for i, f in enumerate(group):
+        if f.start < at:  # (chunked.plan put it in this group; chunked.contents checked it ends where at is)
+            if f.start < kept_from or f.end > at:
+                raise LayerError(f"layer file '{f.path.decode(errors='replace')}' overlaps another in the blob")
+            digest, new = chunked.store_file(f, io.BytesIO(kept[f.start - kept_from : f.end - kept_from]), blobs)
+            out.append((f, digest, new, 0))
+            continue
         _skip(stream, f.start - at)
-        digest, new = chunked.store_file(f, stream, blobs)
+        nxt = group[i + 1].start if i + 1 < len(group) else f.end
+        keeping = _Keeping(stream, f.start, nxt) if nxt < f.end else None
+        digest, new = chunked.store_file(f, keeping or stream, blobs)  # type: ignore[arg-type]  # (read() is all it needs)
+        if keeping is not None:
+            kept_from, kept = nxt, bytes(keeping.kept)
         out.append((f, digest, new, f.end - at))
         at = f.end
+
+
+class _Keeping:
+    """A stream at byte ``at`` of the blob that keeps what it reads from byte ``keep`` on (in ``kept``)."""
+
+    def __init__(self, src: BinaryIO, at: int, keep: int) -> None:
+        self._src, self._at, self._keep = src, at, keep
+        self.kept = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        if self._at + len(data) > self._keep:
+            self.kept += data[max(0, self._keep - self._at) :]
+        self._at += len(data)
+        return data
 
 
 def _fetch_parts(

@@ -24,13 +24,15 @@ the image's, and are left out as stargz-snapshotter leaves them out.
 Guarantees: as :mod:`layerstore.chunked`'s, everything is untrusted and checked before
 use: a footer that is not one, a TOC out of the blob, larger than
 :data:`layerstore.chunked.TOC_MAX`, not a tar entry ``stargz.index.json``, or whose JSON
-does not match the annotation; file ranges out of order or outside the data; several
-files packed in one member (``innerOffset``, which this reader does not take): each a
-:class:`LayerError` of one line.
+does not match the annotation; file ranges out of order or outside the data: each a
+:class:`LayerError` of one line. Small files packed in one member (stargz-snapshotter's
+``--estargz-min-chunk-size``: the same ``offset``, each at its ``innerOffset`` in what the
+member decompresses to) are read from that member, fetched once for all of them.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import re
@@ -133,18 +135,23 @@ def _toc_json(member: bytes) -> bytes:
 
 def with_ends(entries: list[dict[str, object]], data_end: int) -> list[dict[str, object]]:
     """The entries as :func:`layerstore.chunked.members` takes them: each regular file's ``endOffset`` set
-    to where the next file's data starts (or ``data_end``: its chunks and the tar headers after it lie
-    between), the root's landmark files left out. LayerError for files packed together (``innerOffset``)."""
+    to where the first member after its last chunk's starts (or ``data_end``: its chunks and the tar headers
+    after it lie between), the root's landmark files left out. Files packed in one member (the same
+    ``offset``, each at its ``innerOffset``) get the same range. Offsets that are not numbers are left
+    for :func:`layerstore.chunked.members` to refuse."""
+    starts = sorted({o for e in entries if type(o := e.get("offset")) is int and e.get("type") in ("reg", "chunk")})
+    starts.append(data_end)
     out: list[dict[str, object]] = []
-    end: object = data_end
-    for e in reversed(entries):
+    last: dict[str, object] | None = None  # the regular file the chunks that follow belong to
+    for e in entries:
         kind = e.get("type")
-        if kind in ("reg", "chunk") and e.get("innerOffset"):
-            raise LayerError("eStargz layer packs several files in one gzip member (innerOffset): not supported")
-        if kind == "reg" and e.get("size"):
-            e["endOffset"] = end
-            end = e.get("offset")
+        at = e.get("offset")
+        if kind == "reg" and e.get("size") and type(at) is int:
+            last = e
+        elif kind != "chunk":
+            last = None
+        if last is not None and type(at) is int:  # (the file's first member, or one of its chunks)
+            last["endOffset"] = starts[bisect.bisect_right(starts, at)] if at < data_end else data_end
         if e.get("name") not in _LANDMARKS:
             out.append(e)
-    out.reverse()
     return out

@@ -56,9 +56,10 @@ def still_to_fetch(store: Store, keys: Iterable[str]) -> tuple[int, int]:
     return files, size
 
 
-def _file(sha: bytes, key: bytes, start: int, end: int, size: int) -> File:
-    """A pending row's file: in gzip members for an eStargz layer's (``sgz:`` key), else zstd frames."""
-    return File(b"", "sha256:" + sha.hex(), size, start, end, key.startswith(estargz.PREFIX))
+def _file(sha: bytes, key: bytes, start: int, end: int, size: int, inner: int = 0) -> File:
+    """A pending row's file: in gzip members for an eStargz layer's (``sgz:`` key; ``inner``: where in
+    what its member decompresses to, for files packed in one), else zstd frames."""
+    return File(b"", "sha256:" + sha.hex(), size, start, end, key.startswith(estargz.PREFIX), inner)
 
 
 class Lazy:
@@ -108,8 +109,7 @@ class Lazy:
             for k, v in txn.cursor(db=self.store.db["pending"]):
                 sha, key = bytes(k[:_SHA]), bytes(k[_SHA:])
                 if want is None or key in want:
-                    start, end, size = msgpack.unpackb(v)
-                    out.append((sha, key, _file(sha, key, start, end, size)))
+                    out.append((sha, key, _file(sha, key, *msgpack.unpackb(v))))
         return out
 
     def _rows(self, sha: bytes) -> list[tuple[bytes, File]]:
@@ -121,9 +121,8 @@ class Lazy:
                 for k, v in cur:
                     if bytes(k[:_SHA]) != sha:
                         break
-                    start, end, size = msgpack.unpackb(v)
                     key = bytes(k[_SHA:])
-                    out.append((key, _file(sha, key, start, end, size)))
+                    out.append((key, _file(sha, key, *msgpack.unpackb(v))))
         return out
 
     # -- fetching -----------------------------------------------------------------

@@ -348,7 +348,8 @@ class Store:
             assert layer.origin is not None
             info["origin"] = [*layer.origin, layer.digest]  # where the pending files are fetched from
             for f in pending:
-                txn.put(bytes.fromhex(f.digest[7:]) + key, _pack([f.start, f.end, f.size]), db=self.db["pending"])
+                row = [f.start, f.end, f.size, f.inner] if f.inner else [f.start, f.end, f.size]
+                txn.put(bytes.fromhex(f.digest[7:]) + key, _pack(row), db=self.db["pending"])
         txn.put(key, _pack(info), db=self.db["layers"])
         return sorted(layer_entries.items())
 

@@ -4,7 +4,9 @@ eStargz: skopeo and podman write zstd:chunked only): :func:`convert` does to an 
 
 - every regular file's contents start a gzip member of their own, one member per ``chunk`` bytes
   (a ``chunk`` TOC entry for each after the first); the tar padding after a file and the headers of
-  what follows go in the file's last member;
+  what follows go in the file's last member; with ``min_chunk`` (``--estargz-min-chunk-size``), a
+  smaller file goes on in the open member, its ``offset`` that member's and its ``innerOffset`` where
+  its bytes begin in what the member decompresses to;
 - ``.no.prefetch.landmark`` (one byte, 0x0f) is the layer's first entry, as ``estargz.Build`` puts it
   when no file is prioritized;
 - the TOC (JSON, tab-indented) is the tar entry ``stargz.index.json`` in a member of its own, followed
@@ -40,13 +42,20 @@ class _Writer:
         self.diff = hashlib.sha256()
         self.size = 0  # uncompressed
         self._z: Any = None
+        self.member = self.inner = 0
 
     def write(self, data: bytes) -> None:
         if self._z is None:
             self._z = zlib.compressobj(6, zlib.DEFLATED, 31)
+            self.member, self.inner = self.out.tell(), 0  # where the open member starts; what it holds so far
         self.out.write(self._z.compress(data))
         self.diff.update(data)
         self.size += len(data)
+        self.inner += len(data)
+
+    def place(self) -> tuple[int, int]:
+        """(offset, innerOffset) of the next byte written: the open member's, or a new one's."""
+        return (self.member, self.inner) if self._z is not None else (self.out.tell(), 0)
 
     def close_member(self) -> None:
         if self._z is not None:
@@ -60,8 +69,11 @@ def _footer(toc_offset: int) -> bytes:
     return header + b"\x01\x00\x00\xff\xff" + b"\0" * 8
 
 
-def build(tar: bytes, chunk: int = 4 << 20) -> tuple[bytes, str, str, int]:
-    """(blob, the TOC JSON's sha256, the uncompressed stream's sha256, its size) of ``tar`` as eStargz."""
+def build(tar: bytes, chunk: int = 4 << 20, min_chunk: int = 0) -> tuple[bytes, str, str, int]:
+    """(blob, the TOC JSON's sha256, the uncompressed stream's sha256, its size) of ``tar`` as eStargz.
+
+    ``min_chunk`` (``--estargz-min-chunk-size``): a file smaller than that does not start a member but goes
+    in the open one (after the tar headers and files before it), at its ``innerOffset`` there."""
     w = _Writer()
     entries: list[dict[str, Any]] = []
     landmark = tarfile.TarInfo(LANDMARK)
@@ -79,9 +91,14 @@ def build(tar: bytes, chunk: int = 4 << 20) -> tuple[bytes, str, str, int]:
             continue
         e["digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
         for at in range(0, len(data), chunk):
-            w.close_member()
             part: dict[str, Any] = e if at == 0 else {"name": ti.name, "type": "chunk"}
-            part["offset"] = w.out.tell()
+            if len(data) < min_chunk:
+                part["offset"], inner = w.place()
+                if inner:
+                    part["innerOffset"] = inner
+            else:
+                w.close_member()
+                part["offset"] = w.out.tell()
             if at:
                 part["chunkOffset"] = at
             if len(data) - at >= chunk:
@@ -110,7 +127,7 @@ def _blob(layout: Path, digest: str) -> bytes:
     return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
 
 
-def convert(layout: Path, tag: str, new_tag: str, chunk: int = 4 << 20) -> list[str]:
+def convert(layout: Path, tag: str, new_tag: str, chunk: int = 4 << 20, min_chunk: int = 0) -> list[str]:
     """Add ``new_tag`` to the OCI layout: image ``tag`` with every layer as eStargz; returns the TOC digests."""
     index = json.loads((layout / "index.json").read_text())
     ref = "org.opencontainers.image.ref.name"
@@ -121,7 +138,7 @@ def convert(layout: Path, tag: str, new_tag: str, chunk: int = 4 << 20) -> list[
     for la in manifest["layers"]:
         raw = _blob(layout, la["digest"])
         tar = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-        blob, toc, diff_id, size = build(tar, chunk)
+        blob, toc, diff_id, size = build(tar, chunk, min_chunk)
         anns = {ANNOTATION: toc, "io.containers.estargz.uncompressed-size": str(size)}
         layers.append({"mediaType": GZIP_LAYER, **_put(layout, blob), "annotations": anns})
         diff_ids.append(diff_id)

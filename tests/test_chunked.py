@@ -5,6 +5,7 @@ bytes (:class:`tests.registry.BlobProxy`)."""
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -473,10 +474,10 @@ def test_a_lazy_mount_without_its_registry_fails_reads_not_the_mount(tmp_path: P
     _one_line_error(um("image", "--root", store, "save", ref, f"oci:{tmp_path / 'out'}:x"), "cannot fetch")
 
 
-def _stargz(img: Path, tags: list[str], chunk: int) -> Path:
+def _stargz(img: Path, tags: list[str], chunk: int, min_chunk: int = 0) -> Path:
     """The OCI layout ``img`` with an eStargz version of each of ``tags`` (tagged ``sgz-TAG``), in place."""
     for tag in tags:
-        estargz.convert(img, tag, f"sgz-{tag}", chunk)
+        estargz.convert(img, tag, f"sgz-{tag}", chunk, min_chunk)
     return img
 
 
@@ -510,6 +511,27 @@ def test_estargz_images_pull_by_toc_and_mount_as_they_are(image: Path, tmp_path:
                 assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
         finally:
             whole.close()
+
+
+def test_estargz_files_packed_in_one_member_pull_and_read_lazily(image: Path, tmp_path: Path) -> None:
+    """An eStargz image whose small files share members (``--estargz-min-chunk-size``, ``innerOffset``): pulled
+    by its TOCs it is the image's tree; mounted lazily, each file reads right as it is first read."""
+    store, lazy, mnt = tmp_path / "store", tmp_path / "lazy", tmp_path / "mnt"
+    mnt.mkdir()
+    layout = _stargz(Path(shutil.copytree(image / "img", tmp_path / "img")), ["t"], 64 << 10, 8 << 10)
+    with served(tmp_path) as (reg, proxy):
+        digest = reg.push(f"oci:{layout}:sgz-t", "app:1")
+        tocs = [reg.blob_file(la["digest"]).read_bytes() for la in _layers(reg, digest)]
+        assert any(b'"innerOffset"' in gzip.decompress(t) for t in tocs)  # (the TOCs are gzip tar entries too)
+        ref = f"{proxy.host}/app:1"
+        _pull(store, ref)
+        with image_mount(store, ref, "c1", mnt):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")
+        assert um("store", "--root", store, "check").returncode == 0
+        with lazy_mount(lazy, ref, mnt, "--image-volumes", "ignore"):
+            assert snapshot(mnt) == snapshot(image / "ref" / "rootfs")  # (every file read, each fetched on its own)
+        _pull(lazy, ref)  # (and what the mount did not read: files of lower layers that upper ones replace)
+        assert _missing(lazy, ref) == 0 and um("store", "--root", lazy, "check").returncode == 0
 
 
 def test_estargz_lazy_mounts_and_partial_pulls(tmp_path: Path) -> None:

@@ -73,6 +73,41 @@ def test_an_estargz_toc_gives_every_member_and_its_files_read(tmp_path: Path) ->
         chunked.store_file(short, io.BytesIO(blob[f.start :]), store)
 
 
+def test_files_packed_in_one_member_are_read_at_their_inner_offsets(tmp_path: Path) -> None:
+    """``--estargz-min-chunk-size``: small files go on in the open member (one after a chunked file, in its
+    last chunk's member), each at its ``innerOffset``: every file reads right fetched with its neighbours
+    (the member's bytes read once) and alone (a lazy read), and packed files stay one range."""
+    from layerstore import chunked_pull
+
+    files = {"etc/a": b"alpha\n", "bin/big": bytes(range(256)) * 1000, "etc/b": b"beta" * 10,
+             "etc/c": b"gamma" * 50, "empty": b"", "etc/d": bytes(5000), "etc/e": b"e"}  # fmt: skip
+    blob, toc, _, _ = writer.build(_tar(files), chunk=100_000, min_chunk=4096)
+    assert gzip.decompress(blob).startswith(b".no.prefetch.landmark")  # still an ordinary gzip tar
+    members, _ = _read(blob, toc)
+    got = {f.path.decode(): f for f in chunked.contents(members)}
+    big, b, c = got["bin/big"], got["etc/b"], got["etc/c"]
+    assert b.inner and c.inner > b.inner and b.start == c.start > big.start and b.end == c.end == big.end
+    assert got["etc/e"].start == got["etc/d"].start and got["etc/e"].inner  # (after a file of a member's own)
+    groups = [[f.path for f in g] for _, _, g in chunked.plan(list(got.values()), -1, 1 << 20)]  # (no neighbours)
+    assert groups == [[b"etc/a"], [b"bin/big", b"etc/b", b"etc/c"], [b"etc/d", b"etc/e"]]  # packed: one range
+    singles: list[tuple[int, int]] = []
+
+    def opener(start: int, end: int) -> io.BytesIO:
+        singles.append((start, end))
+        return io.BytesIO(blob[start:end])
+
+    together = BlobStore(str(tmp_path / "together"))
+    stored = list(chunked_pull.fetch_files(opener, list(got.values()), together, parallel=1))
+    assert sorted(f.path.decode() for f, _, _, _ in stored) == sorted(p for p in files if files[p])
+    for f, digest, _, _ in stored:
+        assert Path(together.path(digest)).read_bytes() == files[f.path.decode()], f.path
+    assert sum(n for _, _, _, n in stored) == sum(e - s for s, e in singles) <= len(blob)  # each byte once
+    alone = BlobStore(str(tmp_path / "alone"))
+    for f in got.values():
+        digest, _ = chunked.store_file(f, io.BytesIO(blob[f.start : f.end]), alone)
+        assert Path(alone.path(digest)).read_bytes() == files[f.path.decode()], f.path
+
+
 def test_file_bytes_that_do_not_match_are_refused(tmp_path: Path) -> None:
     blob, toc, _, _ = writer.build(_tar(FILES))
     members, _ = _read(blob, toc)
@@ -134,13 +169,15 @@ def _reg(entries: list[dict], name: str) -> dict:  # type: ignore[type-arg]
 @pytest.mark.parametrize(
     ("fix", "needle"),
     [
-        (lambda es: _reg(es, "bin/big").update(innerOffset=10), "innerOffset"),
+        (lambda es: _reg(es, "bin/big").update(innerOffset=-1), "innerOffset"),
+        (lambda es: _reg(es, "bin/big").update(innerOffset="10"), "innerOffset"),
         (lambda es: _reg(es, "bin/big").update(offset=10**9), "outside the layer's data"),
         (lambda es: _reg(es, "etc/a").update(offset="x"), "outside the layer's data"),
         (lambda es: _reg(es, "bin/big").pop("digest"), "no sha256 digest"),
         (lambda es: _reg(es, "bin/big").update(name="../../etc/passwd"), "climb|outside|\\.\\."),
-        (lambda es: es.insert(es.index(_reg(es, "bin/big")) + 1, {**_reg(es, "bin/big"), "name": "bin/twin"}),
-         "outside the layer's data"),  # two files at one offset (the first's range is empty)
+        (lambda es: es.insert(es.index(_reg(es, "bin/big")) + 1,
+                              {**_reg(es, "bin/big"), "name": "bin/twin", "digest": "sha256:" + "1" * 64}),
+         "overlaps"),  # two files at one place in one member
     ],
 )  # fmt: skip
 def test_hostile_estargz_tocs_are_refused(fix: Callable[[list[dict]], None], needle: str) -> None:  # type: ignore[type-arg]
