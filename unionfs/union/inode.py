@@ -14,6 +14,7 @@ from layerstore.host import (
 
 from . import override
 from .inodes import ROOT_INO, Node
+from .layers import Layer
 from .markers import CAPS_XATTR, is_private_xattr
 from .namei import Found
 from .records import Attrs, Changes, NewAttrs
@@ -198,6 +199,9 @@ class InodeOps(Super):
         if node.no_caps and name == CAPS_XATTR:
             raise _err(errno.ENODATA)
         at = self._xattr_at(node)
+        names = self._lower_xattrs(node, at)
+        if names is not None and name not in names:
+            raise _err(errno.ENODATA)
         try:
             if isinstance(at, int):
                 return os.getxattr(at, name)
@@ -210,8 +214,26 @@ class InodeOps(Super):
                 node.no_caps = True
             raise
 
+    def _lower_xattrs(self, node: Node, at: tuple[Layer, bytes] | bytes | int) -> tuple[bytes, ...] | None:
+        """The xattr names of a lower-only entry of the union (``at`` a lower layer's), listed from its layer
+        once: lower layers do not change while mounted, and a copy-up moves the entry's xattrs to the upper
+        layer. None for anything else (upper, a graft's host files, an open orphan) or if listing fails."""
+        if node.realm != 0 or not isinstance(at, tuple):
+            return None
+        names = node.lower_xattrs
+        if names is None:
+            try:
+                names = node.lower_xattrs = tuple(at[0].listxattr(at[1]))
+            except OSError:
+                return None
+        return names
+
     def listxattr(self, ino: int) -> list[bytes]:
-        at = self._xattr_at(self.node(ino))
+        node = self.node(ino)
+        at = self._xattr_at(node)
+        kept = self._lower_xattrs(node, at)
+        if kept is not None:
+            return [n for n in kept if not is_private_xattr(n)]
         if isinstance(at, int):
             names = [os.fsencode(n) for n in os.listxattr(at)]
         elif isinstance(at, bytes):

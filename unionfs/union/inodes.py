@@ -63,6 +63,9 @@ class Node:
     realm: int = 0  # 0: the union; k > 0: graft k (a volume or bind mount on a path of the union)
     realm_root: bool = False  # the root of a graft: its path in its realm is b""
     no_caps: bool = False  # known to have no security.capability (the kernel asks before every write)
+    #: the xattr names of a lower-only entry of the union, listed once (image layers do not change);
+    #: trusted by :mod:`unionfs.union.inode` only while ``in_upper`` is false
+    lower_xattrs: tuple[bytes, ...] | None = None
     #: the attributes of a lower-only entry of the union (image layers do not change); set and
     #: trusted by :meth:`unionfs.union.fs.UnionFS.attrs` only while ``in_upper`` is false
     attrs: Attrs | None = None
