@@ -162,12 +162,13 @@ def fetch_files(
                     (sum(e - s for s, e, _ in batch), functools.partial(_fetch_parts, opener, parts, blobs, batch))
                 )
             jobs += [
-                (e - s, functools.partial(_fetch_range, opener, blobs, s, e, g)) for s, e, g in groups if e - s >= ALONE
+                (g[1] - g[0], functools.partial(_fetch_range, opener, blobs, *g))
+                for g in groups
+                if g[1] - g[0] >= ALONE
             ]
     if not jobs:  # (a range a request)
         jobs = [
-            (e - s, functools.partial(_fetch_range, opener, blobs, s, e, g))
-            for s, e, g in chunked.plan(files, GAP, MOST)
+            (g[1] - g[0], functools.partial(_fetch_range, opener, blobs, *g)) for g in chunked.plan(files, GAP, MOST)
         ]
     if len(jobs) == 1 or parallel <= 1:
         for _, job in jobs:

@@ -260,23 +260,23 @@ def push(
     dest = Destination(ref, opts or SourceOptions())
 
     def layer(i: int) -> tuple[_Blob, dict[str, Any], bool]:
+        usable = []  # (source, the descriptor naming its blob) of the blobs this push may name as they are
         for src in sources[i]:
             kind = REUSABLE.get(src.media_type or "")
-            if kind is None or not _compressed_as(kind, src.annotations, compression):
-                continue
-            desc = {"mediaType": kind, "digest": src.digest, "size": src.size, **_annotations(src.annotations)}
+            if kind is not None and _compressed_as(kind, src.annotations, compression):
+                desc = {"mediaType": kind, "digest": src.digest, "size": src.size, **_annotations(src.annotations)}
+                usable.append((src, desc))
+        for src, desc in usable:
             if dest.reuse(src.host, src.repo, src.digest):
                 return _Blob(src.digest, src.size, "", original[i]), desc, False
-        for src in sources[i]:  # another registry's blob, copied as it is (the digest it was pulled by kept)
-            kind = REUSABLE.get(src.media_type or "")
-            if kind is None or not _compressed_as(kind, src.annotations, compression) or src.host == dest.ref.host:
+        for src, desc in usable:  # another registry's blob, copied as it is (the digest it was pulled by kept)
+            if src.host == dest.ref.host:
                 continue
             try:
                 uploaded = dest.copy(src.host, src.repo, src.digest, src.size, tmp)
             except SourceError as e:
                 log.warning("layer %s: not copied from %s (%s); compressed again", keys[i][:19], src.host, e)
                 continue
-            desc = {"mediaType": kind, "digest": src.digest, "size": src.size, **_annotations(src.annotations)}
             return _Blob(src.digest, src.size, "", original[i]), desc, uploaded
         if before_write is not None:
             before_write(keys[i])

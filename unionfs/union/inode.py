@@ -215,17 +215,19 @@ class InodeOps(Super):
             raise
 
     def _lower_xattrs(self, node: Node, at: tuple[Layer, bytes] | bytes | int) -> tuple[bytes, ...] | None:
-        """The xattr names of a lower-only entry of the union (``at`` a lower layer's), listed from its layer
-        once: lower layers do not change while mounted, and a copy-up moves the entry's xattrs to the upper
-        layer. None for anything else (upper, a graft's host files, an open orphan) or if listing fails."""
+        """The xattr names a lower-only entry of the union shows (``at`` a lower layer's; our private ones
+        left out), listed from its layer once: lower layers do not change while mounted, and a copy-up
+        moves the entry's xattrs to the upper layer. None for anything else (upper, a graft's host files,
+        an open orphan) or if listing fails."""
         if node.realm != 0 or not isinstance(at, tuple):
             return None
         names = node.lower_xattrs
         if names is None:
             try:
-                names = node.lower_xattrs = tuple(at[0].listxattr(at[1]))
+                names = tuple(n for n in at[0].listxattr(at[1]) if not is_private_xattr(n))
             except OSError:
                 return None
+            node.lower_xattrs = names
         return names
 
     def listxattr(self, ino: int) -> list[bytes]:
@@ -233,7 +235,7 @@ class InodeOps(Super):
         at = self._xattr_at(node)
         kept = self._lower_xattrs(node, at)
         if kept is not None:
-            return [n for n in kept if not is_private_xattr(n)]
+            return list(kept)
         if isinstance(at, int):
             names = [os.fsencode(n) for n in os.listxattr(at)]
         elif isinstance(at, bytes):

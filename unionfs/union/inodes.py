@@ -63,7 +63,7 @@ class Node:
     realm: int = 0  # 0: the union; k > 0: graft k (a volume or bind mount on a path of the union)
     realm_root: bool = False  # the root of a graft: its path in its realm is b""
     no_caps: bool = False  # known to have no security.capability (the kernel asks before every write)
-    #: the xattr names of a lower-only entry of the union, listed once (image layers do not change);
+    #: the xattr names a lower-only entry of the union shows, listed once (image layers do not change);
     #: trusted by :mod:`unionfs.union.inode` only while ``in_upper`` is false
     lower_xattrs: tuple[bytes, ...] | None = None
     #: the attributes of a lower-only entry of the union (image layers do not change); set and
