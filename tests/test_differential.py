@@ -345,7 +345,8 @@ def lowers(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 MODES = {
     "passthrough": "passthrough=1",  # the kernel reads and writes open files itself (the default as root)
     "writeback": "writeback=1",  # the daemon serves file I/O, the kernel caches writes
-    "write-through": "passthrough=0,writeback=0",  # the daemon serves file I/O, every write passed on
+    # the daemon serves file I/O, every write passed on; and Python reads every request (no compiled hot path)
+    "write-through": "passthrough=0,writeback=0,pump=0",
 }
 
 

@@ -120,6 +120,7 @@ class MountConfig:
     fastloop: bool = True  # -o fastloop=0|1: our own FUSE session (unionfs.fuse.session) or pyfuse3.main()
     killpriv: bool = True  # -o killpriv=0|1: the daemon drops setuid/setgid on write (needs fastloop)
     spin: bool = True  # -o spin=0|1: our loop polls the device briefly before sleeping (unionfs.fuse.session)
+    pump: bool | None = None  # -o pump=0|1: our loop reads the device with its compiled hot path; None: where built
     passthrough: bool | None = None  # -o passthrough=0|1: the kernel does file I/O itself; None: where possible
     settle_ms: float = 5.0  # -o settle=MS: the pause in copy-ups after which they are settled (0: in the open)
 
@@ -151,7 +152,7 @@ def parse_o(opts: list[str], cfg: MountConfig) -> None:
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': writeback takes 0 or 1")
                 cfg.writeback = value == "1"
-            elif key in ("dircache", "fastloop", "killpriv", "spin", "passthrough"):
+            elif key in ("dircache", "fastloop", "killpriv", "spin", "passthrough", "pump"):
                 if value not in ("0", "1"):
                     raise UsageError(f"'{item}': {key} takes 0 or 1")
                 setattr(cfg, key, value == "1")

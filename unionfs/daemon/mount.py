@@ -22,7 +22,7 @@ from layerstore import volumes as vols
 from layerstore.host import real_root
 from unionfs.fuse import device
 from unionfs.fuse.handlers import Handlers
-from unionfs.fuse.session import Session
+from unionfs.fuse.session import PUMP_MISSING, Session
 
 if TYPE_CHECKING:
     from unionfs.fuse.operations import Pyfuse3Mount
@@ -118,6 +118,26 @@ def passthrough_wanted(cfg: MountConfig) -> bool:
     return why is None
 
 
+def pump_wanted(cfg: MountConfig) -> bool:
+    """Whether our session reads the device with its compiled hot path (``-o pump=0|1``; default: where built).
+
+    Asked for explicitly where it cannot be, the mount fails with one line; not built, the
+    daemon says so at WARNING and reads its requests in Python.
+    """
+    if cfg.pump is False:
+        return False
+    why = None
+    if not cfg.fastloop:
+        why = "pump=1 needs our own FUSE session (not fastloop=0)"
+    elif PUMP_MISSING:
+        why = f"the compiled request pump is not built (reinstall with gcc and Python's headers): {PUMP_MISSING}"
+    if why is not None and cfg.pump:
+        raise UsageError(why)
+    if why is not None and cfg.fastloop:
+        log.warning("%s; requests are read by Python (slower)", why)
+    return why is None
+
+
 class _Served:
     """What serves the mount once it is up: our own session, or pyfuse3's (``-o fastloop=0``)."""
 
@@ -125,6 +145,7 @@ class _Served:
     handlers: Handlers | None = None
     fd = -1
     fallback: Pyfuse3Mount | None = None
+    pump = False  # our session reads the device with its compiled hot path
 
 
 _served = _Served()
@@ -139,6 +160,10 @@ async def _serve(fs: UnionFS, cfg: MountConfig) -> None:
         if not cfg.spin:
             session.spin_ns = 0
         stats.SETTINGS["spin"] = lambda: session.spin_ns > 0
+        if _served.pump:
+            session.use_pump(fs.table.by_ino)
+            stats.SOURCES.append(session.pump_counts)
+        stats.SETTINGS["pump"] = lambda: session.pump is not None
         unopened = fs.list_without_open(lambda: session.nodeid, session.after_reply.append)
         fs.keep_symlinks()  # (our INIT asks the kernel to keep them)
         stats.SETTINGS["opendir"] = lambda: not unopened
@@ -183,6 +208,7 @@ def _start(cfg: MountConfig) -> tuple[UnionFS, ExitStack]:
     """Open the layers, make the graft points, and mount; on return the mount is live."""
     os.umask(0)  # the kernel has applied the caller's umask to every mode it sends us
     passthrough = passthrough_wanted(cfg)  # (raises UsageError before anything is made)
+    _served.pump = pump_wanted(cfg)
     stack = ExitStack()
     timeout = TIMEOUT if cfg.timeout is None else cfg.timeout
     for d in cfg.cleanup:

@@ -47,6 +47,12 @@ class Node:
     true when the entry exists in the upper layer; ``lowers`` holds the lower
     (layer index, relpath) pairs it draws from: every merged directory for a
     directory, the data source for a file.
+
+    A node in the table with ``in_upper`` false and a link is *fixed*: what is kept on it
+    (``attrs`` with ``attrs_reply``; ``lower_xattrs`` in realm 0) stays true until one of
+    those changes. The FUSE layer's compiled hot path (``unionfs/fuse/_pump.c``) answers
+    GETATTR, LISTXATTR and the GETXATTR of an absent name from exactly these fields under
+    exactly these conditions, without calling back: keep the two in step.
     """
 
     ino: int
@@ -125,9 +131,17 @@ class InodeTable:
         if self._peak < SHRINK_FROM or n * 8 > self._peak:
             self._peak = max(self._peak, n)
             return False
-        self._nodes = dict(self._nodes)
+        kept = list(self._nodes.items())
+        self._nodes.clear()  # (frees its slots; the dict stays the same object, see by_ino)
+        self._nodes.update(kept)
         self._peak = n
         return True
+
+    @property
+    def by_ino(self) -> dict[int, Node]:
+        """The table itself, for reading only: the same dict object for the table's life (the FUSE layer's
+        compiled hot path holds it, :mod:`unionfs.fuse.session`)."""
+        return self._nodes
 
     def get(self, ino: int) -> Node | None:
         return self._nodes.get(ino)

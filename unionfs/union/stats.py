@@ -20,6 +20,8 @@ from collections.abc import Callable
 COUNTERS: dict[str, list[int]] = {}
 #: setting name -> how to read its current value (shown by ``unionmount stats``)
 SETTINGS: dict[str, Callable[[], object]] = {}
+#: other counters of the same kind, added in: requests answered outside Python (the compiled hot path)
+SOURCES: list[Callable[[], dict[str, tuple[int, int, int]]]] = []
 _STARTED = time.monotonic()
 
 
@@ -31,6 +33,16 @@ def record(name: str, ns: int, failed: bool) -> None:
     c[1] += ns
     if failed:
         c[2] += 1
+
+
+def _counters() -> dict[str, list[int]]:
+    merged = {name: list(c) for name, c in COUNTERS.items()}
+    for source in SOURCES:
+        for name, counts in source().items():
+            c = merged.setdefault(name, [0, 0, 0])
+            for i, v in enumerate(counts):
+                c[i] += v
+    return merged
 
 
 def snapshot() -> dict[str, object]:
@@ -46,7 +58,7 @@ def snapshot() -> dict[str, object]:
         "settings": {name: read() for name, read in sorted(SETTINGS.items())},
         "ops": {
             name: {"count": n, "mean_us": round(ns / n / 1000, 2) if n else 0.0, "total_s": ns / 1e9, "errors": err}
-            for name, (n, ns, err) in sorted(COUNTERS.items())
+            for name, (n, ns, err) in sorted(_counters().items())
         },
     }
 
