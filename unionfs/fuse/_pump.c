@@ -24,6 +24,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -242,8 +243,10 @@ static PyObject *Pump_next(Pump *p, PyObject *args) {
         if (n == PUMP_NONE && spin_ns > 0) {
             uint64_t deadline = now_ns() + (uint64_t)spin_ns;
             Py_BEGIN_ALLOW_THREADS
-            while (n == PUMP_NONE && now_ns() < deadline)
+            while (n == PUMP_NONE && now_ns() < deadline) {
+                sched_yield(); /* a client sharing this core gets it while we wait for its next request */
                 n = read_one(p->fd, buf, view.len);
+            }
             Py_END_ALLOW_THREADS
         }
         if (n == -3) {
