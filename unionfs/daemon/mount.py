@@ -126,16 +126,17 @@ def pump_wanted(cfg: MountConfig) -> bool:
     """
     if cfg.pump is False:
         return False
-    why = None
     if not cfg.fastloop:
-        why = "pump=1 needs our own FUSE session (not fastloop=0)"
-    elif PUMP_MISSING:
+        if cfg.pump:
+            raise UsageError("pump=1 needs our own FUSE session (not fastloop=0)")
+        return False
+    if PUMP_MISSING:
         why = f"the compiled request pump is not built (reinstall with gcc and Python's headers): {PUMP_MISSING}"
-    if why is not None and cfg.pump:
-        raise UsageError(why)
-    if why is not None and cfg.fastloop:
+        if cfg.pump:
+            raise UsageError(why)
         log.warning("%s; requests are read by Python (slower)", why)
-    return why is None
+        return False
+    return True
 
 
 class _Served:

@@ -131,6 +131,47 @@ static PyObject *kept_names(PyObject *node) {
     return names;
 }
 
+/* GETXATTR of `node`'s kept `names`: ENODATA for a name it does not have; -1 (not answered) for one it has. */
+static int absent_name(Pump *p, const struct in_header *in, const char *want, size_t room, PyObject *names) {
+    size_t len = strnlen(want, room);
+    if (len == room) /* a name without its NUL: Python's to refuse */
+        return -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (!PyBytes_CheckExact(name))
+            return -1;
+        if ((size_t)PyBytes_GET_SIZE(name) == len && memcmp(PyBytes_AS_STRING(name), want, len) == 0)
+            return -1; /* present: its value is read by Python */
+    }
+    return reply(p, in->unique, ENODATA, NULL, 0) < 0 ? -2 : ENODATA;
+}
+
+/* LISTXATTR of `node`'s kept `names` with a buffer of `size` bytes: 0 or ERANGE answered, -1 not, -2 error. */
+static int list_names(Pump *p, const struct in_header *in, uint32_t size, PyObject *names) {
+    char joined[MAX_NAMES];
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (!PyBytes_CheckExact(name) || total + (size_t)PyBytes_GET_SIZE(name) + 1 > MAX_NAMES)
+            return -1;
+        memcpy(joined + total, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name));
+        total += (size_t)PyBytes_GET_SIZE(name);
+        joined[total++] = '\0';
+    }
+    int rc;
+    if (size == 0) {
+        uint32_t out[2] = {(uint32_t)total, 0}; /* struct fuse_getxattr_out: the size it needs */
+        rc = reply(p, in->unique, 0, out, sizeof out);
+    } else if (total > size) {
+        rc = reply(p, in->unique, ERANGE, NULL, 0);
+        if (rc == 0)
+            return ERANGE;
+    } else {
+        rc = reply(p, in->unique, 0, joined, total);
+    }
+    return rc < 0 ? -2 : 0;
+}
+
 /* Answer the request in `buf` if it is one of ours: 1 answered, 0 left to Python, -1 error (exception set). */
 static int answer(Pump *p, const char *buf, Py_ssize_t n) {
     const struct in_header *in = (const struct in_header *)buf;
@@ -143,71 +184,38 @@ static int answer(Pump *p, const char *buf, Py_ssize_t n) {
     PyObject *node = fixed_node(p, in->nodeid);
     if (node == NULL)
         return 0;
-    int kind = -1, err = 0, rc = 0;
+    int kind = -1, r = -1; /* r: -1 not answered, -2 error, else the errno answered (0: a reply) */
     if (op == OP_GETATTR) {
         PyObject *attrs = field(node, s_attrs), *body = field(node, s_attrs_reply);
         if (attrs != NULL && attrs != Py_None && body != NULL && PyBytes_CheckExact(body)) {
             kind = K_GETATTR;
-            rc = reply(p, in->unique, 0, PyBytes_AS_STRING(body), (size_t)PyBytes_GET_SIZE(body));
+            r = reply(p, in->unique, 0, PyBytes_AS_STRING(body), (size_t)PyBytes_GET_SIZE(body)) < 0 ? -2 : 0;
         }
         Py_XDECREF(attrs);
         Py_XDECREF(body);
     } else {
         PyObject *names = kept_names(node);
         if (names != NULL) {
-            uint32_t size;
-            memcpy(&size, buf + IN_HEADER, sizeof size);
-            Py_ssize_t count = PyTuple_GET_SIZE(names), i, total = 0;
-            for (i = 0; i < count; i++) {
-                PyObject *name = PyTuple_GET_ITEM(names, i);
-                if (!PyBytes_CheckExact(name))
-                    break;
-                total += PyBytes_GET_SIZE(name) + 1;
-            }
-            if (i == count && op == OP_GETXATTR) {
-                const char *want = buf + IN_HEADER + XATTR_IN;
-                size_t len = strnlen(want, (size_t)(n - IN_HEADER - XATTR_IN));
-                for (i = 0; i < count; i++) {
-                    PyObject *name = PyTuple_GET_ITEM(names, i);
-                    if ((size_t)PyBytes_GET_SIZE(name) == len && memcmp(PyBytes_AS_STRING(name), want, len) == 0)
-                        break; /* present: its value is read by Python */
-                }
-                if (i == count && len < (size_t)(n - IN_HEADER - XATTR_IN)) { /* (a name without its NUL: Python's) */
-                    kind = K_GETXATTR;
-                    err = ENODATA;
-                    rc = reply(p, in->unique, err, NULL, 0);
-                }
-            } else if (i == count && total <= MAX_NAMES) {
+            if (op == OP_GETXATTR) {
+                kind = K_GETXATTR;
+                r = absent_name(p, in, buf + IN_HEADER + XATTR_IN, (size_t)(n - IN_HEADER - XATTR_IN), names);
+            } else {
+                uint32_t size;
+                memcpy(&size, buf + IN_HEADER, sizeof size);
                 kind = K_LISTXATTR;
-                if (size == 0) {
-                    uint32_t out[2] = {(uint32_t)total, 0}; /* struct fuse_getxattr_out: the size it needs */
-                    rc = reply(p, in->unique, 0, out, sizeof out);
-                } else if ((size_t)total > size) {
-                    err = ERANGE;
-                    rc = reply(p, in->unique, err, NULL, 0);
-                } else {
-                    char joined[MAX_NAMES];
-                    char *at = joined;
-                    for (i = 0; i < count; i++) {
-                        PyObject *name = PyTuple_GET_ITEM(names, i);
-                        memcpy(at, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name));
-                        at += PyBytes_GET_SIZE(name);
-                        *at++ = '\0';
-                    }
-                    rc = reply(p, in->unique, 0, joined, (size_t)total);
-                }
+                r = list_names(p, in, size, names);
             }
             Py_DECREF(names);
         }
     }
     Py_DECREF(node);
-    if (kind < 0)
+    if (r == -1)
         return 0;
-    if (rc < 0)
+    if (r == -2)
         return -1;
     p->count[kind][0] += 1;
     p->count[kind][1] += now_ns() - t0;
-    p->count[kind][2] += err != 0;
+    p->count[kind][2] += r != 0;
     return 1;
 }
 
@@ -255,10 +263,7 @@ static PyObject *Pump_next(Pump *p, PyObject *args) {
         }
         if (n < IN_HEADER) /* none waiting, the end, or (never) a short request: Python's */
             break;
-        int r = answer(p, buf, n);
-        if (r < 0)
-            break;
-        if (r == 0)
+        if (answer(p, buf, n) != 1) /* left for Python, or an error (set) */
             break;
     }
     PyBuffer_Release(&view);

@@ -200,33 +200,33 @@ class Session:
                     return 0
                 raise
 
+    def _next(self, buf: bytearray, spin_ns: int) -> int:
+        """:meth:`Pump.next` in Python, without its answers: one request into ``buf``, the device polled for
+        up to ``spin_ns`` if none is waiting; its length, -1 if none came, 0 when the connection has ended."""
+        n = self._read(buf)
+        if n < 0 and spin_ns:
+            deadline = perf_counter_ns() + spin_ns
+            while n < 0 and perf_counter_ns() < deadline:
+                n = self._read(buf)
+        return n
+
     async def _worker(self) -> None:
         buf = bytearray(BUFSIZE)
         view = memoryview(buf)
         unpack = wire.IN_HEADER.unpack_from
         handlers = self.handlers
         served = 0
-        pump = self.pump
+        read = self.pump.next if self.pump is not None else self._next
         try:
             while not self._ended:
-                if pump is not None:
-                    spin = self._spin > 0 and not self._waiting
-                    n = pump.next(buf, self.spin_ns if spin else 0)
-                    if n == -2:  # a burst of requests answered in C: let trio run
-                        served = 0
-                        await trio.lowlevel.checkpoint()
-                        continue
-                    if spin:
-                        self._spin = 2 if n >= 0 else self._spin - 1
-                else:
-                    n = self._read(buf)
-                if pump is None and n < 0 and self._spin > 0 and not self._waiting:
-                    deadline = perf_counter_ns() + self.spin_ns
-                    while n < 0 and perf_counter_ns() < deadline:
-                        n = self._read(buf)
-                    self._spin = (
-                        2 if n >= 0 else self._spin - 1
-                    )  # twice in vain in a row: not again until a wait is short
+                spin = self._spin > 0 and not self._waiting
+                n = read(buf, self.spin_ns if spin else 0)
+                if n == -2:  # a burst of requests answered in C: let trio run
+                    served = 0
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if spin:  # twice in vain in a row: not again until a wait is short
+                    self._spin = 2 if n >= 0 else self._spin - 1
                 if n < 0:
                     if self._waiting:  # another worker is already listening: this one is spare
                         return
